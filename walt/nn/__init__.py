@@ -1,0 +1,1 @@
+"""Shared neural-network primitives, one copy each. Imports nothing else from walt."""

@@ -1,0 +1,1 @@
+"""walt.transformer"""

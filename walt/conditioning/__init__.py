@@ -1,1 +1,5 @@
 """walt.conditioning"""
+
+from walt.conditioning.types import Conditioning
+
+__all__ = ["Conditioning"]

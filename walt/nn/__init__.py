@@ -1,1 +1,35 @@
 """Shared neural-network primitives, one copy each. Imports nothing else from walt."""
+
+from walt.nn.attention import Attention
+from walt.nn.embedding import LabelEmbedding, ScalarEmbedding, sinusoidal_features
+from walt.nn.mlp import Mlp
+from walt.nn.modulation import AdaLNLoRA, modulate
+from walt.nn.patch import PatchEmbed3D, PatchUnembed3D
+from walt.nn.position import SpatioTemporalPositionEmbedding
+from walt.nn.window import (
+    fit_window,
+    pad_to_windows,
+    padded_grid,
+    window_attention_mask,
+    window_merge,
+    window_partition,
+)
+
+__all__ = [
+    "AdaLNLoRA",
+    "Attention",
+    "LabelEmbedding",
+    "Mlp",
+    "PatchEmbed3D",
+    "PatchUnembed3D",
+    "ScalarEmbedding",
+    "SpatioTemporalPositionEmbedding",
+    "fit_window",
+    "modulate",
+    "pad_to_windows",
+    "padded_grid",
+    "sinusoidal_features",
+    "window_attention_mask",
+    "window_merge",
+    "window_partition",
+]

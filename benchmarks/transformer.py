@@ -1,0 +1,253 @@
+"""Training-step speed of the W.A.L.T backbone: window vs full vs factorized attention at matched size.
+
+Measures one optimization step (forward + backward, optionally + AdamW) in bf16 autocast: median step time
+over timed iterations (CUDA events, after warm-up), achieved TFLOP/s (FLOPs counted once with
+torch.utils.flop_counter.FlopCounterMode on the eager model) and peak allocated memory.
+
+Cases: XL at batch 4 on a 16 x 16 x 16 latent token grid (the grid of the Latte-XL/2 anchor) and L on the
+paper's 5 x 16 x 16 grid, each with the three attention patterns:
+  window      spatial (1 x H x W) alternating with spatiotemporal (5 x 8 x 8, fitted to the grid)
+  full        every layer attends over all T x H x W tokens
+  factorized  spatial (1 x H x W) alternating with temporal-only (T x 1 x 1)
+
+    python benchmarks/transformer.py --out results.json [--compile] [--optimizer]
+    python benchmarks/transformer.py --smoke            # tiny configuration on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from walt.conditioning import Conditioning
+from walt.nn import fit_window
+from walt.transformer import WALT, WALT_WINDOWS
+
+H100_BF16_DENSE_TFLOPS = 798.0  # measured bf16 matmul ceiling of the reference H100 (DESIGN.md §4)
+LATENT_CHANNELS = 8
+NUM_CLASSES = 101  # UCF-101, the paper's class-conditional benchmark
+
+ATTENTION = {
+    "window": WALT_WINDOWS,
+    "full": ((-1, -1, -1),),
+    "factorized": ((1, -1, -1), (-1, 1, 1)),
+}
+
+
+@dataclass
+class Case:
+    preset: str
+    batch: int
+    grid: tuple[int, int, int]  # latent (T, H, W); patch size 1, so also the token grid
+    attention: str
+
+
+@dataclass
+class Result:
+    preset: str
+    attention: str
+    windows: str
+    batch: int
+    grid: str
+    params_m: float
+    gflop_per_step: float
+    attention_flop_share: float
+    step_ms: float
+    tflops: float
+    fraction_of_peak: float
+    peak_mem_gib: float | None
+
+
+def build_model(case: Case, model_kwargs: dict, device: torch.device) -> WALT:
+    model = WALT.from_preset(
+        case.preset,
+        **model_kwargs,
+        in_channels=LATENT_CHANNELS,
+        input_size=case.grid,
+        windows=ATTENTION[case.attention],
+        num_classes=NUM_CLASSES,
+        self_conditioning=True,
+    )
+    return model.to(device).train()
+
+
+def make_batch(case: Case, device: torch.device) -> tuple[torch.Tensor, ...]:
+    x = torch.randn(case.batch, LATENT_CHANNELS, *case.grid, device=device)
+    t = torch.rand(case.batch, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (case.batch,), device=device)
+    target = torch.randn_like(x)
+    return x, t, labels, target
+
+
+def make_step(model, optimizer, batch, autocast_device: str):
+    x, t, labels, target = batch
+    cond = Conditioning(labels=labels, self_cond=torch.zeros_like(x))
+
+    def step() -> None:
+        with torch.autocast(autocast_device, dtype=torch.bfloat16):
+            loss = F.mse_loss(model(x, t, cond).float(), target)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def count_flops(step) -> tuple[float, float]:
+    """(total FLOPs of one step, share spent in attention kernels)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    counts = counter.get_flop_counts().get("Global", {})
+    total = sum(counts.values())
+    attention = sum(v for op, v in counts.items() if "attention" in str(op))
+    return float(total), attention / max(total, 1)
+
+
+def time_steps(step, warmup: int, iters: int, cuda: bool) -> float:
+    """Median step time in milliseconds."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            step()
+            times.append(1000 * (time.perf_counter() - begin))
+    return statistics.median(times)
+
+
+def run_case(case: Case, args: argparse.Namespace, model_kwargs: dict, device: torch.device) -> Result:
+    cuda = device.type == "cuda"
+    model = build_model(case, model_kwargs, device)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda) if args.optimizer else None
+    batch = make_batch(case, device)
+    # Model FLOPs: the recomputation that activation checkpointing adds is not useful work.
+    model.gradient_checkpointing = False
+    flops, attention_share = count_flops(make_step(model, None, batch, device.type))
+    model.gradient_checkpointing = args.checkpointing
+    runnable = torch.compile(model, fullgraph=True) if args.compile else model
+    step = make_step(runnable, optimizer, batch, device.type)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if args.require_flash else contextlib.nullcontext():
+        ms = time_steps(step, args.warmup, args.iters, cuda)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    tflops = flops / (ms / 1000) / 1e12
+    fitted = [fit_window(case.grid, w) for w in ATTENTION[case.attention]]
+    del model, runnable, optimizer, step
+    if cuda:
+        torch.cuda.empty_cache()
+    return Result(
+        preset=case.preset,
+        attention=case.attention,
+        windows=" / ".join("x".join(map(str, w)) for w in fitted),
+        batch=case.batch,
+        grid="x".join(map(str, case.grid)),
+        params_m=params / 1e6,
+        gflop_per_step=flops / 1e9,
+        attention_flop_share=attention_share,
+        step_ms=ms,
+        tflops=tflops,
+        fraction_of_peak=tflops / H100_BF16_DENSE_TFLOPS,
+        peak_mem_gib=peak,
+    )
+
+
+def markdown(results: list[Result]) -> str:
+    lines = [
+        "| model | attention | windows (fitted) | batch | grid | params | GFLOP/step | attn FLOP | step ms"
+        " | TFLOP/s | of 798 | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        peak = f"{r.peak_mem_gib:.1f}" if r.peak_mem_gib is not None else "-"
+        lines.append(
+            f"| {r.preset} | {r.attention} | {r.windows} | {r.batch} | {r.grid} | {r.params_m:.1f}M"
+            f" | {r.gflop_per_step:,.0f} | {100 * r.attention_flop_share:.0f}% | {r.step_ms:.1f}"
+            f" | {r.tflops:.0f} | {100 * r.fraction_of_peak:.0f}% | {peak} |"
+        )
+    return "\n".join(lines)
+
+
+def cases(args: argparse.Namespace) -> list[Case]:
+    if args.smoke:
+        return [Case("S", 1, (4, 16, 16), a) for a in args.attention]
+    setups = {"XL": (args.batch_xl, (16, 16, 16)), "L": (args.batch_l, (5, 16, 16))}
+    return [Case(name, *setups[name], a) for name in args.models for a in args.attention]
+
+
+def write_json(path: str, args: argparse.Namespace, device: torch.device, results: list[Result]) -> None:
+    meta = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "compile": args.compile,
+        "optimizer": args.optimizer,
+        "checkpointing": args.checkpointing,
+        "dtype": "bf16 autocast, fp32 parameters",
+    }
+    with open(path, "w") as f:
+        json.dump(
+            {"meta": meta, "results": [asdict(r) for r in results], "table": markdown(results)}, f, indent=2
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", help="write results as JSON to this path (rewritten after each case)")
+    parser.add_argument("--smoke", action="store_true", help="tiny 2-layer model on CPU (checks the script)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) the model")
+    parser.add_argument("--optimizer", action="store_true", help="include a fused AdamW step in each step")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    parser.add_argument("--require-flash", action="store_true", help="fail unless SDPA can use flash kernels")
+    parser.add_argument("--models", nargs="+", choices=["XL", "L"], default=["XL", "L"])
+    parser.add_argument("--attention", nargs="+", choices=list(ATTENTION), default=list(ATTENTION))
+    parser.add_argument("--batch-xl", type=int, default=4)
+    parser.add_argument("--batch-l", type=int, default=8, help="per-GPU batch of the L cases")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("no CUDA device; use --smoke for the CPU check")
+    model_kwargs = {"gradient_checkpointing": args.checkpointing}
+    if args.smoke:
+        model_kwargs["depth"] = 2
+        args.warmup, args.iters = 1, 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(0)
+
+    results = []
+    for case in cases(args):
+        results.append(run_case(case, args, model_kwargs, device))
+        print(markdown(results[-1:]).splitlines()[-1], flush=True)
+        if args.out:
+            write_json(args.out, args, device, results)
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -33,10 +33,14 @@ def eps_from_v(x_t: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, sigma: t
     return sigma * x_t + alpha * v
 
 
-def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def x0_from_eps(
+    x_t: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
     """Undefined where ``alpha = 0`` (pure noise): prefer v-prediction there."""
     return (x_t - sigma * eps) / alpha
 
 
-def v_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def v_from_eps(
+    x_t: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
     return (eps - sigma * x_t) / alpha

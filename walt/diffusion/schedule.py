@@ -28,7 +28,9 @@ class NoiseSchedule(Protocol):
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def linear_beta_alphas_cumprod(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+def linear_beta_alphas_cumprod(
+    num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> torch.Tensor:
     """Cumulative products of ``1 - beta`` for linearly spaced betas, in float64: ``(num_steps,)``."""
     betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
     return torch.cumprod(1.0 - betas, dim=0)
@@ -53,7 +55,9 @@ class ZeroTerminalSNRLinearSchedule:
     def __init__(self, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
         alphas = rescale_zero_terminal_snr(linear_beta_alphas_cumprod(num_steps, beta_start, beta_end)).sqrt()
         self.num_steps = num_steps
-        self._alpha_grid = torch.cat([torch.ones(1, dtype=torch.float64), alphas])  # (num_steps + 1,) at t = i / N
+        self._alpha_grid = torch.cat(
+            [torch.ones(1, dtype=torch.float64), alphas]
+        )  # (num_steps + 1,) at t = i / N
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grid = self._alpha_grid.to(t.device)
@@ -80,7 +84,8 @@ class CosineSchedule:
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t64 = t.to(torch.float64).clamp(0.0, 1.0)
-        alpha, sigma = torch.cos(0.5 * math.pi * t64), torch.sin(0.5 * math.pi * t64)
+        # sin(pi/2 (1 - t)) rather than cos(pi/2 t): exactly 0 at t = 1.
+        alpha, sigma = torch.sin(0.5 * math.pi * (1.0 - t64)), torch.sin(0.5 * math.pi * t64)
         if self.shift != 1.0:
             # logSNR' = logSNR + 2 log(shift)  <=>  alpha'/sigma' = shift * alpha / sigma, renormalised.
             norm = torch.sqrt((self.shift * alpha).square() + sigma.square())

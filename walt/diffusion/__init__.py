@@ -1,1 +1,44 @@
-"""walt.diffusion"""
+"""Diffusion as small pure functions: schedules, parameterisations, the loss and the samplers."""
+
+from walt.diffusion.loss import corrupt, v_loss
+from walt.diffusion.parameterization import (
+    eps_from_v,
+    expand_like,
+    noisy,
+    v_from_eps,
+    velocity,
+    x0_from_eps,
+    x0_from_v,
+)
+from walt.diffusion.samplers import ModelFn, ddim_sample, ddim_step, ddpm_sample, time_grid
+from walt.diffusion.schedule import (
+    CosineSchedule,
+    NoiseSchedule,
+    ZeroTerminalSNRLinearSchedule,
+    alpha_sigma,
+    linear_beta_alphas_cumprod,
+    rescale_zero_terminal_snr,
+)
+
+__all__ = [
+    "CosineSchedule",
+    "ModelFn",
+    "NoiseSchedule",
+    "ZeroTerminalSNRLinearSchedule",
+    "alpha_sigma",
+    "corrupt",
+    "ddim_sample",
+    "ddim_step",
+    "ddpm_sample",
+    "eps_from_v",
+    "expand_like",
+    "linear_beta_alphas_cumprod",
+    "noisy",
+    "rescale_zero_terminal_snr",
+    "time_grid",
+    "v_from_eps",
+    "v_loss",
+    "velocity",
+    "x0_from_eps",
+    "x0_from_v",
+]

@@ -75,8 +75,15 @@ class CausalConv3d(nn.Module):
         buf = torch.cat([history, x], dim=2)  # (B, C, L, H, W)
         num_out = max(0, (buf.shape[2] - self.kernel_t) // self.stride_t + 1)
         cache.set(self, buf[:, :, num_out * self.stride_t :])  # frames the next output still needs
-        used = (num_out - 1) * self.stride_t + self.kernel_t if num_out > 0 else 0
+        if num_out == 0:  # a short chunk that only fills the history
+            return self._empty_output(x)  # (B, C', 0, H', W')
+        used = (num_out - 1) * self.stride_t + self.kernel_t
         return self.conv(buf[:, :, :used])  # (B, C', num_out, H', W')
+
+    def _empty_output(self, x: Tensor) -> Tensor:
+        k, s, p = self.conv.kernel_size, self.conv.stride, self.conv.padding
+        h, w = ((size + 2 * p[i] - k[i]) // s[i] + 1 for i, size in zip((1, 2), x.shape[-2:]))
+        return x.new_zeros(x.shape[0], self.conv.out_channels, 0, h, w)
 
 
 def causal_repeat_time(x: Tensor, factor: int, first_chunk: bool) -> Tensor:

@@ -1,1 +1,6 @@
-"""walt.lightning"""
+"""LightningModules and training utilities."""
+
+from walt.lightning.ema import EMA
+from walt.lightning.tokenizer import TokenizerModule
+
+__all__ = ["EMA", "TokenizerModule"]

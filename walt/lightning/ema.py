@@ -1,0 +1,43 @@
+"""Exponential moving average of a module's weights, kept as a frozen copy of the module."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """Frozen copy of `model` whose parameters track an exponential moving average of the live ones.
+
+    `update(model)` after each optimizer step sets ema = decay * ema + (1 - decay) * live for floating-point
+    parameters and copies buffers (normalization statistics, latent statistics) verbatim. Being a submodule of
+    the LightningModule, the average is saved in checkpoints as `<name>.module.*` and moves with `.to()`.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.module = copy.deepcopy(model).requires_grad_(False).eval()
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def train(self, mode: bool = True) -> EMA:
+        super().train(mode)
+        self.module.eval()  # the average is only ever used for inference
+        return self
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        live = dict(model.named_parameters())
+        for name, ema_param in self.module.named_parameters():
+            ema_param.lerp_(live[name].detach().to(ema_param.dtype), 1.0 - self.decay)
+        live_buffers = dict(model.named_buffers())
+        for name, ema_buffer in self.module.named_buffers():
+            ema_buffer.copy_(live_buffers[name])
+        self.num_updates += 1
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

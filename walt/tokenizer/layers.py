@@ -1,0 +1,130 @@
+"""Causal building blocks of the tokenizer: per-frame normalization, residual blocks, resampling.
+
+Every block takes a `CausalCache` so that a clip can be processed in time chunks with the same result as one
+pass. Normalization is computed per frame: GroupNorm over (channels, time, height, width) would let frame 0
+see statistics of later frames and break both causality and the image = first-latent-frame property.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from walt.nn import CausalCache, CausalConv3d
+
+
+def frame_group_norm(x: Tensor, num_groups: int, eps: float = 1e-6) -> Tensor:
+    """GroupNorm statistics over (channels of a group, H, W) of each frame separately."""
+    b, t = x.shape[0], x.shape[2]
+    frames = rearrange(x, "b c t h w -> (b t) c h w")  # (B*T, C, H, W)
+    frames = F.group_norm(frames, num_groups, eps=eps)  # (B*T, C, H, W)
+    return rearrange(frames, "(b t) c h w -> b c t h w", b=b, t=t)  # (B, C, T, H, W)
+
+
+def _check_groups(channels: int, num_groups: int) -> None:
+    if channels % num_groups:
+        raise ValueError(f"{channels} channels cannot be split into {num_groups} groups; change num_groups")
+
+
+class FrameGroupNorm(nn.Module):
+    """Per-frame GroupNorm with a learned per-channel affine transform."""
+
+    def __init__(self, channels: int, num_groups: int) -> None:
+        super().__init__()
+        _check_groups(channels, num_groups)
+        self.num_groups = num_groups
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = frame_group_norm(x, self.num_groups)  # (B, C, T, H, W)
+        return x * self.weight[:, None, None, None] + self.bias[:, None, None, None]  # (B, C, T, H, W)
+
+
+class AdaptiveFrameGroupNorm(nn.Module):
+    """Per-frame GroupNorm whose scale and shift are predicted from the latent (MAGVIT-v2 decoder).
+
+    The latent reaches this layer already repeated causally in time to the layer's frame count; here it is
+    resized in space by nearest neighbour, which keeps every output position tied to one latent position.
+    """
+
+    def __init__(self, channels: int, latent_channels: int, num_groups: int) -> None:
+        super().__init__()
+        _check_groups(channels, num_groups)
+        self.num_groups = num_groups
+        self.to_scale_shift = nn.Conv3d(latent_channels, 2 * channels, kernel_size=1)
+        # Start as a plain GroupNorm: the latent modulation is learned from zero.
+        nn.init.zeros_(self.to_scale_shift.weight)
+        nn.init.zeros_(self.to_scale_shift.bias)
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        """x: (B, C, T, H, W); z: (B, C_z, T, h, w), the latent at this layer's frame rate."""
+        z = F.interpolate(z, size=x.shape[2:], mode="nearest")  # (B, C_z, T, H, W)
+        scale, shift = self.to_scale_shift(z).chunk(2, dim=1)  # (B, C, T, H, W) each
+        return frame_group_norm(x, self.num_groups) * (1 + scale) + shift  # (B, C, T, H, W)
+
+
+class ResBlock(nn.Module):
+    """Pre-norm residual block of two causal 3x3x3 convolutions (encoder)."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_groups: int) -> None:
+        super().__init__()
+        self.norm1 = FrameGroupNorm(in_channels, num_groups)
+        self.conv1 = CausalConv3d(in_channels, out_channels, 3)
+        self.norm2 = FrameGroupNorm(out_channels, num_groups)
+        self.conv2 = CausalConv3d(out_channels, out_channels, 3)
+        self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)), cache)  # (B, C_out, T, H, W)
+        h = self.conv2(F.silu(self.norm2(h)), cache)  # (B, C_out, T, H, W)
+        return self.skip(x) + h  # (B, C_out, T, H, W)
+
+
+class AdaptiveResBlock(nn.Module):
+    """Residual block whose normalizations are conditioned on the latent (decoder)."""
+
+    def __init__(self, in_channels: int, out_channels: int, latent_channels: int, num_groups: int) -> None:
+        super().__init__()
+        self.norm1 = AdaptiveFrameGroupNorm(in_channels, latent_channels, num_groups)
+        self.conv1 = CausalConv3d(in_channels, out_channels, 3)
+        self.norm2 = AdaptiveFrameGroupNorm(out_channels, latent_channels, num_groups)
+        self.conv2 = CausalConv3d(out_channels, out_channels, 3)
+        self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor, z: Tensor, cache: CausalCache) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x, z)), cache)  # (B, C_out, T, H, W)
+        h = self.conv2(F.silu(self.norm2(h, z)), cache)  # (B, C_out, T, H, W)
+        return self.skip(x) + h  # (B, C_out, T, H, W)
+
+
+class Downsample(nn.Module):
+    """Strided causal convolution: 2x in space, and 2x in time when `temporal` (1 + 2k -> 1 + k frames)."""
+
+    def __init__(self, channels: int, temporal: bool) -> None:
+        super().__init__()
+        self.conv = CausalConv3d(channels, channels, 3, stride=(2 if temporal else 1, 2, 2))
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        return self.conv(x, cache)  # (B, C, T', H/2, W/2)
+
+
+class DepthToSpaceUpsample(nn.Module):
+    """Causal conv to (s_t * 2 * 2) times the channels, then depth-to-space.
+
+    In time each frame becomes `s_t` frames; the first s_t - 1 frames of the clip are dropped so that latent
+    frame 0 decodes to exactly one frame (1 + k -> 1 + s_t * k frames).
+    """
+
+    def __init__(self, channels: int, temporal: bool) -> None:
+        super().__init__()
+        self.factor_t = 2 if temporal else 1
+        self.conv = CausalConv3d(channels, channels * self.factor_t * 4, 3)
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        first_chunk = cache.first_visit(self)
+        x = self.conv(x, cache)  # (B, C*s*4, T, H, W)
+        x = rearrange(x, "b (c s p q) t h w -> b c (t s) (h p) (w q)", s=self.factor_t, p=2, q=2)
+        return x[:, :, self.factor_t - 1 :] if first_chunk else x  # (B, C, T', 2H, 2W)

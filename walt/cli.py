@@ -43,6 +43,12 @@ def _not_implemented(name: str, what: str) -> Callable[[Sequence[str]], int]:
     return command
 
 
+def _encode(argv: Sequence[str]) -> int:
+    from walt.tokenizer.encode import encode_main  # imported on use: keeps `walt --help` fast
+
+    return encode_main(list(argv))
+
+
 # Subcommands outside Lightning's trainer entry points: name -> (one-line help, implementation(argv) -> exit code).
 EXTRA_COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "sample": (
@@ -53,10 +59,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
         "compute FVD/FID under a named protocol",
         _not_implemented("evaluate", "it needs the metrics package"),
     ),
-    "encode": (
-        "encode a dataset to latent shards with a trained tokenizer",
-        _not_implemented("encode", "it needs the tokenizer"),
-    ),
+    "encode": ("encode a dataset to latent shards with a trained tokenizer", _encode),
 }
 
 USAGE = """\

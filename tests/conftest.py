@@ -1,0 +1,82 @@
+"""Shared fixtures: small real video files and dataset trees written with PyAV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from walt.data import write_video
+
+
+def moving_bar(
+    num_frames: int, height: int, width: int, colour: tuple[int, int, int], seed: int = 0
+) -> np.ndarray:
+    """A coloured vertical bar sliding right over a noisy background: uint8 (T, H, W, 3)."""
+    rng = np.random.default_rng(seed)
+    frames = np.full((num_frames, height, width, 3), 40, np.uint8)
+    frames += rng.integers(0, 20, size=(1, height, width, 3), dtype=np.uint8)
+    for t in range(num_frames):
+        x = (t * 2) % (width - 6)
+        frames[t, :, x : x + 6] = colour
+    return frames
+
+
+UCF_CLASSES = ["ApplyEyeMakeup", "Basketball", "HandstandPushups"]
+
+
+@pytest.fixture(scope="session")
+def ucf_root(tmp_path_factory) -> Path:
+    """A UCF-101 tree in the official layout: 3 classes, 2 groups x 2 clips each, XVID AVI files."""
+    root = tmp_path_factory.mktemp("ucf")
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir()
+    (lists / "classInd.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(UCF_CLASSES)))
+    train, test = [], []
+    for ci, cls in enumerate(UCF_CLASSES):
+        # The real archive spells one class differently in file names than in classInd/folders.
+        file_cls = "HandStandPushups" if cls == "HandstandPushups" else cls
+        for g in (1, 8):
+            for c in (1, 2):
+                rel = f"{cls}/v_{file_cls}_g{g:02d}_c{c:02d}.avi"
+                path = root / "UCF-101" / rel
+                write_video(path, moving_bar(20, 48, 64, (200, 50 * ci, 30), seed=ci * 10 + g + c), fps=25)
+                (train if g == 8 else test).append(rel)
+    (lists / "trainlist01.txt").write_text(
+        "".join(f"{r} {UCF_CLASSES.index(r.split('/')[0]) + 1}\n" for r in train)
+    )
+    (lists / "testlist01.txt").write_text("".join(f"{r}\n" for r in test))
+    return root
+
+
+K600_ROWS = [  # label, youtube_id, start, end, split, where the clip is written ("flat", "label" or None)
+    ("playing drums", "aaaaaaaaaaa", 0, 10, "train", "flat"),
+    ("playing drums", "bbbbbbbbbbb", 12, 22, "train", "label"),
+    ("abseiling", "ccccccccccc", 5, 15, "train", "flat"),
+    ("abseiling", "ddddddddddd", 30, 40, "train", None),  # annotated but never downloaded
+    ("zumba", "eeeeeeeeeee", 1, 11, "train", "label"),
+    ("zumba", "fffffffffff", 7, 17, "validate", "flat"),
+    ("abseiling", "ggggggggggg", 3, 13, "validate", "flat"),
+]
+
+
+@pytest.fixture(scope="session")
+def k600_root(tmp_path_factory) -> Path:
+    """A Kinetics-600 tree: annotations/{train,validate}.csv, clips flat or in label folders, one missing."""
+    root = tmp_path_factory.mktemp("k600")
+    (root / "annotations").mkdir()
+    by_split: dict[str, list[str]] = {}
+    for i, (label, yid, start, end, split, where) in enumerate(K600_ROWS):
+        by_split.setdefault(split, []).append(f"{label},{yid},{start},{end},{split}\n")
+        if where is None:
+            continue
+        folder = root / split / (label if where == "label" else "")
+        write_video(
+            folder / f"{yid}_{start:06d}_{end:06d}.mp4", moving_bar(24, 64, 80, (50, 200, 90), seed=i), fps=10
+        )
+    for split, rows in by_split.items():
+        (root / "annotations" / f"{split}.csv").write_text(
+            "label,youtube_id,time_start,time_end,split\n" + "".join(rows)
+        )
+    return root

@@ -1,0 +1,67 @@
+"""The walt command: every YAML under configs/ parses through the real CLI parser; placeholders say so."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from walt.cli import EXTRA_COMMANDS, WaltCLI, main
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
+PLACEHOLDER_MODEL = "lightning.pytorch.demos.boring_classes.BoringModel"
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    # LightningCLI warns when both args= and pytest's own command line are present.
+    monkeypatch.setattr(sys, "argv", ["walt"])
+
+
+def test_there_are_configs():
+    assert CONFIGS, "configs/ holds no YAML files"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_config_parses(config, capsys):
+    """Parsing validates class paths and every init argument's type without building anything."""
+    args = ["--config", str(config)]
+    if "model" not in yaml.safe_load(config.read_text()):
+        args += ["--model", PLACEHOLDER_MODEL]  # data-only fragments are combined with a model config
+    with pytest.raises(SystemExit) as exit_info:
+        WaltCLI(args=[*args, "--print_config"], run=False)
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["class_path"].startswith("walt.")
+
+
+def test_a_bad_config_fails_while_parsing(tmp_path, capsys):
+    config = Path(__file__).resolve().parents[1] / "configs/data/ucf101.yaml"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(config.read_text().replace("fold: 1", "fold: one"))
+    with pytest.raises(SystemExit) as exit_info:
+        WaltCLI(args=["--config", str(bad), "--model", PLACEHOLDER_MODEL], run=False)
+    assert exit_info.value.code != 0
+    assert "fold" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", sorted(EXTRA_COMMANDS))
+def test_placeholders_say_not_implemented(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command])
+    assert exit_info.value.code == 2
+    assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_console_script_lists_every_command():
+    walt = shutil.which("walt", path=str(Path(sys.executable).parent))
+    assert walt is not None, "the walt console script is not installed"
+    out = subprocess.run([walt, "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("fit", "validate", "test", "predict", *EXTRA_COMMANDS):
+        assert f"  {command}" in out
+    module = subprocess.run([sys.executable, "-m", "walt", "nonsense"], capture_output=True, text=True)
+    assert module.returncode == 2 and "unknown command 'nonsense'" in module.stderr

@@ -1,0 +1,116 @@
+"""Video files written and read back through PyAV: formats, frame selection, atomic writes, bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import moving_bar
+from walt.data import (
+    ShortVideoError,
+    VideoReadError,
+    probe_video,
+    read_video,
+    resize_center_crop,
+    sample_frame_indices,
+    to_float_video,
+    to_uint8,
+    write_video,
+)
+
+
+@pytest.mark.parametrize(("suffix", "max_mean_error"), [(".mp4", 5.0), (".avi", 6.0), (".gif", 6.0)])
+def test_write_read_round_trip(tmp_path, suffix, max_mean_error):
+    frames = moving_bar(12, 48, 64, (220, 40, 40))
+    path = write_video(tmp_path / f"clip{suffix}", frames, fps=10)
+    info = probe_video(path)
+    back = read_video(path)
+    assert back.shape == frames.shape and back.dtype == np.uint8
+    assert info.num_frames == 12 and (info.width, info.height) == (64, 48)
+    # GIF stores delays in 1/100 s, so 10 fps is exact there too.
+    assert info.fps == pytest.approx(10.0, rel=0.01)
+    # Lossy codecs (4:2:0 chroma on a noisy background): close to the original on average, and the moving bar is where it should be in every frame.
+    assert np.abs(back.astype(float) - frames).mean() < max_mean_error
+    bar_column = back[..., 0].astype(float).mean(axis=1).argmax(axis=1)  # (T,) brightest red column
+    expected = np.array([(t * 2) % 58 for t in range(12)])
+    assert np.all(np.abs(bar_column - expected - 2.5) <= 3)
+
+
+def test_frame_indices_select_the_same_frames_as_a_full_decode(tmp_path):
+    path = write_video(tmp_path / "clip.mp4", moving_bar(16, 32, 32, (0, 255, 0)), fps=8)
+    full = read_video(path)
+    picked = read_video(path, [5, 0, 5, 15])
+    np.testing.assert_array_equal(picked, full[[5, 0, 5, 15]])
+
+
+def test_write_is_atomic_and_leaves_no_temporary_files(tmp_path):
+    write_video(tmp_path / "a.mp4", moving_bar(4, 16, 16, (9, 9, 9)), fps=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4"]
+    with pytest.raises(ValueError, match="even height and width"):
+        write_video(tmp_path / "odd.mp4", np.zeros((2, 15, 16, 3), np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4"]
+
+
+@pytest.mark.parametrize(
+    ("name", "frames", "match"),
+    [
+        ("x.mkv", np.zeros((2, 8, 8, 3), np.uint8), "unknown suffix"),
+        ("x.mp4", np.zeros((2, 8, 8, 3), np.float32), "must be uint8"),
+        ("x.mp4", np.zeros((8, 8, 3), np.uint8), r"shape \(T, H, W, 3\)"),
+    ],
+)
+def test_write_rejects_bad_input_with_a_clear_message(tmp_path, name, frames, match):
+    with pytest.raises(ValueError, match=match):
+        write_video(tmp_path / name, frames)
+
+
+def test_corrupt_and_truncated_files_raise_video_read_error(tmp_path):
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    with pytest.raises(VideoReadError, match=r"garbage\.mp4"):
+        read_video(garbage)
+    whole = write_video(tmp_path / "whole.avi", moving_bar(24, 48, 64, (255, 0, 0)), fps=8).read_bytes()
+    truncated = tmp_path / "truncated.avi"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(VideoReadError, match=r"truncated\.avi"):  # fails to open or ends early, never crashes
+        read_video(truncated, [23])
+    with pytest.raises(VideoReadError):
+        read_video(tmp_path / "does_not_exist.mp4")
+
+
+def test_sample_frame_indices():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        idx = sample_frame_indices(40, 8, stride=3, offset="random", rng=rng)
+        assert len(idx) == 8 and idx[0] >= 0 and idx[-1] < 40 and np.all(np.diff(idx) == 3)
+    np.testing.assert_array_equal(sample_frame_indices(21, 5, 2, "center"), [6, 8, 10, 12, 14])
+    np.testing.assert_array_equal(sample_frame_indices(21, 5, 2, "start"), [0, 2, 4, 6, 8])
+    np.testing.assert_array_equal(sample_frame_indices(4, 6, 1, short_policy="loop"), [0, 1, 2, 3, 0, 1])
+    with pytest.raises(ShortVideoError, match="needs 6 frames"):
+        sample_frame_indices(4, 6, 1, short_policy="skip")
+
+
+def test_float_uint8_conversions_are_exact_inverses():
+    frames = torch.randint(0, 256, (3, 5, 7, 3), dtype=torch.uint8)
+    video = to_float_video(frames)  # (3, T, H, W)
+    assert video.shape == (3, 3, 5, 7) and video.min() >= -1 and video.max() <= 1
+    assert torch.equal(to_uint8(video), frames)
+    assert torch.equal(to_uint8(video[None] * 5)[0] > 0, to_uint8(video.clamp(-1, 1) * 5) > 0)  # clamps
+
+
+def test_resize_center_crop():
+    video = torch.rand(3, 2, 40, 60)
+    # Same height: no rescale, only a centre crop of the width.
+    torch.testing.assert_close(resize_center_crop(video, 40), video[..., 10:50])
+    assert resize_center_crop(video, (40, 60)) is video
+    # Constant images stay constant when downscaled with antialiasing; aspect ratio is kept by cropping.
+    flat = torch.full((3, 2, 90, 160), 0.25)
+    out = resize_center_crop(flat, (32, 32))
+    assert out.shape == (3, 2, 32, 32)
+    torch.testing.assert_close(out, torch.full_like(out, 0.25))
+    # A left/right split image, cropped to a square, keeps the split in the middle.
+    split = torch.zeros(1, 1, 64, 128)
+    split[..., 64:] = 1
+    sq = resize_center_crop(split, 32)[0, 0]  # (32, 32)
+    assert sq[:, :15].max() < 0.05 and sq[:, 17:].min() > 0.95

@@ -1,0 +1,40 @@
+"""Video I/O, clip sampling and datasets. Items are dicts: ``video`` (3, T, H, W) in [-1, 1], ``label``, ``caption``."""
+
+from walt.data.base import ClipDataset, SkipCounter, VideoSample
+from walt.data.datamodule import MixedBatchSampler, VideoDataModule, collate_items
+from walt.data.images import ImageFolderVideos
+from walt.data.io import VideoInfo, VideoReadError, probe_video, read_video, write_video
+from walt.data.kinetics import Kinetics600
+from walt.data.synthetic import MovingDigits, SyntheticVideos
+from walt.data.transforms import (
+    ShortVideoError,
+    resize_center_crop,
+    sample_frame_indices,
+    to_float_video,
+    to_uint8,
+)
+from walt.data.ucf101 import UCF101
+
+__all__ = [
+    "UCF101",
+    "ClipDataset",
+    "ImageFolderVideos",
+    "Kinetics600",
+    "MixedBatchSampler",
+    "MovingDigits",
+    "ShortVideoError",
+    "SkipCounter",
+    "SyntheticVideos",
+    "VideoDataModule",
+    "VideoInfo",
+    "VideoReadError",
+    "VideoSample",
+    "collate_items",
+    "probe_video",
+    "read_video",
+    "resize_center_crop",
+    "sample_frame_indices",
+    "to_float_video",
+    "to_uint8",
+    "write_video",
+]

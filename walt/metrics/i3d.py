@@ -33,7 +33,9 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _pad_same(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], value: float) -> torch.Tensor:
+def _pad_same(
+    x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], value: float
+) -> torch.Tensor:
     pads: list[int] = []
     for size, k, s in reversed(list(zip(x.shape[2:], kernel, stride))):  # F.pad lists the last dim first
         pads.extend(_same_padding(size, k, s))
@@ -67,7 +69,9 @@ class Unit3D(nn.Module):
         x = _pad_same(x, self.kernel, self.stride, value=0.0)  # (B, Cin, T+p, H+p, W+p)
         x = self.conv(x)  # (B, Cout, T/s, H/s, W/s)
         shape = (1, -1, 1, 1, 1)
-        x = (x - self.bn_mean.view(shape)) * torch.rsqrt(self.bn_var.view(shape) + BN_EPS)  # (B, Cout, T, H, W)
+        x = (x - self.bn_mean.view(shape)) * torch.rsqrt(
+            self.bn_var.view(shape) + BN_EPS
+        )  # (B, Cout, T, H, W)
         return F.relu(x + self.bn_bias.view(shape))  # (B, Cout, T, H, W)
 
 

@@ -48,7 +48,9 @@ class LPIPS(nn.Module):
         self.register_buffer("scale", torch.tensor(_SCALE).view(1, 3, 1, 1), persistent=False)
 
     def _buffer(self, name: str, value: np.ndarray) -> None:
-        self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(value, np.float32)), persistent=False)
+        self.register_buffer(
+            name, torch.from_numpy(np.ascontiguousarray(value, np.float32)), persistent=False
+        )
 
     def _vgg_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats, conv = [], 0

@@ -48,7 +48,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Ten
     """Structural similarity (Wang et al., 2004), (B,); Gaussian-weighted, borders excluded (valid windows)."""
     x, y, batch = _frames(x, y)  # (N, C, H, W)
     if min(x.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(f"SSIM needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {tuple(x.shape[-2:])}")
+        raise ValueError(
+            f"SSIM needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {tuple(x.shape[-2:])}"
+        )
     channels = x.shape[1]
     window = _gaussian_window(channels, x.device)
     blur = lambda t: F.conv2d(t, window, groups=channels)  # (N, C, H-10, W-10)
@@ -57,5 +59,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Ten
     var_y = blur(y * y) - mu_y.square()
     cov = blur(x * y) - mu_x * mu_y
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2))
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+        (mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2)
+    )
     return s.flatten(1).mean(dim=1).view(batch, -1).mean(dim=1)  # (B,)

@@ -60,7 +60,9 @@ class FeatureStats:
             return self
         total = self.count + other.count
         delta = other.mean - self.mean
-        self.scatter = self.scatter + other.scatter + np.outer(delta, delta) * (self.count * other.count / total)
+        self.scatter = (
+            self.scatter + other.scatter + np.outer(delta, delta) * (self.count * other.count / total)
+        )
         self.mean = self.mean + delta * (other.count / total)
         self.count = total
         return self
@@ -122,7 +124,9 @@ def frechet_distance_from_moments(
     if np.iscomplexobj(covmean):
         largest = np.abs(covmean.imag).max()
         if largest > 1e-3 * max(1.0, np.abs(covmean.real).max()):
-            raise ValueError(f"matrix square root has a large imaginary part ({largest:.3g}); not a covariance?")
+            raise ValueError(
+                f"matrix square root has a large imaginary part ({largest:.3g}); not a covariance?"
+            )
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 

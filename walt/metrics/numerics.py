@@ -12,15 +12,18 @@ __all__ = ["full_precision"]
 
 @contextlib.contextmanager
 def full_precision() -> Iterator[None]:
-    """Plain float32 math: no autocast and no TF32 (TF32 alone moves I3D logits by ~1e-3 relative).
+    """Plain, repeatable float32 math: no autocast, no TF32 (TF32 alone moves I3D logits by ~1e-3 relative),
+    and no cuDNN autotuning (which may pick a different convolution algorithm, hence rounding, per run).
 
-    Metric features must not depend on the caller's mixed-precision settings, or the same checkpoint would
-    score differently inside and outside a bf16 training loop.
+    Metric features must not depend on the caller's settings, or the same checkpoint would score differently
+    inside and outside a bf16 training loop.
     """
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    cudnn = torch.backends.cudnn
+    saved = (torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic)
+    torch.backends.cuda.matmul.allow_tf32 = cudnn.allow_tf32 = cudnn.benchmark = False
+    cudnn.deterministic = True
     try:
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+        torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic = saved

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 import torch
+from threadpoolctl import threadpool_limits
 
 __all__ = ["FeatureStats", "frechet_distance", "frechet_distance_from_moments"]
 
@@ -107,6 +108,10 @@ def frechet_distance_from_moments(
     As in the reference FID code, a product whose square root is not finite (singular covariances, e.g. fewer
     samples than dimensions) is retried with ``eps`` added to both diagonals, and the negligible imaginary part
     that round-off leaves in the square root is dropped; a large imaginary part is an error.
+
+    The linear algebra runs on one BLAS thread: multi-threaded BLAS rounds differently for each thread count,
+    and the square root of a near-singular product amplifies that, so the same statistics would give
+    different distances on machines with different core counts.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
@@ -115,7 +120,7 @@ def frechet_distance_from_moments(
             f"moment shapes disagree: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}"
         )
     diff = mu1 - mu2
-    with warnings.catch_warnings():
+    with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # singular input; handled below
         covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
         if not np.isfinite(covmean).all():

@@ -41,7 +41,10 @@ class InceptionV3(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (B, 3, 299, 299) in [-1, 255/128 - 1] -> (B, 2048)."""
-        return self.net(x)  # (B, 2048)
+        # Run the TorchScript graph op by op: the JIT's profiling fuser would recompile (seconds) for every new
+        # batch shape and may fuse operations into kernels that round differently from run to run.
+        with torch.jit.optimized_execution(False):
+            return self.net(x)  # (B, 2048)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -66,11 +66,11 @@ def test_asset_lookup_does_not_import_the_package():
 
 
 def test_missing_package_error_names_the_install_command_and_the_option():
-    asset = Asset("walt_no_such_package", "walt-no-such-package==1.0", "weights/x.ckpt", "i3d_weights")
+    asset = Asset("walt_no_such_package", "walt-no-such-package==1.0", "weights/x.ckpt")
     with pytest.raises(MissingAssetError) as err:
         resolve_asset(asset)
     assert "pip install --no-deps walt-no-such-package==1.0" in str(err.value)
-    assert "i3d_weights" in str(err.value)
+    assert "weights_path=PATH" in str(err.value) and "--weights PATH" in str(err.value)
 
 
 @pytest.mark.parametrize("network", [I3D, InceptionV3, LPIPS])

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data
 import torch
+from PIL import Image
 
 from walt.data import MovingDigits, SyntheticVideos, read_video, to_uint8, write_video
 from walt.metrics import FeatureStats, InceptionV3, evaluate_main, get_protocol, real_stats_key
@@ -136,6 +138,23 @@ def test_frames_protocol_takes_the_first_frames_of_each_video_in_order(folders):
     assert stats.count == 5
     np.testing.assert_allclose(stats.mean, expected.mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats.covariance, expected.covariance, rtol=1e-4, atol=1e-6)
+
+
+def test_image_protocol_reads_image_files(tmp_path):
+    protocol = get_protocol("fid50k")
+    photos = [skimage.data.astronaut()[::4, ::4], skimage.data.coffee()[::4, ::4]]
+    for i, photo in enumerate(photos):
+        Image.fromarray(photo).save(tmp_path / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")  # ignored: not an image suffix
+    files = list_files(tmp_path, protocol.suffixes)
+    network = InceptionV3()
+    stats = compute_folder_stats(
+        protocol, files, num_samples=2, network=network, batch_size=2, progress=False
+    )
+    # Different sizes (128x128 and 100x150) in one batch: scored as separate groups, resized to 299 each.
+    expected = np.concatenate([network.features(p[None]).double().numpy() for p in photos]).mean(0)
+    assert stats.count == 2
+    np.testing.assert_allclose(stats.mean, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_registered_protocols_state_their_counts():

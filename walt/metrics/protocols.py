@@ -33,7 +33,7 @@ class Protocol:
 
     ``reader`` turns one file into the protocol's samples: uint8 ``(k, T, H, W, 3)`` clips for video
     protocols, ``(k, H, W, 3)`` images for image protocols. ``network`` is the feature network class (built
-    with an optional local ``weights_path``); ``features_per_sample`` documents its output width.
+    with an optional local ``weights_path``); ``feature_dim`` is its output width.
     """
 
     name: str

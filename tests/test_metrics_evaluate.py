@@ -199,3 +199,19 @@ def test_checkpoint_evaluation_says_not_implemented(folders, tmp_path, capsys):
     args = ["fvd2048_16f", "--real", str(folders["train"]), "--checkpoint", str(tmp_path / "model.ckpt")]
     assert evaluate_main(args) == 2
     assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_a_too_short_video_is_named_in_the_error(folders, tmp_path, capsys):
+    write_video(tmp_path / "short" / "eight_frames.mp4", np.zeros((8, 32, 32, 3), np.uint8), fps=8)
+    args = [
+        "fvd2048_16f",
+        "--real",
+        str(tmp_path / "short"),
+        "--fake",
+        str(folders["test"]),
+        "--num-real",
+        "1",
+    ]
+    assert evaluate_main([*args, "--num-fake", "1", "--no-cache", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "eight_frames.mp4" in err and "frame 15 was requested" in err

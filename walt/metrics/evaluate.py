@@ -47,6 +47,10 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "walt" / "real_stats"
 
 
+class FeatureExtractionError(RuntimeError):
+    """A file could not be turned into features (unreadable, too short, wrong format) on some process."""
+
+
 def _dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -145,7 +149,7 @@ def compute_folder_stats(
         errors = _broadcast_from_first(errors)
         if errors:
             cause = local if isinstance(local, Exception) else None
-            raise RuntimeError(f"feature extraction failed: {'; '.join(errors)}") from cause
+            raise FeatureExtractionError(f"feature extraction failed: {'; '.join(errors)}") from cause
         if rank == 0:
             for features in gathered:
                 if features is not None and stats.count < num_samples:
@@ -194,19 +198,13 @@ def _side_stats(
             )
         return stats, {"source": str(source), "kind": "statistics", "count": stats.count}
     num = num_samples if num_samples is not None else getattr(protocol, f"num_{side}")
-    files = select_files(
-        list_files(source, protocol.suffixes),
-        math.ceil(num / protocol.samples_per_file),
-        seed,
-        source,
-        f"--num-{side}",
-    )
+    available = list_files(source, protocol.suffixes)
+    num_files = math.ceil(num / protocol.samples_per_file)
+    files = select_files(available, num_files, seed, source, f"--num-{side}")
     info = {"source": str(source), "kind": "folder", "count": num}
     cache_file = None
     if cache_dir is not None and side == "real":
-        dataset = (
-            f"folder:{source.resolve()}:{_folder_fingerprint(source, list_files(source, protocol.suffixes))}"
-        )
+        dataset = f"folder:{source.resolve()}:{_folder_fingerprint(source, available)}"
         key = real_stats_key(protocol, dataset, split="", num_samples=num, selection_seed=seed)
         cache_file = cache_dir / f"{protocol.name}-{key[:20]}.npz"
         info["cache_key"] = key
@@ -364,7 +362,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
             save_fake_stats=args.save_fake_stats,
             progress=not args.no_progress,
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, FeatureExtractionError) as err:
         print(f"walt evaluate: {err}", file=sys.stderr)
         return 1
     finally:

@@ -19,8 +19,17 @@ from walt.data import read_video
 from walt.metrics import I3D, resize_bilinear_legacy
 from walt.metrics.i3d import _same_padding
 
-FIXTURE = Path(__file__).parent / "fixtures" / "i3d_reference.npz"
+ROOT = Path(__file__).parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "i3d_reference.npz"
 RTOL = 1e-4  # required agreement, relative to the largest reference logit
+
+
+def _reference_tool():
+    """tools/i3d_reference.py, which produced the fixture: the test rebuilds inputs with its recipe."""
+    spec = importlib.util.spec_from_file_location("i3d_reference", ROOT / "tools" / "i3d_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +49,7 @@ def _max_relative_error(out: torch.Tensor, ref: np.ndarray) -> float:
 
 def test_logits_match_the_flax_network_on_224_clips(i3d, reference):
     shape = tuple(int(s) for s in reference["random_clips_shape"])
-    clips = np.random.default_rng(int(reference["seed"])).integers(0, 256, size=shape, dtype=np.uint8)
+    clips = _reference_tool().random_clips(int(reference["seed"]), shape)
     logits = i3d.features(clips)
     assert logits.shape == (2, 400) and logits.dtype == torch.float32
     assert _max_relative_error(logits, reference["logits_random"]) < RTOL
@@ -68,7 +77,7 @@ def test_logits_match_on_a_real_clip_through_the_resize_path(i3d, reference):
 
 def test_resize_matches_tensorflow_legacy_bilinear(reference):
     shape = tuple(int(s) for s in reference["resize_input_shape"])
-    images = np.random.default_rng(int(reference["seed"]) + 1).integers(0, 256, size=shape, dtype=np.uint8)
+    images = _reference_tool().resize_input(int(reference["seed"]), shape)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
     for h, w in reference["resize_targets"]:
         out = resize_bilinear_legacy(x, (int(h), int(w))).permute(0, 2, 3, 1).numpy()

@@ -17,7 +17,15 @@ import torch
 from PIL import Image
 
 from walt.data import MovingDigits, SyntheticVideos, read_video, to_uint8, write_video
-from walt.metrics import FeatureStats, InceptionV3, evaluate_main, get_protocol, real_stats_key
+from walt.metrics import (
+    I3D,
+    FeatureStats,
+    InceptionV3,
+    evaluate_folders,
+    evaluate_main,
+    get_protocol,
+    real_stats_key,
+)
 from walt.metrics.evaluate import compute_folder_stats, list_files
 from walt.metrics.protocols import FirstFrames
 
@@ -215,3 +223,18 @@ def test_a_too_short_video_is_named_in_the_error(folders, tmp_path, capsys):
     assert evaluate_main([*args, "--num-fake", "1", "--no-cache", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "eight_frames.mp4" in err and "frame 15 was requested" in err
+
+
+def test_real_statistics_from_a_dataset(single_process, tmp_path):
+    """A walt dataset as the real side: its items' clips, drawn in the seeded order, cached under its settings."""
+    dataset = MovingDigits(split="train", num_samples=NUM_CLIPS, num_frames=16, resolution=64)
+    result = evaluate_folders(
+        "fvd2048_16f", dataset, single_process["fake"], num_real=NUM_CLIPS, cache_dir=tmp_path, progress=False
+    )
+    assert result["real"]["kind"] == "dataset" and '"split": "train"' in result["real"]["source"]
+    assert "MovingDigits" in result["real"]["source"] and np.isfinite(result["value"])
+    cached = FeatureStats.load(next(tmp_path.glob("fvd2048_16f-*.npz")))
+    clips = np.stack([to_uint8(dataset[i]["video"]).numpy() for i in range(NUM_CLIPS)])
+    direct = FeatureStats(400).update(I3D().features(clips))
+    np.testing.assert_allclose(cached.mean, direct.mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cached.covariance, direct.covariance, rtol=1e-4, atol=1e-5)

@@ -1,7 +1,13 @@
 """Metrics: FVD (I3D), FID (Inception-v3), LPIPS, PSNR/SSIM, feature statistics and named protocols."""
 
 from walt.metrics.assets import MissingAssetError, UnsafePickleError, load_numpy_pickle, resolve_asset
-from walt.metrics.evaluate import evaluate_checkpoint, evaluate_folders, evaluate_main
+from walt.metrics.evaluate import (
+    compute_dataset_stats,
+    compute_folder_stats,
+    evaluate_checkpoint,
+    evaluate_folders,
+    evaluate_main,
+)
 from walt.metrics.i3d import I3D
 from walt.metrics.inception import InceptionV3
 from walt.metrics.lpips import LPIPS
@@ -19,6 +25,8 @@ __all__ = [
     "MissingAssetError",
     "Protocol",
     "UnsafePickleError",
+    "compute_dataset_stats",
+    "compute_folder_stats",
     "evaluate_checkpoint",
     "evaluate_folders",
     "evaluate_main",

@@ -22,20 +22,24 @@ import math
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from walt.data import to_uint8
 from walt.metrics.assets import resolve_asset
 from walt.metrics.protocols import PROTOCOLS, Protocol, get_protocol, real_stats_key
 from walt.metrics.stats import FeatureStats, frechet_distance
 
 __all__ = [
+    "compute_dataset_stats",
     "compute_folder_stats",
+    "dataset_identity",
     "default_cache_dir",
     "evaluate_checkpoint",
     "evaluate_folders",
@@ -65,15 +69,19 @@ def list_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def select_files(files: list[Path], num_files: int, seed: int, folder: Path, option: str) -> list[Path]:
-    """``num_files`` of ``files`` in a seeded random order (a pure function of the sorted list and the seed)."""
-    if len(files) < num_files:
+def select_units(available: int, needed: int, seed: int, where: object, option: str) -> list[int]:
+    """``needed`` of ``range(available)`` in a seeded random order (a pure function of the two and the seed)."""
+    if available < needed:
         raise ValueError(
-            f"{folder} has {len(files)} usable files but {num_files} are needed; the standard protocol needs "
+            f"{where} has {available} usable files but {needed} are needed; the standard protocol needs "
             f"them all, or pass a smaller count with {option} for a non-standard result"
         )
-    order = np.random.default_rng(seed).permutation(len(files))[:num_files]
-    return [files[i] for i in order]
+    return [int(i) for i in np.random.default_rng(seed).permutation(available)[:needed]]
+
+
+def select_files(files: list[Path], num_files: int, seed: int, folder: Path, option: str) -> list[Path]:
+    """``num_files`` of ``files`` (sorted) in a seeded random order."""
+    return [files[i] for i in select_units(len(files), num_files, seed, folder, option)]
 
 
 def _folder_fingerprint(folder: Path, files: list[Path]) -> str:
@@ -85,9 +93,11 @@ def _folder_fingerprint(folder: Path, files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _features_of_files(protocol: Protocol, network, files: list[Path], batch_size: int) -> np.ndarray:
-    """Features of every sample of ``files``, in file order, (N, D) float32."""
-    samples = [s for path in files for s in protocol.reader(path)]
+def _features_of_units(
+    protocol: Protocol, network, units: list, load: Callable, batch_size: int
+) -> np.ndarray:
+    """Features of every sample of ``units`` (files or dataset indices), in order: (N, D) float32."""
+    samples = [s for unit in units for s in load(unit)]
     out = []
     start = 0
     while start < len(samples):  # batches of same-shaped samples (folders may mix resolutions)
@@ -118,30 +128,29 @@ def _broadcast_from_first(payload: object) -> object:
     return box[0]
 
 
-def compute_folder_stats(
+def _fold_sharded(
     protocol: Protocol,
-    files: list[Path],
+    units: list,
+    load: Callable,
     num_samples: int,
     network,
-    batch_size: int = 8,
-    progress: bool = True,
-    desc: str = "",
+    batch_size: int,
+    progress: bool,
+    desc: str,
 ) -> FeatureStats | None:
-    """Fold the features of the first ``num_samples`` samples of ``files`` into statistics (on process 0;
-    other processes return None). Every process must call this with the same arguments."""
+    """The sharding scheme: fixed batches of units, batch i on process i % world, folded in batch order on
+    process 0 (which returns the statistics; the others return None)."""
     rank, world = _dist_info()
-    files_per_batch = max(1, batch_size // protocol.samples_per_file)
-    batches = [files[i : i + files_per_batch] for i in range(0, len(files), files_per_batch)]
+    per_batch = max(1, batch_size // protocol.samples_per_file)
+    batches = [units[i : i + per_batch] for i in range(0, len(units), per_batch)]
     stats = FeatureStats(protocol.feature_dim)
     bar = tqdm(total=num_samples, desc=desc, unit="sample", disable=not progress or rank != 0)
     for first in range(0, len(batches), world):
         index = first + rank
         try:
-            local = (
-                _features_of_files(protocol, network, batches[index], batch_size)
-                if index < len(batches)
-                else None
-            )
+            local = None
+            if index < len(batches):
+                local = _features_of_units(protocol, network, batches[index], load, batch_size)
         except Exception as err:  # report on every process instead of leaving the others waiting
             local = err
         gathered = _gather_to_first(local)  # process 0: one entry per process, in rank order
@@ -157,6 +166,57 @@ def compute_folder_stats(
             bar.update(stats.count - bar.n)
     bar.close()
     return stats if rank == 0 else None
+
+
+def compute_folder_stats(
+    protocol: Protocol,
+    files: list[Path],
+    num_samples: int,
+    network,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "",
+) -> FeatureStats | None:
+    """Statistics of the first ``num_samples`` samples of ``files``, in that order (on process 0; the
+    other processes return None). Every process must call this with the same arguments."""
+    return _fold_sharded(protocol, files, protocol.reader, num_samples, network, batch_size, progress, desc)
+
+
+def compute_dataset_stats(
+    protocol: Protocol,
+    dataset: Dataset,
+    num_samples: int,
+    network,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "",
+) -> FeatureStats | None:
+    """Statistics of ``num_samples`` samples of a walt dataset (items with ``video`` (3, T, H, W) in [-1, 1]).
+
+    This is how real statistics match what a model is trained on (same resize, crop and clip length): e.g.
+    ``UCF101(root, split="all", num_frames=16, resolution=128, offset="start")``. Items are drawn by a
+    permutation seeded by ``seed``; use a deterministic clip ``offset`` so the statistics are repeatable.
+    """
+    units = select_units(
+        len(dataset),
+        math.ceil(num_samples / protocol.samples_per_file),
+        seed,
+        type(dataset).__name__,
+        "num_samples",
+    )
+    load = lambda i: protocol.reader.from_frames(to_uint8(dataset[i]["video"]).numpy())
+    return _fold_sharded(protocol, units, load, num_samples, network, batch_size, progress, desc)
+
+
+def dataset_identity(dataset: Dataset) -> str:
+    """Cache identity of a dataset: its class and its plain settings (root, split, frames, resolution...)."""
+    settings = {
+        k: v
+        for k, v in sorted(vars(dataset).items())
+        if not k.startswith("_") and isinstance(v, str | int | float | bool | tuple)
+    }
+    return f"{type(dataset).__module__}.{type(dataset).__qualname__}:{json.dumps(settings, default=str)}"
 
 
 def _weights_identity(protocol: Protocol, weights_path: str | os.PathLike | None) -> dict[str, str]:
@@ -177,7 +237,7 @@ def _versions() -> dict[str, str]:
 
 def _side_stats(
     protocol: Protocol,
-    source: Path,
+    source: Path | Dataset,
     num_samples: int | None,
     seed: int,
     network,
@@ -186,34 +246,36 @@ def _side_stats(
     progress: bool,
     side: str,
 ) -> tuple[FeatureStats | None, dict]:
-    """Statistics of one side: a saved .npz, or a folder (through the cache when one is given)."""
+    """Statistics of one side: saved statistics (.npz), a folder or a dataset (the real side through the
+    cache when one is given)."""
+    if isinstance(source, Path) and source.is_file():
+        return _load_side_stats(protocol, source, side)
     rank, _ = _dist_info()
-    if source.is_file():
-        if source.suffix != ".npz":
-            raise ValueError(f"--{side} {source}: expected a folder or a .npz written by FeatureStats.save")
-        stats = FeatureStats.load(source)
-        if stats.dim != protocol.feature_dim:
-            raise ValueError(
-                f"{source} holds {stats.dim}-d statistics, {protocol.name} uses {protocol.feature_dim}"
-            )
-        return stats, {"source": str(source), "kind": "statistics", "count": stats.count}
     num = num_samples if num_samples is not None else getattr(protocol, f"num_{side}")
-    available = list_files(source, protocol.suffixes)
-    num_files = math.ceil(num / protocol.samples_per_file)
-    files = select_files(available, num_files, seed, source, f"--num-{side}")
-    info = {"source": str(source), "kind": "folder", "count": num}
+    desc = f"{protocol.name} {side}"
+    if isinstance(source, Dataset):
+        identity = dataset_identity(source)
+        compute = lambda: compute_dataset_stats(
+            protocol, source, num, network, batch_size, seed, progress, desc
+        )
+    else:
+        available = list_files(source, protocol.suffixes)
+        files = select_files(
+            available, math.ceil(num / protocol.samples_per_file), seed, source, f"--num-{side}"
+        )
+        identity = f"folder:{source.resolve()}:{_folder_fingerprint(source, available)}"
+        compute = lambda: compute_folder_stats(protocol, files, num, network, batch_size, progress, desc)
+    info = {"source": identity if isinstance(source, Dataset) else str(source), "count": num}
+    info["kind"] = "dataset" if isinstance(source, Dataset) else "folder"
     cache_file = None
     if cache_dir is not None and side == "real":
-        dataset = f"folder:{source.resolve()}:{_folder_fingerprint(source, available)}"
-        key = real_stats_key(protocol, dataset, split="", num_samples=num, selection_seed=seed)
+        key = real_stats_key(protocol, identity, split="", num_samples=num, selection_seed=seed)
         cache_file = cache_dir / f"{protocol.name}-{key[:20]}.npz"
         info["cache_key"] = key
         if _broadcast_from_first(cache_file.is_file()):  # one decision for all processes
             info["cached"] = True
             return FeatureStats.load(cache_file), info
-    stats = compute_folder_stats(
-        protocol, files, num, network, batch_size, progress, desc=f"{protocol.name} {side}"
-    )
+    stats = compute()
     if rank == 0 and cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         stats.save(cache_file)
@@ -221,10 +283,21 @@ def _side_stats(
     return stats, info
 
 
+def _load_side_stats(protocol: Protocol, source: Path, side: str) -> tuple[FeatureStats, dict]:
+    if source.suffix != ".npz":
+        raise ValueError(f"--{side} {source}: expected a folder or a .npz written by FeatureStats.save")
+    stats = FeatureStats.load(source)
+    if stats.dim != protocol.feature_dim:
+        raise ValueError(
+            f"{source} holds {stats.dim}-d statistics, {protocol.name} uses {protocol.feature_dim}"
+        )
+    return stats, {"source": str(source), "kind": "statistics", "count": stats.count}
+
+
 def evaluate_folders(
     protocol: str | Protocol,
-    real: str | os.PathLike,
-    fake: str | os.PathLike,
+    real: str | os.PathLike | Dataset,
+    fake: str | os.PathLike | Dataset,
     *,
     num_real: int | None = None,
     num_fake: int | None = None,
@@ -236,7 +309,10 @@ def evaluate_folders(
     save_fake_stats: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict:
-    """The metric of ``protocol`` between a real and a generated folder (or saved ``.npz`` statistics).
+    """The metric of ``protocol`` between real and generated samples.
+
+    Each side is a folder of videos/images, saved statistics (``.npz`` from :meth:`FeatureStats.save`), or a
+    walt dataset (see :func:`compute_dataset_stats`).
 
     Returns a JSON-ready dict: protocol, value, counts, whether the counts are the standard ones, sources,
     feature-network weights (with their sha256) and software versions. Counts default to the protocol's; a
@@ -245,9 +321,9 @@ def evaluate_folders(
     protocol = get_protocol(protocol)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    real, fake = Path(real), Path(fake)
+    real, fake = (s if isinstance(s, Dataset) else Path(s) for s in (real, fake))
     network = None
-    if not (real.is_file() and fake.is_file()):
+    if not all(isinstance(s, Path) and s.is_file() for s in (real, fake)):
         network = protocol.network(weights_path=weights_path).to(device)
     cache = Path(cache_dir) if cache_dir is not None else None
     args = (seed, network, batch_size, cache, progress)

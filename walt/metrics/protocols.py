@@ -31,7 +31,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 class Protocol:
     """A named metric protocol.
 
-    ``reader`` turns one file into the protocol's samples: uint8 ``(k, T, H, W, 3)`` clips for video
+    ``reader`` turns one file (``reader(path)``) or the uint8 frames ``(T, H, W, 3)`` of a dataset item
+    (``reader.from_frames(frames)``) into the protocol's samples: ``(k, T, H, W, 3)`` clips for video
     protocols, ``(k, H, W, 3)`` images for image protocols. ``network`` is the feature network class (built
     with an optional local ``weights_path``); ``feature_dim`` is its output width.
     """
@@ -43,7 +44,7 @@ class Protocol:
     network: Callable[..., I3D | InceptionV3]
     weights: Asset
     feature_dim: int
-    reader: Callable[[Path], np.ndarray]
+    reader: FirstClip | FirstFrames | WholeImage
     suffixes: tuple[str, ...]  # file types the reader accepts
     num_real: int  # real samples under the standard protocol
     num_fake: int  # generated samples under the standard protocol
@@ -88,7 +89,7 @@ def real_stats_key(
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-# --- readers -------------------------------------------------------------------------------------------------
+# --- readers: a file (or the frames of a dataset item) -> the protocol's samples ------------------------------
 
 
 class FirstClip:
@@ -100,6 +101,10 @@ class FirstClip:
     def __call__(self, path: Path) -> np.ndarray:
         return read_video(path, frame_indices=range(self.num_frames))[None]
 
+    def from_frames(self, frames: np.ndarray) -> np.ndarray:
+        _check_length(frames, self.num_frames)
+        return frames[None, : self.num_frames]
+
 
 class FirstFrames:
     """The first ``num_frames`` frames of a video as separate images: (T, H, W, 3)."""
@@ -110,11 +115,27 @@ class FirstFrames:
     def __call__(self, path: Path) -> np.ndarray:
         return read_video(path, frame_indices=range(self.num_frames))
 
+    def from_frames(self, frames: np.ndarray) -> np.ndarray:
+        _check_length(frames, self.num_frames)
+        return frames[: self.num_frames]
 
-def read_image(path: Path) -> np.ndarray:
-    """One RGB image: (1, H, W, 3)."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)[None]
+
+class WholeImage:
+    """One RGB image file, or a one-frame video: (1, H, W, 3)."""
+
+    def __call__(self, path: Path) -> np.ndarray:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)[None]
+
+    def from_frames(self, frames: np.ndarray) -> np.ndarray:
+        if len(frames) != 1:
+            raise ValueError(f"an image protocol scores single images; got a video of {len(frames)} frames")
+        return frames
+
+
+def _check_length(frames: np.ndarray, needed: int) -> None:
+    if len(frames) < needed:
+        raise ValueError(f"the protocol needs {needed} frames per video, got a video of {len(frames)}")
 
 
 # --- the protocols -------------------------------------------------------------------------------------------
@@ -163,7 +184,7 @@ register_protocol(
         network=InceptionV3,
         weights=FID_INCEPTION,
         feature_dim=2048,
-        reader=read_image,
+        reader=WholeImage(),
         suffixes=IMAGE_SUFFIXES,
         num_real=50_000,
         num_fake=50_000,

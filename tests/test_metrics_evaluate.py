@@ -21,7 +21,6 @@ from walt.metrics import (
     I3D,
     FeatureStats,
     InceptionV3,
-    evaluate_folders,
     evaluate_main,
     get_protocol,
     real_stats_key,
@@ -225,16 +224,30 @@ def test_a_too_short_video_is_named_in_the_error(folders, tmp_path, capsys):
     assert "eight_frames.mp4" in err and "frame 15 was requested" in err
 
 
-def test_real_statistics_from_a_dataset(single_process, tmp_path):
-    """A walt dataset as the real side: its items' clips, drawn in the seeded order, cached under its settings."""
-    dataset = MovingDigits(split="train", num_samples=NUM_CLIPS, num_frames=16, resolution=64)
-    result = evaluate_folders(
-        "fvd2048_16f", dataset, single_process["fake"], num_real=NUM_CLIPS, cache_dir=tmp_path, progress=False
+def test_real_statistics_from_a_dataset_config(single_process, tmp_path):
+    """A dataset YAML as the real side: its items' clips in the seeded order, cached under its settings."""
+    config = tmp_path / "digits.yaml"
+    config.write_text(
+        "class_path: walt.data.MovingDigits\n"
+        f"init_args: {{split: train, num_samples: {NUM_CLIPS}, num_frames: 16, resolution: 64}}\n"
     )
+    args = ["fvd2048_16f", "--real", str(config), "--fake", str(single_process["fake"]), "--no-progress"]
+    args += ["--num-real", str(NUM_CLIPS), "--cache-dir", str(tmp_path), "--output", str(tmp_path / "r.json")]
+    assert evaluate_main(args) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
     assert result["real"]["kind"] == "dataset" and '"split": "train"' in result["real"]["source"]
     assert "MovingDigits" in result["real"]["source"] and np.isfinite(result["value"])
     cached = FeatureStats.load(next(tmp_path.glob("fvd2048_16f-*.npz")))
+    dataset = MovingDigits(split="train", num_samples=NUM_CLIPS, num_frames=16, resolution=64)
     clips = np.stack([to_uint8(dataset[i]["video"]).numpy() for i in range(NUM_CLIPS)])
     direct = FeatureStats(400).update(I3D().features(clips))
     np.testing.assert_allclose(cached.mean, direct.mean, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cached.covariance, direct.covariance, rtol=1e-4, atol=1e-5)
+
+
+def test_a_bad_dataset_config_is_a_clear_error(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("class_path: walt.data.MovingDigits\ninit_args: {split: validation}\n")
+    assert evaluate_main(["fvd2048_16f", "--real", str(config), "--fake", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and 'key "split"' in err and "Got value: validation" in err

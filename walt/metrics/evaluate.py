@@ -1,10 +1,11 @@
-"""`walt evaluate`: a protocol's metric between two folders of videos/images (or saved statistics).
+"""`walt evaluate`: a protocol's metric between real and generated samples, each side a folder of
+videos/images, a walt dataset, or saved statistics.
 
 Reproducibility rules, whatever the number of processes:
 
-- files are listed recursively, sorted, and the protocol's sample count is drawn by a seeded permutation
-  (sorted order alone would take whole classes of a class-sorted data set);
-- files are processed in fixed batches; batch ``i`` goes to process ``i % world_size``;
+- files are listed recursively and sorted (dataset items keep their index), and the protocol's sample count
+  is drawn by a seeded permutation (sorted order alone would take whole classes of a class-sorted data set);
+- files/items are processed in fixed batches; batch ``i`` goes to process ``i % world_size``;
 - process 0 folds the batches' features into :class:`FeatureStats` in batch order.
 
 So 1 or 8 processes compute the same features in the same batches and fold them in the same order: the
@@ -25,9 +26,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jsonargparse
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -44,6 +47,7 @@ __all__ = [
     "evaluate_checkpoint",
     "evaluate_folders",
     "evaluate_main",
+    "load_dataset_config",
 ]
 
 
@@ -283,6 +287,28 @@ def _side_stats(
     return stats, info
 
 
+def load_dataset_config(path: Path) -> Dataset:
+    """Build the dataset a YAML file describes by ``class_path``/``init_args`` (at the top or under
+    ``dataset:``), as in walt's training configs, e.g.::
+
+        class_path: walt.data.UCF101
+        init_args: {root: data/ucf101, split: all, num_frames: 16, resolution: 128, offset: start}
+    """
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    config = config.get("dataset", config) if isinstance(config, dict) else config
+    if not isinstance(config, dict) or "class_path" not in config:
+        raise ValueError(f"{path}: expected a dataset given by class_path and init_args")
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--dataset", type=Dataset)
+    try:
+        parsed = parser.parse_object({"dataset": config})
+    except jsonargparse.ArgumentError as err:
+        raise ValueError(f"{path}: {err}") from None
+    instantiate = getattr(parser, "instantiate", parser.instantiate_classes)  # renamed in jsonargparse 4.49
+    return instantiate(parsed).dataset
+
+
 def _load_side_stats(protocol: Protocol, source: Path, side: str) -> tuple[FeatureStats, dict]:
     if source.suffix != ".npz":
         raise ValueError(f"--{side} {source}: expected a folder or a .npz written by FeatureStats.save")
@@ -424,10 +450,13 @@ def evaluate_main(argv: Sequence[str]) -> int:
     device = _init_distributed_from_env(args.device)
     joined = joined and dist.is_initialized()
     try:
+        real, fake = (
+            load_dataset_config(p) if p.suffix in (".yaml", ".yml") else p for p in (args.real, args.fake)
+        )
         result = evaluate_folders(
             args.protocol,
-            args.real,
-            args.fake,
+            real,
+            fake,
             num_real=args.num_real,
             num_fake=args.num_fake,
             batch_size=args.batch_size,

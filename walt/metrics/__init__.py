@@ -1,1 +1,43 @@
-"""walt.metrics"""
+"""Metrics: FVD (I3D), FID (Inception-v3), LPIPS, PSNR/SSIM, feature statistics and named protocols."""
+
+from walt.metrics.assets import MissingAssetError, UnsafePickleError, load_numpy_pickle, resolve_asset
+from walt.metrics.evaluate import (
+    compute_dataset_stats,
+    compute_folder_stats,
+    evaluate_checkpoint,
+    evaluate_folders,
+    evaluate_main,
+)
+from walt.metrics.i3d import I3D
+from walt.metrics.inception import InceptionV3
+from walt.metrics.lpips import LPIPS
+from walt.metrics.pixel import psnr, ssim
+from walt.metrics.protocols import PROTOCOLS, Protocol, get_protocol, real_stats_key, register_protocol
+from walt.metrics.resize import resize_bilinear_legacy
+from walt.metrics.stats import FeatureStats, frechet_distance, frechet_distance_from_moments
+
+__all__ = [
+    "I3D",
+    "LPIPS",
+    "PROTOCOLS",
+    "FeatureStats",
+    "InceptionV3",
+    "MissingAssetError",
+    "Protocol",
+    "UnsafePickleError",
+    "compute_dataset_stats",
+    "compute_folder_stats",
+    "evaluate_checkpoint",
+    "evaluate_folders",
+    "evaluate_main",
+    "frechet_distance",
+    "frechet_distance_from_moments",
+    "get_protocol",
+    "load_numpy_pickle",
+    "psnr",
+    "real_stats_key",
+    "register_protocol",
+    "resize_bilinear_legacy",
+    "resolve_asset",
+    "ssim",
+]

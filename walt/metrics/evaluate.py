@@ -1,0 +1,482 @@
+"""`walt evaluate`: a protocol's metric between real and generated samples, each side a folder of
+videos/images, a walt dataset, or saved statistics.
+
+Reproducibility rules, whatever the number of processes:
+
+- files are listed recursively and sorted (dataset items keep their index), and the protocol's sample count
+  is drawn by a seeded permutation (sorted order alone would take whole classes of a class-sorted data set);
+- files/items are processed in fixed batches; batch ``i`` goes to process ``i % world_size``;
+- process 0 folds the batches' features into :class:`FeatureStats` in batch order.
+
+So 1 or 8 processes compute the same features in the same batches and fold them in the same order: the
+statistics, and the distance, are bit-identical. Under ``torchrun`` every process calls
+:func:`evaluate_folders` and all of them return the same result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jsonargparse
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from walt.data import to_uint8
+from walt.metrics.assets import resolve_asset
+from walt.metrics.protocols import PROTOCOLS, Protocol, get_protocol, real_stats_key
+from walt.metrics.stats import FeatureStats, frechet_distance
+
+__all__ = [
+    "compute_dataset_stats",
+    "compute_folder_stats",
+    "dataset_identity",
+    "default_cache_dir",
+    "evaluate_checkpoint",
+    "evaluate_folders",
+    "evaluate_main",
+    "load_dataset_config",
+]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "walt" / "real_stats"
+
+
+class FeatureExtractionError(RuntimeError):
+    """A file could not be turned into features (unreadable, too short, wrong format) on some process."""
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def list_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
+    """Files under ``folder`` (recursive) with one of ``suffixes``, sorted by relative path."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder (expected a folder of videos/images or a .npz)")
+    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes]
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def select_units(available: int, needed: int, seed: int, where: object, option: str) -> list[int]:
+    """``needed`` of ``range(available)`` in a seeded random order (a pure function of the two and the seed)."""
+    if available < needed:
+        raise ValueError(
+            f"{where} has {available} usable files but {needed} are needed; the standard protocol needs "
+            f"them all, or pass a smaller count with {option} for a non-standard result"
+        )
+    return [int(i) for i in np.random.default_rng(seed).permutation(available)[:needed]]
+
+
+def select_files(files: list[Path], num_files: int, seed: int, folder: Path, option: str) -> list[Path]:
+    """``num_files`` of ``files`` (sorted) in a seeded random order."""
+    return [files[i] for i in select_units(len(files), num_files, seed, folder, option)]
+
+
+def _folder_fingerprint(folder: Path, files: list[Path]) -> str:
+    """Identity of a folder's content for the cache key: relative names, sizes and modification times."""
+    digest = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        digest.update(f"{p.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _features_of_units(
+    protocol: Protocol, network, units: list, load: Callable, batch_size: int
+) -> np.ndarray:
+    """Features of every sample of ``units`` (files or dataset indices), in order: (N, D) float32."""
+    samples = [s for unit in units for s in load(unit)]
+    out = []
+    start = 0
+    while start < len(samples):  # batches of same-shaped samples (folders may mix resolutions)
+        stop = start + 1
+        while (
+            stop < len(samples) and stop - start < batch_size and samples[stop].shape == samples[start].shape
+        ):
+            stop += 1
+        out.append(network.features(np.stack(samples[start:stop])).cpu().numpy())
+        start = stop
+    return np.concatenate(out) if out else np.zeros((0, protocol.feature_dim), np.float32)
+
+
+def _gather_to_first(payload: object) -> list[object] | None:
+    rank, world = _dist_info()
+    if world == 1:
+        return [payload]
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(payload, gathered, dst=0)
+    return gathered
+
+
+def _broadcast_from_first(payload: object) -> object:
+    if _dist_info()[1] == 1:
+        return payload
+    box = [payload]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _fold_sharded(
+    protocol: Protocol,
+    units: list,
+    load: Callable,
+    num_samples: int,
+    network,
+    batch_size: int,
+    progress: bool,
+    desc: str,
+) -> FeatureStats | None:
+    """The sharding scheme: fixed batches of units, batch i on process i % world, folded in batch order on
+    process 0 (which returns the statistics; the others return None)."""
+    rank, world = _dist_info()
+    per_batch = max(1, batch_size // protocol.samples_per_file)
+    batches = [units[i : i + per_batch] for i in range(0, len(units), per_batch)]
+    stats = FeatureStats(protocol.feature_dim)
+    bar = tqdm(total=num_samples, desc=desc, unit="sample", disable=not progress or rank != 0)
+    for first in range(0, len(batches), world):
+        index = first + rank
+        try:
+            local = None
+            if index < len(batches):
+                local = _features_of_units(protocol, network, batches[index], load, batch_size)
+        except Exception as err:  # report on every process instead of leaving the others waiting
+            local = err
+        gathered = _gather_to_first(local)  # process 0: one entry per process, in rank order
+        errors = [str(item) for item in gathered if isinstance(item, Exception)] if rank == 0 else None
+        errors = _broadcast_from_first(errors)
+        if errors:
+            cause = local if isinstance(local, Exception) else None
+            raise FeatureExtractionError(f"feature extraction failed: {'; '.join(errors)}") from cause
+        if rank == 0:
+            for features in gathered:
+                if features is not None and stats.count < num_samples:
+                    stats.update(features[: num_samples - stats.count])
+            bar.update(stats.count - bar.n)
+    bar.close()
+    return stats if rank == 0 else None
+
+
+def compute_folder_stats(
+    protocol: Protocol,
+    files: list[Path],
+    num_samples: int,
+    network,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "",
+) -> FeatureStats | None:
+    """Statistics of the first ``num_samples`` samples of ``files``, in that order (on process 0; the
+    other processes return None). Every process must call this with the same arguments."""
+    return _fold_sharded(protocol, files, protocol.reader, num_samples, network, batch_size, progress, desc)
+
+
+def compute_dataset_stats(
+    protocol: Protocol,
+    dataset: Dataset,
+    num_samples: int,
+    network,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "",
+) -> FeatureStats | None:
+    """Statistics of ``num_samples`` samples of a walt dataset (items with ``video`` (3, T, H, W) in [-1, 1]).
+
+    This is how real statistics match what a model is trained on (same resize, crop and clip length): e.g.
+    ``UCF101(root, split="all", num_frames=16, resolution=128, offset="start")``. Items are drawn by a
+    permutation seeded by ``seed``; use a deterministic clip ``offset`` so the statistics are repeatable.
+    """
+    units = select_units(
+        len(dataset),
+        math.ceil(num_samples / protocol.samples_per_file),
+        seed,
+        type(dataset).__name__,
+        "num_samples",
+    )
+    load = lambda i: protocol.reader.from_frames(to_uint8(dataset[i]["video"]).numpy())
+    return _fold_sharded(protocol, units, load, num_samples, network, batch_size, progress, desc)
+
+
+def dataset_identity(dataset: Dataset) -> str:
+    """Cache identity of a dataset: its class and its plain settings (root, split, frames, resolution...)."""
+    settings = {
+        k: v
+        for k, v in sorted(vars(dataset).items())
+        if not k.startswith("_") and isinstance(v, str | int | float | bool | tuple)
+    }
+    return f"{type(dataset).__module__}.{type(dataset).__qualname__}:{json.dumps(settings, default=str)}"
+
+
+def _weights_identity(protocol: Protocol, weights_path: str | os.PathLike | None) -> dict[str, str]:
+    path = resolve_asset(protocol.weights, weights_path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"package": protocol.weights.distribution, "file": path.name, "sha256": digest}
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist_name in ("walt", "torch", "numpy", "scipy", "av"):
+        try:
+            versions[dist_name] = importlib.metadata.version(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist_name] = "not installed"
+    return versions
+
+
+def _side_stats(
+    protocol: Protocol,
+    source: Path | Dataset,
+    num_samples: int | None,
+    seed: int,
+    network,
+    batch_size: int,
+    cache_dir: Path | None,
+    progress: bool,
+    side: str,
+) -> tuple[FeatureStats | None, dict]:
+    """Statistics of one side: saved statistics (.npz), a folder or a dataset (the real side through the
+    cache when one is given)."""
+    if isinstance(source, Path) and source.is_file():
+        return _load_side_stats(protocol, source, side)
+    rank, _ = _dist_info()
+    num = num_samples if num_samples is not None else getattr(protocol, f"num_{side}")
+    desc = f"{protocol.name} {side}"
+    if isinstance(source, Dataset):
+        identity = dataset_identity(source)
+        compute = lambda: compute_dataset_stats(
+            protocol, source, num, network, batch_size, seed, progress, desc
+        )
+    else:
+        available = list_files(source, protocol.suffixes)
+        files = select_files(
+            available, math.ceil(num / protocol.samples_per_file), seed, source, f"--num-{side}"
+        )
+        identity = f"folder:{source.resolve()}:{_folder_fingerprint(source, available)}"
+        compute = lambda: compute_folder_stats(protocol, files, num, network, batch_size, progress, desc)
+    info = {"source": identity if isinstance(source, Dataset) else str(source), "count": num}
+    info["kind"] = "dataset" if isinstance(source, Dataset) else "folder"
+    cache_file = None
+    if cache_dir is not None and side == "real":
+        key = real_stats_key(protocol, identity, split="", num_samples=num, selection_seed=seed)
+        cache_file = cache_dir / f"{protocol.name}-{key[:20]}.npz"
+        info["cache_key"] = key
+        if _broadcast_from_first(cache_file.is_file()):  # one decision for all processes
+            info["cached"] = True
+            return FeatureStats.load(cache_file), info
+    stats = compute()
+    if rank == 0 and cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        stats.save(cache_file)
+        info["cached"] = False
+    return stats, info
+
+
+def load_dataset_config(path: Path) -> Dataset:
+    """Build the dataset a YAML file describes by ``class_path``/``init_args`` (at the top or under
+    ``dataset:``), as in walt's training configs, e.g.::
+
+        class_path: walt.data.UCF101
+        init_args: {root: data/ucf101, split: all, num_frames: 16, resolution: 128, offset: start}
+    """
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    config = config.get("dataset", config) if isinstance(config, dict) else config
+    if not isinstance(config, dict) or "class_path" not in config:
+        raise ValueError(f"{path}: expected a dataset given by class_path and init_args")
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--dataset", type=Dataset)
+    try:
+        parsed = parser.parse_object({"dataset": config})
+    except jsonargparse.ArgumentError as err:
+        raise ValueError(f"{path}: {err}") from None
+    instantiate = getattr(parser, "instantiate", parser.instantiate_classes)  # renamed in jsonargparse 4.49
+    return instantiate(parsed).dataset
+
+
+def _load_side_stats(protocol: Protocol, source: Path, side: str) -> tuple[FeatureStats, dict]:
+    if source.suffix != ".npz":
+        raise ValueError(f"--{side} {source}: expected a folder or a .npz written by FeatureStats.save")
+    stats = FeatureStats.load(source)
+    if stats.dim != protocol.feature_dim:
+        raise ValueError(
+            f"{source} holds {stats.dim}-d statistics, {protocol.name} uses {protocol.feature_dim}"
+        )
+    return stats, {"source": str(source), "kind": "statistics", "count": stats.count}
+
+
+def evaluate_folders(
+    protocol: str | Protocol,
+    real: str | os.PathLike | Dataset,
+    fake: str | os.PathLike | Dataset,
+    *,
+    num_real: int | None = None,
+    num_fake: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    weights_path: str | os.PathLike | None = None,
+    save_fake_stats: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """The metric of ``protocol`` between real and generated samples.
+
+    Each side is a folder of videos/images, saved statistics (``.npz`` from :meth:`FeatureStats.save`), or a
+    walt dataset (see :func:`compute_dataset_stats`).
+
+    Returns a JSON-ready dict: protocol, value, counts, whether the counts are the standard ones, sources,
+    feature-network weights (with their sha256) and software versions. Counts default to the protocol's; a
+    smaller ``num_real``/``num_fake`` gives a clearly marked non-standard result.
+    """
+    protocol = get_protocol(protocol)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    real, fake = (s if isinstance(s, Dataset) else Path(s) for s in (real, fake))
+    network = None
+    if not all(isinstance(s, Path) and s.is_file() for s in (real, fake)):
+        network = protocol.network(weights_path=weights_path).to(device)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    args = (seed, network, batch_size, cache, progress)
+    real_stats, real_info = _side_stats(protocol, real, num_real, *args, side="real")
+    fake_stats, fake_info = _side_stats(protocol, fake, num_fake, *args, side="fake")
+    result = None
+    if _dist_info()[0] == 0:
+        if save_fake_stats is not None:
+            fake_stats.save(save_fake_stats)
+        counts = {"real": real_stats.count, "fake": fake_stats.count}
+        result = {
+            "protocol": protocol.name,
+            "metric": protocol.metric,
+            "value": frechet_distance(real_stats, fake_stats),
+            "counts": counts,
+            "protocol_counts": {"real": protocol.num_real, "fake": protocol.num_fake},
+            "standard": counts == {"real": protocol.num_real, "fake": protocol.num_fake},
+            "preprocessing": protocol.preprocessing,
+            "selection_seed": seed,
+            "batch_size": batch_size,
+            "real": real_info,
+            "fake": fake_info,
+            "weights": _weights_identity(protocol, weights_path),
+            "versions": _versions(),
+        }
+    return _broadcast_from_first(result)
+
+
+def evaluate_checkpoint(protocol: str | Protocol, checkpoint: str | os.PathLike, **kwargs) -> dict:
+    """Generate samples with a trained model and score them: not available yet."""
+    raise NotImplementedError(
+        "evaluating a checkpoint (generating the samples) is not implemented yet in this version of walt; "
+        "generate videos into a folder and run `walt evaluate PROTOCOL --real REAL_DIR --fake FAKE_DIR`"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    listing = "\n".join(f"  {p.name:<14} {p.summary}" for p in PROTOCOLS.values())
+    parser = argparse.ArgumentParser(
+        prog="walt evaluate",
+        description="Compute FVD/FID under a named protocol between real and generated videos or images.",
+        epilog=f"protocols:\n{listing}\n\nUnder torchrun every process shares the work; the result is identical "
+        "for any number of processes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("protocol", choices=sorted(PROTOCOLS), help="metric protocol")
+    parser.add_argument(
+        "--real", required=True, type=Path, help="folder of real videos/images, or stats .npz"
+    )
+    parser.add_argument("--fake", type=Path, help="folder of generated videos/images, or stats .npz")
+    parser.add_argument("--checkpoint", type=Path, help="generate the samples with this checkpoint (not yet)")
+    parser.add_argument(
+        "--num-real", type=int, help="real samples (default: the protocol's; fewer = non-standard)"
+    )
+    parser.add_argument("--num-fake", type=int, help="generated samples (default: the protocol's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per network call (default 8)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the file selection (default 0)")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="real statistics cache")
+    parser.add_argument(
+        "--no-cache", action="store_true", help="neither read nor write cached real statistics"
+    )
+    parser.add_argument("--weights", type=Path, help="local copy of the feature network's weights file")
+    parser.add_argument(
+        "--save-fake-stats", type=Path, help="also save the generated side's statistics (.npz)"
+    )
+    parser.add_argument("--output", type=Path, help="write the JSON result here too")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _init_distributed_from_env(device: str) -> str:
+    """Join the torchrun process group when launched by torchrun; returns this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return f"cuda:{local}"
+    dist.init_process_group("gloo")
+    return device
+
+
+def evaluate_main(argv: Sequence[str]) -> int:
+    """Entry point of ``walt evaluate``; returns the exit code."""
+    args = _parser().parse_args(list(argv))
+    if args.checkpoint is not None:
+        try:
+            evaluate_checkpoint(args.protocol, args.checkpoint)
+        except NotImplementedError as err:
+            print(f"walt evaluate: {err}", file=sys.stderr)
+            return 2
+    if args.fake is None:
+        print("walt evaluate: --fake is required (a folder of generated samples or a .npz)", file=sys.stderr)
+        return 2
+    joined = not dist.is_initialized()
+    device = _init_distributed_from_env(args.device)
+    joined = joined and dist.is_initialized()
+    try:
+        real, fake = (
+            load_dataset_config(p) if p.suffix in (".yaml", ".yml") else p for p in (args.real, args.fake)
+        )
+        result = evaluate_folders(
+            args.protocol,
+            real,
+            fake,
+            num_real=args.num_real,
+            num_fake=args.num_fake,
+            batch_size=args.batch_size,
+            device=device,
+            seed=args.seed,
+            cache_dir=None if args.no_cache else args.cache_dir,
+            weights_path=args.weights,
+            save_fake_stats=args.save_fake_stats,
+            progress=not args.no_progress,
+        )
+    except (FileNotFoundError, ValueError, FeatureExtractionError) as err:
+        print(f"walt evaluate: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if joined:
+            dist.destroy_process_group()
+    if _dist_info()[0] == 0:
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.output is not None:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(text + "\n")
+    return 0

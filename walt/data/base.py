@@ -106,8 +106,14 @@ class ClipDataset(Dataset):
         self.short_policy: ShortPolicy = short_policy
         self.skips = SkipCounter()
 
+    classes: Sequence[str] = ()  # class names in label order, where the data has classes
+
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     @property
     def num_skipped(self) -> int:

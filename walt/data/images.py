@@ -51,10 +51,6 @@ class ImageFolderVideos(ClipDataset):
             raise FileNotFoundError(f"no images with extensions {sorted(exts)} under {self.root}")
         super().__init__(samples, num_frames=1, resolution=resolution, offset="start")
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
     def load(self, sample: VideoSample) -> dict:
         try:
             with Image.open(sample.path) as img:

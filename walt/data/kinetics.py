@@ -83,10 +83,6 @@ class Kinetics600(ClipDataset):
         default_offset: Offset = "random" if split == "train" else "center"
         super().__init__(samples, num_frames, stride, resolution, offset or default_offset, short_policy)
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
 
 def _find_csv(root: Path, split: str, required: bool = True) -> Path | None:
     for folder in (root / "annotations", root):

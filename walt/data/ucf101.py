@@ -81,10 +81,6 @@ class UCF101(ClipDataset):
         default_offset: Offset = "random" if split == "train" else "center"
         super().__init__(samples, num_frames, stride, resolution, offset or default_offset, short_policy)
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
 
 def _read_class_index(path: Path) -> list[str]:
     pairs = []

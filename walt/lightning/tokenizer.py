@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from walt.lightning.ema import EMA
 from walt.lightning.video_logging import add_video, to_uint8_frames
+from walt.metrics.pixel import psnr
 from walt.tokenizer.losses import TokenizerLoss, frames_as_images
 from walt.tokenizer.vae import CausalVAE
 
@@ -20,12 +21,6 @@ from walt.tokenizer.vae import CausalVAE
 def adam_for_gan(params: Iterable) -> Optimizer:
     """Default optimizer of both networks: Adam lr 1e-4, betas (0.5, 0.9) as in VQGAN."""
     return torch.optim.Adam(params, lr=1e-4, betas=(0.5, 0.9))
-
-
-def psnr(x: Tensor, y: Tensor) -> Tensor:
-    """Per-clip PSNR in dB of videos (B, C, T, H, W) in [-1, 1] (peak-to-peak 2)."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
 
 
 class TokenizerModule(L.LightningModule):
@@ -136,7 +131,7 @@ class TokenizerModule(L.LightningModule):
         x = batch["video"]  # (B, 3, T, H, W)
         vae = self.inference_vae
         x_rec = vae.decode_raw(vae.encode_moments(x)[0]).clamp(-1, 1)  # (B, 3, T, H, W)
-        values = {"val/psnr": psnr(x_rec, x).mean(), "val/l1": (x_rec - x).abs().mean()}
+        values = {"val/psnr": psnr(x_rec, x).mean().float(), "val/l1": (x_rec - x).abs().mean()}
         for name, metric in self.val_metrics.items():
             values[f"val/{name}"] = metric(frames_as_images(x_rec), frames_as_images(x)).float().mean()
         self.log_dict(values, sync_dist=True, batch_size=x.shape[0])

@@ -80,7 +80,15 @@ def test_gan_starts_at_its_step_and_checkpoint_holds_ema(tmp_path):
     fit.fit(module, loader(4, 2), loader(2, 2, seed=1))
     assert int(module.train_steps) == 4 and changed(disc_before, disc)
     logged = fit.callback_metrics
-    assert {"train/d", "train/gp", "train/lecam", "train/g", "train/gan_weight", "val/psnr"} <= set(logged)
+    assert {
+        "train/d",
+        "train/gp",
+        "train/lecam",
+        "train/g",
+        "train/gan_weight",
+        "val/psnr",
+        "val/ssim",
+    } <= set(logged)
 
     # The EMA differs from the live weights, and `walt encode` loads it from a real checkpoint.
     assert changed(snapshot(module.ema.module), module.vae)

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from walt.lightning.ema import EMA
 from walt.lightning.video_logging import add_video, to_uint8_frames
-from walt.metrics.pixel import psnr
+from walt.metrics.pixel import SSIM_WINDOW, psnr, ssim
 from walt.tokenizer.losses import TokenizerLoss, frames_as_images
 from walt.tokenizer.vae import CausalVAE
 
@@ -37,8 +37,8 @@ class TokenizerModule(L.LightningModule):
         optimizer, discriminator_optimizer: callables params -> optimizer.
         ema_decay: keep an EMA of the autoencoder (used for validation) when set.
         gradient_clip: max gradient norm of each network; None disables clipping.
-        val_metrics: extra metrics `metric(x_rec, x)` on frames (N, 3, H, W) in [-1, 1] (e.g. SSIM, LPIPS),
-            logged as `val/<name>`; PSNR is always logged.
+        val_metrics: extra metrics `metric(x_rec, x)` on frames (N, 3, H, W) in [-1, 1] (e.g. LPIPS),
+            logged as `val/<name>`; PSNR, L1 and (for frames of at least 11x11) SSIM are always logged.
         num_log_videos: clips of the first validation batch logged side by side (input | reconstruction).
         video_fps: frame rate of the logged videos.
     """
@@ -132,6 +132,8 @@ class TokenizerModule(L.LightningModule):
         vae = self.inference_vae
         x_rec = vae.decode_raw(vae.encode_moments(x)[0]).clamp(-1, 1)  # (B, 3, T, H, W)
         values = {"val/psnr": psnr(x_rec, x).mean().float(), "val/l1": (x_rec - x).abs().mean()}
+        if min(x.shape[-2:]) >= SSIM_WINDOW:  # SSIM needs one whole Gaussian window per frame
+            values["val/ssim"] = ssim(x_rec, x).mean().float()
         for name, metric in self.val_metrics.items():
             values[f"val/{name}"] = metric(frames_as_images(x_rec), frames_as_images(x)).float().mean()
         self.log_dict(values, sync_dist=True, batch_size=x.shape[0])

@@ -1,5 +1,12 @@
 """Diffusion as small pure functions: schedules, parameterisations, the loss and the samplers."""
 
+from walt.diffusion.guidance import (
+    classifier_free_guidance,
+    concat_conditioning,
+    guided,
+    null_conditioning,
+    self_conditioned,
+)
 from walt.diffusion.loss import corrupt, v_loss
 from walt.diffusion.parameterization import (
     eps_from_v,
@@ -26,15 +33,20 @@ __all__ = [
     "NoiseSchedule",
     "ZeroTerminalSNRLinearSchedule",
     "alpha_sigma",
+    "classifier_free_guidance",
+    "concat_conditioning",
     "corrupt",
     "ddim_sample",
     "ddim_step",
     "ddpm_sample",
     "eps_from_v",
     "expand_like",
+    "guided",
     "linear_beta_alphas_cumprod",
     "noisy",
+    "null_conditioning",
     "rescale_zero_terminal_snr",
+    "self_conditioned",
     "time_grid",
     "v_from_eps",
     "v_loss",

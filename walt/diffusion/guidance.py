@@ -1,0 +1,128 @@
+"""Turning a conditional denoiser ``model(x_t, t, cond) -> v`` into the ``model_fn(x_t, t)`` a sampler calls.
+
+- :func:`classifier_free_guidance`: ``v_u + w (v_c - v_u)`` (Ho & Salimans, 2022) with the conditional and
+  unconditional passes batched into one call, and ``w`` a constant or a function of t.
+- :func:`self_conditioned`: feeds each step's x0 estimate back as the next step's ``self_cond`` (Chen et al.,
+  2023, "Analog Bits"), the way the model saw it in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from walt.conditioning import Conditioning
+from walt.diffusion.parameterization import expand_like, x0_from_v
+from walt.diffusion.samplers import ModelFn
+from walt.diffusion.schedule import NoiseSchedule
+
+__all__ = [
+    "ConditionalModel",
+    "GuidanceScale",
+    "classifier_free_guidance",
+    "concat_conditioning",
+    "guided",
+    "null_conditioning",
+    "self_conditioned",
+]
+
+ConditionalModel = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
+GuidanceScale = float | Callable[[torch.Tensor], torch.Tensor]
+
+# Signals that classifier-free guidance drops; the rest (low-res input, augmentation level, self-conditioning,
+# the image flags) describe the sample itself and stay.
+GUIDED_FIELDS = ("labels", "text", "context")
+
+
+def null_conditioning(cond: Conditioning, drop: tuple[str, ...] = GUIDED_FIELDS) -> Conditioning:
+    """The unconditional counterpart of ``cond``: null labels (-1), no text tokens, no known frames.
+
+    Text keeps its shape with an all-False mask (cross-attention then sees only the video tokens), and
+    context keeps its shape with a zero mask, so the conditional and null batches can be concatenated.
+    """
+    unknown = set(drop) - set(GUIDED_FIELDS)
+    if unknown:
+        raise ValueError(f"cannot drop {sorted(unknown)}; guidance drops any of {GUIDED_FIELDS}")
+    changes: dict[str, torch.Tensor | None] = {}
+    if "labels" in drop and cond.labels is not None:
+        changes["labels"] = torch.full_like(cond.labels, -1)
+    if "text" in drop and cond.text is not None:
+        mask = (
+            cond.text_mask
+            if cond.text_mask is not None
+            else torch.ones(cond.text.shape[:2], dtype=torch.bool, device=cond.text.device)
+        )
+        changes["text_mask"] = torch.zeros_like(mask, dtype=torch.bool)
+    if "context" in drop and cond.context is not None:
+        changes["context"] = torch.zeros_like(cond.context)
+        if cond.context_mask is not None:
+            changes["context_mask"] = torch.zeros_like(cond.context_mask)
+    return dataclasses.replace(cond, **changes)
+
+
+def concat_conditioning(a: Conditioning, b: Conditioning) -> Conditioning:
+    """Stack two batches' conditioning along the batch dimension (field by field)."""
+    fields = {}
+    for field in dataclasses.fields(Conditioning):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if (x is None) != (y is None):
+            raise ValueError(f"cannot concatenate conditioning: {field.name} is set in one batch only")
+        fields[field.name] = None if x is None else torch.cat([x, y])
+    return Conditioning(**fields)
+
+
+def guided(
+    model: ConditionalModel,
+    scale: GuidanceScale,
+    null: Callable[[Conditioning], Conditioning] = null_conditioning,
+) -> ConditionalModel:
+    """A conditional model whose output is ``v_u + w(t) (v_c - v_u)``, both predictions from one batched call.
+
+    ``scale`` is a constant ``w`` or a function of ``t`` (B,) returning (B,); ``w = 1`` is the conditional
+    model and ``w = 0`` the unconditional one. ``null`` maps a conditioning to its unconditional counterpart.
+    """
+
+    def guided_model(x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        both = concat_conditioning(cond, null(cond))
+        v = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both)  # (2B, C, T, H, W)
+        v_cond, v_uncond = v.chunk(2)  # (B, C, T, H, W) each
+        w = scale(t) if callable(scale) else torch.full_like(t, scale)  # (B,)
+        return v_uncond + expand_like(w.to(v.dtype), v) * (v_cond - v_uncond)
+
+    return guided_model
+
+
+def classifier_free_guidance(
+    model: ConditionalModel,
+    cond: Conditioning,
+    scale: GuidanceScale,
+    null: Callable[[Conditioning], Conditioning] = null_conditioning,
+) -> ModelFn:
+    """The sampler-facing ``model_fn(x_t, t)`` of :func:`guided` for a fixed ``cond``.
+
+    With self-conditioning, compose the other way round: ``self_conditioned(guided(model, w), cond, schedule)``,
+    so both branches see the guided estimate of the previous step.
+    """
+    guided_model = guided(model, scale, null)
+    return lambda x_t, t: guided_model(x_t, t, cond)
+
+
+def self_conditioned(model: ConditionalModel, cond: Conditioning, schedule: NoiseSchedule) -> ModelFn:
+    """A ``model_fn`` that passes the previous step's x0 estimate as ``cond.self_cond``.
+
+    The first step sees no estimate (``self_cond=None``, which the model reads as zeros). Each call to this
+    function starts a fresh chain, so build one per sampling run.
+    """
+    previous: list[torch.Tensor] = []
+
+    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        step_cond = dataclasses.replace(cond, self_cond=previous[-1] if previous else None)
+        v = model(x_t, t, step_cond)  # (B, C, T, H, W)
+        alpha, sigma = schedule.alpha_sigma(t)
+        x0 = x0_from_v(x_t, v, expand_like(alpha, x_t).to(x_t.dtype), expand_like(sigma, x_t).to(x_t.dtype))
+        previous[:] = [x0.detach()]
+        return v
+
+    return model_fn

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from torch.utils.data import Dataset
 
-from walt.cli import EXTRA_COMMANDS, WaltCLI, main
+from walt.cli import EXTRA_COMMANDS, WaltCLI
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
 PLACEHOLDER_MODEL = "lightning.pytorch.demos.boring_classes.BoringModel"
@@ -55,14 +55,6 @@ def test_a_bad_config_fails_while_parsing(tmp_path, capsys):
         WaltCLI(args=["--config", str(bad), "--model", PLACEHOLDER_MODEL], run=False)
     assert exit_info.value.code != 0
     assert "fold" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("command", ["sample"])
-def test_placeholders_say_not_implemented(command, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([command])
-    assert exit_info.value.code == 2
-    assert "not implemented yet" in capsys.readouterr().err
 
 
 def test_console_script_lists_every_command():

@@ -35,12 +35,10 @@ class WaltCLI(LightningCLI):
         )
 
 
-def _not_implemented(name: str, what: str) -> Callable[[Sequence[str]], int]:
-    def command(argv: Sequence[str]) -> int:
-        print(f"walt {name}: not implemented yet in this version of walt ({what}).", file=sys.stderr)
-        return 2
+def _sample(argv: Sequence[str]) -> int:
+    from walt.lightning.sample import sample_main  # imported on use: keeps `walt --help` fast
 
-    return command
+    return sample_main(list(argv))
 
 
 def _evaluate(argv: Sequence[str]) -> int:
@@ -57,10 +55,7 @@ def _encode(argv: Sequence[str]) -> int:
 
 # Subcommands outside Lightning's trainer entry points: name -> (one-line help, implementation(argv) -> exit code).
 EXTRA_COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
-    "sample": (
-        "generate videos from a trained checkpoint",
-        _not_implemented("sample", "it needs the diffusion model"),
-    ),
+    "sample": ("generate videos from a trained checkpoint", _sample),
     "evaluate": ("compute FVD/FID under a named protocol", _evaluate),
     "encode": ("encode a dataset to latent shards with a trained tokenizer", _encode),
 }

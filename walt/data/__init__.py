@@ -1,10 +1,11 @@
 """Video I/O, clip sampling and datasets. Items are dicts: ``video`` (3, T, H, W) in [-1, 1], ``label``, ``caption``."""
 
 from walt.data.base import ClipDataset, SkipCounter, VideoSample
-from walt.data.datamodule import MixedBatchSampler, VideoDataModule, collate_items
+from walt.data.datamodule import EpochShuffleSampler, MixedBatchSampler, VideoDataModule, collate_items
 from walt.data.images import ImageFolderVideos
 from walt.data.io import VideoInfo, VideoReadError, probe_video, read_video, write_video
 from walt.data.kinetics import Kinetics600
+from walt.data.latents import LatentShards
 from walt.data.synthetic import MovingDigits, SyntheticVideos
 from walt.data.transforms import (
     ShortVideoError,
@@ -18,8 +19,10 @@ from walt.data.ucf101 import UCF101
 __all__ = [
     "UCF101",
     "ClipDataset",
+    "EpochShuffleSampler",
     "ImageFolderVideos",
     "Kinetics600",
+    "LatentShards",
     "MixedBatchSampler",
     "MovingDigits",
     "ShortVideoError",

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-__all__ = ["MixedBatchSampler", "VideoDataModule", "collate_items"]
+__all__ = ["EpochShuffleSampler", "MixedBatchSampler", "VideoDataModule", "collate_items"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,23 @@ class MixedBatchSampler(Sampler[list[int]]):
         yield from batches[self.rank : usable : self.num_replicas]
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation of ``range(n)`` drawn from ``(seed, epoch)``: every epoch differs, and a run resumed at
+    epoch e sees exactly the order the uninterrupted run saw (Lightning calls ``set_epoch``)."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        yield from np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist()
+
+
 def _order(n: int, shuffle: bool, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(n) if shuffle else np.arange(n)
 
@@ -181,17 +198,15 @@ class VideoDataModule(L.LightningDataModule):
                 )
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
             drop_last=drop_last and len(dataset) >= self.batch_size,
             num_workers=self.num_workers,
             collate_fn=collate_items,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            generator=generator if shuffle else None,
         )
 
     def _world(self) -> tuple[int, int]:

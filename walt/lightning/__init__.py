@@ -1,6 +1,7 @@
 """LightningModules and training utilities."""
 
+from walt.lightning.diffusion import BaseDiffusionModule
 from walt.lightning.ema import EMA
 from walt.lightning.tokenizer import TokenizerModule
 
-__all__ = ["EMA", "TokenizerModule"]
+__all__ = ["EMA", "BaseDiffusionModule", "TokenizerModule"]

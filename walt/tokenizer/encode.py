@@ -251,6 +251,7 @@ def encode_main(argv: Sequence[str]) -> int:
         "weights": used,
         "checkpoint": str(args.checkpoint),
         "split": args.split,
+        "classes": list(getattr(dataset, "classes", ()) or ()),
         "data": data_config["data"],
     }
     (out / "index.json").write_text(json.dumps(index, indent=2))

@@ -74,6 +74,7 @@ class WALT(nn.Module):
         if not windows or any(len(w) != 3 for w in windows):
             raise ValueError(f"windows must be a non-empty list of (t, h, w) triples, got {windows}")
         self.in_channels = in_channels
+        self.input_size = tuple(input_size)  # the latent (T, H, W) it was built for; the sampling default
         self.hidden_size = hidden_size
         self.windows = tuple(tuple(w) for w in windows)
         self.num_classes = num_classes

@@ -1,0 +1,252 @@
+"""BaseDiffusionModule: training, frame prediction, freezing, exact resumption, NaN stops, sampling, the CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import save_file
+
+from walt.cli import WaltCLI, main
+from walt.data import SyntheticVideos, VideoDataModule, read_video
+from walt.lightning import BaseDiffusionModule
+from walt.tokenizer import CausalVAE, presets
+from walt.transformer import WALT
+
+LATENT = (4, 2, 2, 2)  # tiny tokenizer on 5 frames of 16x16
+
+
+def backbone(**kwargs) -> WALT:
+    args = dict(in_channels=4, depth=2, hidden_size=32, num_heads=2, input_size=LATENT[1:], num_classes=4)
+    return WALT(**{**args, **kwargs})
+
+
+def module(**kwargs) -> BaseDiffusionModule:
+    torch.manual_seed(0)
+    args = dict(
+        backbone=backbone(),
+        tokenizer=CausalVAE(**presets["tiny"]),
+        warmup_steps=1,
+        ema_decay=0.9,
+        num_log_samples=0,
+        sample_steps=4,
+    )
+    return BaseDiffusionModule(**{**args, **kwargs})
+
+
+def data(num_samples: int = 16, batch_size: int = 4) -> VideoDataModule:
+    videos = SyntheticVideos(
+        num_samples=num_samples,
+        num_frames=5,
+        resolution=16,
+        colors=["red"],
+        motions=["left", "right"],
+        shapes=["circle", "square"],
+    )
+    return VideoDataModule(videos, val=videos, batch_size=batch_size, num_workers=0, seed=0)
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
+    args = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    return L.Trainer(**{**args, **kwargs})
+
+
+def test_training_lowers_the_validation_loss(tmp_path):
+    m, d = module(ema_decay=None, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3)), data(num_samples=8)
+    d.setup("fit")
+    batch = next(iter(d.val_dataloader()))
+    gen = lambda: torch.Generator().manual_seed(0)
+    before = m._loss(batch, train=False, generator=gen()).item()
+    trainer(tmp_path, max_epochs=25, enable_checkpointing=False).fit(m, d)
+    after = m._loss(batch, train=False, generator=gen()).item()
+    assert after < 0.7 * before, (before, after)
+
+
+def test_resuming_follows_the_uninterrupted_run_exactly(tmp_path):
+    full = LossRecorder()
+    trainer(tmp_path / "a", max_epochs=2, callbacks=[full], enable_checkpointing=False).fit(module(), data())
+    first = LossRecorder()
+    t1 = trainer(tmp_path / "b", max_epochs=1, callbacks=[first], enable_checkpointing=False)
+    t1.fit(module(), data())
+    t1.save_checkpoint(tmp_path / "epoch1.ckpt")
+    torch.manual_seed(1234)  # whatever the process did in between must not matter
+    second = LossRecorder()
+    trainer(tmp_path / "b", max_epochs=2, callbacks=[second], enable_checkpointing=False).fit(
+        module(), data(), ckpt_path=tmp_path / "epoch1.ckpt"
+    )
+    assert len(full.losses) == 8 and first.losses + second.losses == full.losses
+
+
+def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+    m = module()
+    t = trainer(tmp_path, max_epochs=1, enable_checkpointing=False)
+    t.fit(m, data())
+    good = tmp_path / "good.ckpt"
+    t.save_checkpoint(good)
+    with torch.no_grad():
+        m.backbone.final_layer.unembed.proj.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite diffusion loss"):
+        trainer(tmp_path, max_epochs=2, enable_checkpointing=False).fit(m, data())
+    state = torch.load(good, weights_only=True)["state_dict"]
+    assert torch.isfinite(state["backbone.final_layer.unembed.proj.weight"]).all()
+
+
+def test_frame_prediction_gives_first_frames_and_masks_their_loss():
+    m = module(backbone=backbone(context_frames=True), frame_prediction_prob=1.0, max_context_frames=1)
+    z = torch.randn(6, *LATENT)
+    cond, weight = m._conditioning({"label": torch.zeros(6, dtype=torch.long)}, z, train=True, generator=None)
+    assert torch.equal(cond.context, z)
+    assert (
+        torch.equal(cond.context_mask[:, :, 0], torch.ones(6, 1, 2, 2))
+        and not cond.context_mask[:, :, 1].any()
+    )
+    assert torch.equal(weight, 1 - cond.context_mask)
+    with pytest.raises(ValueError, match="context_frames=True"):
+        module(frame_prediction_prob=0.5)
+
+
+def test_only_spatiotemporal_blocks_train_when_asked(tmp_path):
+    m = module(train_only_spatiotemporal=True, ema_decay=None)
+    with torch.no_grad():  # stands for a pretrained image model: its zero-initialised output layer is trained
+        for p in m.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    spatial, st = m.backbone.blocks[0], m.backbone.blocks[1]  # windows alternate (1, H, W) and (5, 8, 8)
+    before = [p.clone() for p in spatial.parameters()], [p.clone() for p in st.parameters()]
+    trainer(tmp_path, max_steps=2, enable_checkpointing=False).fit(m, data())
+    assert all(torch.equal(a, b) for a, b in zip(before[0], spatial.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before[1], st.parameters()))
+
+
+def test_sampling_is_deterministic_and_keeps_the_given_frames():
+    m = module(backbone=backbone(context_frames=True)).eval()
+    with torch.no_grad():
+        for p in m.backbone.parameters():
+            p.normal_(0, 0.05)
+    m.ema.module.load_state_dict(m.backbone.state_dict())
+    labels = torch.tensor([0, 3])
+    gen = lambda: torch.Generator().manual_seed(7)
+    a = m.sample_latents(2, LATENT, labels=labels, steps=3, generator=gen())
+    b = m.sample_latents(2, LATENT, labels=labels, steps=3, generator=gen())
+    assert torch.equal(a, b)
+    context = torch.randn(2, *LATENT)
+    c = m.sample_latents(
+        2,
+        LATENT,
+        labels=labels,
+        context=context,
+        num_context_frames=1,
+        guidance=2.0,
+        steps=3,
+        generator=gen(),
+    )
+    assert torch.equal(c[:, :, :1], context[:, :, :1]) and not torch.equal(c[:, :, 1:], a[:, :, 1:])
+    pixels = m.sample(2, LATENT, labels=labels, steps=2, generator=gen())
+    assert pixels.shape == (2, 3, 5, 16, 16) and pixels.abs().max() <= 1
+
+
+def _quickstart(tmp_path: Path) -> tuple[Path, Path]:
+    """configs/base/quickstart.yaml pointed at tiny latents and tokenizer weights made here."""
+    vae = CausalVAE(**presets["tiny"], variational=False)  # as in the config
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp_path / "vae.safetensors"))
+    videos = SyntheticVideos(
+        num_samples=8, num_frames=17, resolution=32, shapes=["circle"], motions=["left", "right"]
+    )
+    with torch.no_grad():
+        latents = vae.encode(torch.stack([videos[i]["video"] for i in range(8)]))  # (8, 4, 5, 4, 4)
+    labels = torch.tensor([videos[i]["label"] for i in range(8)])
+    save_file({"latents": latents.contiguous(), "labels": labels}, str(tmp_path / "shard-00000.safetensors"))
+    index = {"shards": [{"file": "shard-00000.safetensors", "num_samples": 8}], "classes": videos.classes}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    config = yaml.safe_load(Path("configs/base/quickstart.yaml").read_text())
+    config["model"]["init_args"]["tokenizer_weights"] = str(tmp_path / "vae.safetensors")
+    config["data"]["init_args"]["train"]["init_args"]["root"] = str(tmp_path)
+    config["data"]["init_args"]["batch_size"] = 4
+    config["trainer"]["default_root_dir"] = str(tmp_path / "run")
+    path = tmp_path / "quickstart.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, tmp_path
+
+
+def test_quickstart_config_trains_and_walt_sample_writes_videos(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["walt"])
+    config, _ = _quickstart(tmp_path)
+    cli = WaltCLI(
+        args=[
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    ckpt = tmp_path / "model.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    out = tmp_path / "samples"
+    with pytest.raises(SystemExit) as done:
+        main(
+            [
+                "sample",
+                "--config",
+                str(config),
+                "--checkpoint",
+                str(ckpt),
+                "--output",
+                str(out),
+                "--num-samples",
+                "3",
+                "--class",
+                "red circle moving right",
+                "--class",
+                "0",
+                "--steps",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+    assert done.value.code == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["grid.gif", "sample_000_class1.mp4", "sample_001_class0.mp4", "sample_002_class1.mp4"]
+    assert read_video(out / "sample_000_class1.mp4").shape == (17, 32, 32, 3)
+    with pytest.raises(ValueError, match="unknown class 'purple blob'"):
+        main(
+            [
+                "sample",
+                "--config",
+                str(config),
+                "--checkpoint",
+                str(ckpt),
+                "--output",
+                str(out),
+                "--class",
+                "purple blob",
+                "--device",
+                "cpu",
+            ]
+        )

@@ -1,0 +1,329 @@
+"""The base latent diffusion model: a WALT backbone trained with v-prediction on tokenizer latents."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from torch.optim import Optimizer
+
+from walt.conditioning import Conditioning
+from walt.data.transforms import to_uint8
+from walt.diffusion import (
+    CosineSchedule,
+    ZeroTerminalSNRLinearSchedule,
+    corrupt,
+    ddim_sample,
+    expand_like,
+    guided,
+    self_conditioned,
+    v_loss,
+    x0_from_v,
+)
+from walt.lightning.ema import EMA
+from walt.lightning.video_logging import add_video
+from walt.tokenizer import CausalVAE
+from walt.tokenizer.encode import load_vae_weights
+from walt.transformer import WALT
+
+__all__ = ["BaseDiffusionModule"]
+
+
+def adamw_for_diffusion(params) -> Optimizer:
+    """W.A.L.T's optimizer: AdamW, lr 5e-4 (with warmup), no weight decay on the default path."""
+    return torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.99), weight_decay=0.0)
+
+
+class BaseDiffusionModule(L.LightningModule):
+    """Trains ``backbone`` to predict v on latents, conditioned on what the backbone was built for.
+
+    Batches hold either pixels (``video`` (B, 3, T, H, W), encoded by the frozen ``tokenizer``) or latents
+    (``latent`` (B, C, T', H', W'), e.g. from :class:`walt.data.LatentShards`), plus ``label`` for a
+    class-conditional backbone. Image batches (T = 1) train through the same step.
+
+    Args:
+        backbone: the denoiser.
+        tokenizer: the frozen autoencoder; needed to train on pixels and to decode samples.
+        tokenizer_weights: a TokenizerModule checkpoint or the ``vae.safetensors`` written by ``walt encode``
+            (which holds the latent normalization); loaded at construction.
+        schedule: the noise schedule (default: linear betas rescaled to zero terminal SNR).
+        optimizer: builds the optimizer from the trainable parameters.
+        warmup_steps: linear learning-rate warmup, then constant.
+        ema_decay: EMA of the backbone, used for sampling; None disables it.
+        label_dropout: probability of replacing a label by the null label (-1), for guidance.
+        self_condition_prob: probability that a sample gets the model's own x0 estimate as input.
+        frame_prediction_prob: probability that a sample is trained to continue given frames (a backbone built
+            with ``context_frames``): 1 .. ``max_context_frames`` latent frames are given, the loss covers the rest.
+        max_context_frames: most latent frames given in frame-prediction training.
+        train_only_spatiotemporal: freeze everything but the spatiotemporal blocks and the temporal position
+            embedding (Video LDM's temporal alignment of a pretrained image model).
+        sample_steps / num_log_samples: DDIM steps and class-conditional videos logged after each validation.
+    """
+
+    def __init__(
+        self,
+        backbone: WALT,
+        tokenizer: CausalVAE | None = None,
+        tokenizer_weights: str | None = None,
+        schedule: ZeroTerminalSNRLinearSchedule | CosineSchedule | None = None,
+        optimizer: OptimizerCallable = adamw_for_diffusion,
+        warmup_steps: int = 1000,
+        ema_decay: float | None = 0.9999,
+        label_dropout: float = 0.1,
+        self_condition_prob: float = 0.9,
+        frame_prediction_prob: float = 0.0,
+        max_context_frames: int = 2,
+        train_only_spatiotemporal: bool = False,
+        sample_steps: int = 50,
+        num_log_samples: int = 4,
+        video_fps: float = 8.0,
+    ) -> None:
+        super().__init__()
+        if frame_prediction_prob > 0 and not backbone.context_frames:
+            raise ValueError("frame_prediction_prob > 0 needs a backbone built with context_frames=True")
+        if backbone.text_dim is not None:
+            raise ValueError(
+                "text-conditional backbones are not supported by this module yet (text_dim is set)"
+            )
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        if tokenizer is not None:
+            if tokenizer_weights is not None:
+                load_vae_weights(tokenizer, tokenizer_weights)
+            tokenizer.requires_grad_(False).eval()
+        self.schedule = schedule or ZeroTerminalSNRLinearSchedule()
+        self.optimizer_factory = optimizer
+        self.warmup_steps = warmup_steps
+        self.label_dropout = label_dropout
+        self.self_condition_prob = self_condition_prob if backbone.self_conditioning else 0.0
+        self.frame_prediction_prob = frame_prediction_prob
+        self.max_context_frames = max_context_frames
+        self.sample_steps = sample_steps
+        self.num_log_samples = num_log_samples
+        self.video_fps = video_fps
+        if train_only_spatiotemporal:
+            _freeze_spatial(backbone)
+        self.ema = EMA(backbone, ema_decay) if ema_decay is not None else None
+        self._latent_shape: tuple[int, ...] | None = None  # seen in validation; shapes the logged samples
+
+    # ---- training ----------------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> BaseDiffusionModule:
+        super().train(mode)
+        if self.tokenizer is not None:
+            self.tokenizer.eval()  # frozen: never in training mode
+        return self
+
+    def configure_optimizers(self):
+        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        warmup = max(self.warmup_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self._loss(batch, train=True)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite diffusion loss ({loss.item()}) at step {self.global_step}; the run stops here and the "
+                "last checkpoint is untouched. Lower the learning rate or check the data and latent statistics."
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.backbone)
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # A fixed generator per batch makes the validation loss comparable across epochs.
+        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
+        loss = self._loss(batch, train=False, generator=generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size(batch))
+        if batch_idx == 0:
+            self._latent_shape = tuple(self.latents(batch).shape[1:])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.num_log_samples <= 0 or self.tokenizer is None or self._latent_shape is None:
+            return
+        if self.global_rank != 0 or not isinstance(self.logger, TensorBoardLogger):
+            return
+        labels = None
+        if self.backbone.num_classes is not None:
+            labels = torch.arange(self.num_log_samples, device=self.device) % self.backbone.num_classes
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        videos = self.sample(self.num_log_samples, self._latent_shape, labels=labels, generator=generator)
+        grid = torch.cat(list(videos), dim=-1)  # (3, T, H, n*W)
+        add_video(
+            self.logger.experiment, "samples", to_uint8(grid).cpu().numpy(), self.global_step, self.video_fps
+        )
+
+    def _loss(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> Tensor:
+        z = self.latents(batch)  # (B, C, T, H, W)
+        B = z.shape[0]
+        t = torch.rand(B, device=z.device, generator=generator)  # (B,)
+        noise = torch.randn(z.shape, device=z.device, generator=generator, dtype=z.dtype)  # (B, C, T, H, W)
+        x_t, v_target = corrupt(z, t, noise, self.schedule)  # (B, C, T, H, W) each
+        cond, weight = self._conditioning(batch, z, train, generator)
+        if self.self_condition_prob > 0:
+            cond = dataclasses.replace(cond, self_cond=self._self_condition(x_t, t, cond, generator))
+        v = self.backbone(x_t, t, cond)  # (B, C, T, H, W)
+        return v_loss(v, v_target, weight)
+
+    def _conditioning(
+        self, batch: dict, z: Tensor, train: bool, generator: torch.Generator | None
+    ) -> tuple[Conditioning, Tensor | None]:
+        """Labels (with dropout in training) and, for frame prediction, the known frames and the loss weight."""
+        B, _, T = z.shape[:3]
+        cond, weight = Conditioning(), None
+        if self.backbone.num_classes is not None:
+            if "label" not in batch:
+                raise KeyError(
+                    "a class-conditional backbone needs batches with 'label'; the dataset has none"
+                )
+            labels = batch["label"].to(z.device)
+            if train and self.label_dropout > 0:
+                drop = torch.rand(B, device=z.device, generator=generator) < self.label_dropout
+                labels = torch.where(drop, torch.full_like(labels, -1), labels)
+            cond.labels = labels
+        if self.backbone.context_frames:
+            known = torch.zeros(B, device=z.device, dtype=torch.long)  # (B,) latent frames given
+            if self.frame_prediction_prob > 0 and T > 1:
+                chosen = torch.rand(B, device=z.device, generator=generator) < self.frame_prediction_prob
+                count = torch.randint(
+                    1, min(self.max_context_frames, T - 1) + 1, (B,), device=z.device, generator=generator
+                )
+                known = torch.where(chosen, count, known)
+            frames = torch.arange(T, device=z.device)
+            mask = (frames[None, :] < known[:, None]).to(z.dtype)[:, None, :, None, None]  # (B, 1, T, 1, 1)
+            mask = mask.expand(B, 1, T, *z.shape[3:])  # (B, 1, T, H, W)
+            cond.context, cond.context_mask = z, mask
+            weight = 1.0 - mask  # the loss covers the frames to generate
+        return cond, weight
+
+    def _self_condition(
+        self, x_t: Tensor, t: Tensor, cond: Conditioning, generator: torch.Generator | None
+    ) -> Tensor:
+        """The model's own x0 estimate (no gradient) for a random ``self_condition_prob`` of the samples."""
+        with torch.no_grad():
+            v = self.backbone(x_t, t, cond)  # (B, C, T, H, W)
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        x0 = x0_from_v(x_t, v, expand_like(alpha, x_t).to(x_t.dtype), expand_like(sigma, x_t).to(x_t.dtype))
+        use = torch.rand(x_t.shape[0], device=x_t.device, generator=generator) < self.self_condition_prob
+        return x0 * expand_like(use.to(x0.dtype), x0)  # zeros = "no estimate"
+
+    def latents(self, batch: dict) -> Tensor:
+        """The batch's normalized latents: given, or encoded from pixels with the frozen tokenizer."""
+        if "latent" in batch:
+            return batch["latent"].float()
+        if self.tokenizer is None:
+            raise ValueError(
+                "the batch holds pixels ('video') but the module has no tokenizer to encode them"
+            )
+        with torch.no_grad():
+            return self.tokenizer.encode(batch["video"])
+
+    # ---- sampling ----------------------------------------------------------------------------------------
+
+    @property
+    def sampling_backbone(self) -> WALT:
+        """The weights used to sample: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.backbone
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        num_samples: int,
+        latent_shape: tuple[int, int, int, int],
+        labels: Tensor | None = None,
+        context: Tensor | None = None,
+        num_context_frames: int = 0,
+        guidance: float = 1.0,
+        steps: int | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """DDIM samples of normalized latents ``(num_samples, *latent_shape)``.
+
+        ``labels`` (N,) for a class-conditional backbone (-1 = unconditional); ``context`` latents (N, C, T, H, W)
+        of which the first ``num_context_frames`` frames are given (frame prediction / image-to-video).
+        ``guidance`` != 1 applies classifier-free guidance over labels and context.
+        """
+        backbone = self.sampling_backbone
+        cond = Conditioning()
+        if backbone.num_classes is not None:
+            cond.labels = labels if labels is not None else torch.full((num_samples,), -1, device=self.device)
+        elif labels is not None:
+            raise ValueError("labels were given but the backbone is not class-conditional")
+        if num_context_frames > 0:
+            if not backbone.context_frames or context is None:
+                raise ValueError("frame prediction needs a backbone built with context_frames and a context")
+            cond.context = context
+            mask = torch.zeros(num_samples, 1, *latent_shape[1:], device=self.device)
+            mask[:, :, :num_context_frames] = 1
+            cond.context_mask = mask
+        model = guided(backbone, guidance) if guidance != 1.0 else backbone
+        model_fn = (
+            self_conditioned(model, cond, self.schedule)
+            if backbone.self_conditioning
+            else (lambda x, t: model(x, t, cond))
+        )
+        noise = torch.randn((num_samples, *latent_shape), device=self.device, generator=generator)
+        z = ddim_sample(
+            model_fn,
+            noise,
+            steps or self.sample_steps,
+            eta,
+            self.schedule,
+            generator=generator,
+            progress=progress,
+        )
+        if num_context_frames > 0:  # keep the given frames exactly
+            z[:, :, :num_context_frames] = context[:, :, :num_context_frames]
+        return z
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, latent_shape: tuple[int, int, int, int], **kwargs) -> Tensor:
+        """Like :meth:`sample_latents`, decoded to pixels ``(N, 3, T, H, W)`` in [-1, 1]."""
+        if self.tokenizer is None:
+            raise ValueError("decoding samples needs the tokenizer; construct the module with one")
+        z = self.sample_latents(num_samples, latent_shape, **kwargs)
+        return self.tokenizer.decode(z).clamp(-1, 1)
+
+    # ---- checkpoints: exact resumption ----------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning restores weights, optimizer and loop state; the random stream that draws t, noise and
+        # dropout is saved here too (as tensors, so checkpoints load with weights_only=True), so a run resumed
+        # at an epoch boundary follows the uninterrupted one step for step.
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None:
+            return
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def batch_size(batch: dict) -> int:
+    return (batch["latent"] if "latent" in batch else batch["video"]).shape[0]
+
+
+def _freeze_spatial(backbone: WALT) -> None:
+    """Train only blocks whose window spans time (and the temporal position table); freeze the rest."""
+    backbone.requires_grad_(False)
+    for i, block in enumerate(backbone.blocks):
+        if backbone.windows[i % len(backbone.windows)][0] != 1:
+            block.requires_grad_(True)
+    backbone.pos_embed.temporal.requires_grad_(True)

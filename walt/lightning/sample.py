@@ -1,0 +1,231 @@
+"""``walt sample``: videos from a trained base model, written as MP4 files and a GIF grid."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import jsonargparse
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from tqdm.auto import tqdm
+
+from walt.data import read_video, resize_center_crop, to_float_video, to_uint8, write_video
+from walt.lightning.diffusion import BaseDiffusionModule
+
+__all__ = ["load_module", "resolve_labels", "sample_main"]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def load_module(
+    config: str | Path, checkpoint: str | Path, device: str = "cpu"
+) -> tuple[BaseDiffusionModule, dict]:
+    """Builds the ``model`` of a training config and loads a checkpoint's weights into it (weights only)."""
+    config_dict = yaml.safe_load(Path(config).read_text())
+    if not isinstance(config_dict, dict) or "model" not in config_dict:
+        raise ValueError(f"{config} has no model section: pass the config the model was trained with")
+    model_section = dict(config_dict["model"])
+    model_section["init_args"] = dict(
+        model_section.get("init_args", {}), tokenizer_weights=None
+    )  # in the ckpt
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--model", type=L.LightningModule)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    module = instantiate(parser.parse_object({"model": model_section})).model
+    if not isinstance(module, BaseDiffusionModule):
+        raise ValueError(f"{config} describes a {type(module).__name__}, not a diffusion model")
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    return module.to(device).eval(), config_dict
+
+
+def class_names(config: dict) -> list[str]:
+    """The training data's class names, when its dataset has them (``classes``)."""
+    try:
+        parser = jsonargparse.ArgumentParser(exit_on_error=False)
+        parser.add_argument("--data", type=L.LightningDataModule)
+        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+        data = instantiate(parser.parse_object({"data": config["data"]})).data
+        return list(getattr(data.train, "classes", ()) or ())
+    except (OSError, ValueError, KeyError, TypeError, jsonargparse.ArgumentError):
+        return []  # the data need not be present where one samples; names are then unknown
+
+
+def resolve_labels(requested: Sequence[str], names: Sequence[str], num_classes: int) -> list[int]:
+    """Class indices from indices or names ("3", "red circle moving left")."""
+    labels = []
+    for item in requested:
+        if item.lstrip("-").isdigit():
+            index = int(item)
+        elif item in names:
+            index = list(names).index(item)
+        else:
+            known = (
+                f"; known classes: {', '.join(names)}"
+                if names
+                else " (the training data has no class names here)"
+            )
+            raise ValueError(f"unknown class {item!r}{known}")
+        if not -1 <= index < num_classes:
+            raise ValueError(f"class index {index} is outside 0..{num_classes - 1} (-1 = unconditional)")
+        labels.append(index)
+    return labels
+
+
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="walt sample", description=__doc__)
+    p.add_argument("--config", required=True, help="the config the model was trained with")
+    p.add_argument("--checkpoint", required=True, help="a BaseDiffusionModule .ckpt")
+    p.add_argument("--output", default="samples", help="folder for the MP4 files and grid.gif")
+    p.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        default=[],
+        help="class index or name; repeat for several (cycled over the samples)",
+    )
+    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--frames", type=int, help="pixel frames, 1 + 4k (default: the training length)")
+    p.add_argument(
+        "--context", help="video or image whose first frames are given (frame prediction / image-to-video)"
+    )
+    p.add_argument("--context-frames", type=int, default=1, help="pixel frames of --context to keep, 1 + 4j")
+    p.add_argument(
+        "--extend",
+        type=int,
+        default=0,
+        help="extra segments generated autoregressively, each conditioned on the previous frames",
+    )
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--eta", type=float, default=0.0, help="0 = DDIM, 1 = ancestral")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(list(argv))
+
+
+def sample_main(argv: Sequence[str]) -> int:
+    args = _parse_args(argv)
+    module, config = load_module(args.config, args.checkpoint, args.device)
+    backbone = module.sampling_backbone
+    latent_t, latent_h, latent_w = backbone_latent_grid(module, args.frames)
+    shape = (backbone.in_channels, latent_t, latent_h, latent_w)
+    labels = _labels(args, module, config)
+    context, known = _context(args, module, shape)
+    if args.extend and not backbone.context_frames:
+        raise SystemExit(
+            "walt sample: --extend needs a model trained with context frames (context_frames: true)"
+        )
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    videos = []
+    for start in tqdm(range(0, args.num_samples, args.batch_size), desc="walt sample"):
+        n = min(args.batch_size, args.num_samples - start)
+        batch_labels = None if labels is None else labels[start : start + n]
+        batch_context = None if context is None else context.expand(n, -1, -1, -1, -1)
+        z = module.sample_latents(
+            n,
+            shape,
+            labels=batch_labels,
+            context=batch_context,
+            num_context_frames=known,
+            guidance=args.guidance,
+            steps=args.steps,
+            eta=args.eta,
+            generator=generator,
+        )
+        for _ in range(args.extend):
+            z = _extend(module, z, shape, batch_labels, args, generator)
+        videos.append(module.tokenizer.decode(z).clamp(-1, 1).cpu())  # (n, 3, T, H, W)
+    videos = torch.cat(videos)
+    for i, video in enumerate(videos):
+        tag = f"_class{int(labels[i])}" if labels is not None else ""
+        write_video(out / f"sample_{i:03d}{tag}.mp4", to_uint8(video).numpy(), fps=args.fps)
+    write_video(out / "grid.gif", to_uint8(_grid(videos)).numpy(), fps=args.fps)
+    print(
+        f"walt sample: {len(videos)} videos of {videos.shape[2]} frames at {videos.shape[3]}x{videos.shape[4]} -> {out}"
+    )
+    return 0
+
+
+def backbone_latent_grid(module: BaseDiffusionModule, frames: int | None) -> tuple[int, int, int]:
+    t, h, w = module.sampling_backbone.input_size
+    if frames is not None:
+        if frames < 1 or (frames - 1) % 4:
+            raise SystemExit(f"walt sample: --frames must be 1 + 4k (e.g. 17), got {frames}")
+        t = (frames - 1) // 4 + 1
+    return t, h, w
+
+
+def _labels(args: argparse.Namespace, module: BaseDiffusionModule, config: dict) -> torch.Tensor | None:
+    num_classes = module.sampling_backbone.num_classes
+    if num_classes is None:
+        if args.classes:
+            raise SystemExit("walt sample: --class given but the model is not class-conditional")
+        return None
+    if not args.classes:
+        return torch.arange(args.num_samples, device=args.device) % num_classes
+    chosen = resolve_labels(args.classes, class_names(config), num_classes)
+    return torch.tensor([chosen[i % len(chosen)] for i in range(args.num_samples)], device=args.device)
+
+
+def _context(
+    args: argparse.Namespace, module: BaseDiffusionModule, shape: tuple
+) -> tuple[torch.Tensor | None, int]:
+    if args.context is None:
+        return None, 0
+    if args.context_frames < 1 or (args.context_frames - 1) % 4:
+        raise SystemExit(f"walt sample: --context-frames must be 1 + 4j, got {args.context_frames}")
+    path = Path(args.context)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        frames = np.array(Image.open(path).convert("RGB"))[None]  # (1, H, W, 3)
+    else:
+        frames = read_video(path)[: args.context_frames]  # (T, H, W, 3)
+    if len(frames) < args.context_frames:
+        raise SystemExit(f"walt sample: {path} has {len(frames)} frames, fewer than --context-frames")
+    video = resize_center_crop(to_float_video(frames), (shape[2] * 8, shape[3] * 8))  # (3, T, H, W)
+    latent = module.tokenizer.encode(video[None].to(args.device))  # (1, C, 1 + j, h, w)
+    context = torch.zeros(1, *shape, device=args.device)
+    context[:, :, : latent.shape[2]] = latent
+    return context, latent.shape[2]
+
+
+def _extend(module, z: torch.Tensor, shape: tuple, labels, args, generator) -> torch.Tensor:
+    """Generates the next segment with the last latent frames of ``z`` as its given first frames."""
+    overlap = max(1, shape[1] // 2)
+    context = torch.zeros(z.shape[0], *shape, device=z.device)
+    context[:, :, :overlap] = z[:, :, -overlap:]
+    nxt = module.sample_latents(
+        z.shape[0],
+        shape,
+        labels=labels,
+        context=context,
+        num_context_frames=overlap,
+        guidance=args.guidance,
+        steps=args.steps,
+        eta=args.eta,
+        generator=generator,
+    )
+    return torch.cat([z, nxt[:, :, overlap:]], dim=2)
+
+
+def _grid(videos: torch.Tensor) -> torch.Tensor:
+    """(N, 3, T, H, W) -> one (3, T, rows*H, cols*W) video."""
+    n = videos.shape[0]
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    pad = torch.full((rows * cols - n, *videos.shape[1:]), -1.0)
+    tiles = torch.cat([videos, pad])  # (rows*cols, 3, T, H, W)
+    return torch.cat([torch.cat(list(tiles[r * cols : (r + 1) * cols]), dim=-1) for r in range(rows)], dim=-2)

@@ -250,3 +250,21 @@ def test_quickstart_config_trains_and_walt_sample_writes_videos(tmp_path, monkey
                 "cpu",
             ]
         )
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path):
+    m = module()
+    t = trainer(tmp_path, max_steps=1, enable_checkpointing=False)
+    t.fit(m, data())
+    path = tmp_path / "last.ckpt"
+    t.save_checkpoint(path)
+    before = path.read_bytes()
+
+    class Unpicklable(Callback):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+            checkpoint["broken"] = lambda: None  # torch.save cannot pickle this: the write fails midway
+
+    t.callbacks.append(Unpicklable())
+    with pytest.raises(Exception, match="pickle"):
+        t.save_checkpoint(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt"]

@@ -163,3 +163,13 @@ def test_moving_digits_split_by_instance_and_deterministic():
 
 def _collate(items):
     return {"label": [it["label"] for it in items]}
+
+
+def test_colour_and_motion_can_be_read_back_from_synthetic_clips():
+    from walt.data.synthetic import read_colour_and_motion
+
+    ds = SyntheticVideos(num_samples=48, num_frames=9, resolution=32, seed=5)
+    for i in range(len(ds)):
+        colour, _, _, motion = ds.classes[ds[i]["label"]].split()
+        assert read_colour_and_motion(ds[i]["video"], ["red", "green", "blue", "yellow"]) == (colour, motion)
+    assert read_colour_and_motion(torch.full((3, 4, 8, 8), -0.6)) == ("none", "none")  # background only

@@ -1,13 +1,19 @@
-"""The main job on built-in data, end to end on a CPU.
+"""The main job on built-in data, end to end on a CPU: data -> tokenizer -> latents -> base model -> samples.
 
-Today it exercises the data side of walt: it renders the procedural datasets, writes them as MP4 and GIF, reads
-the files back through the same path real datasets use, and times a training epoch's worth of batches. Later
-stages (tokenizer, diffusion, sampling) extend this script as they land.
+1. renders the procedural datasets and checks the video I/O round trip (MP4 and GIF);
+2. trains the quickstart tokenizer (``configs/tokenizer/quickstart.yaml``);
+3. encodes the demo's synthetic circles (8 classes: 4 colours x left/right) to latent shards;
+4. trains the quickstart base model on them (``configs/base/quickstart.yaml``);
+5. samples one video per class and reads each back to check that it shows its class's colour and motion.
+
+Every stage is the same ``walt`` command a user runs; outputs go to ``--out`` (default ``demo_out/``).
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,12 +22,14 @@ import torch
 from walt.data import (
     MovingDigits,
     SyntheticVideos,
-    VideoDataModule,
     read_video,
     to_float_video,
     to_uint8,
     write_video,
 )
+from walt.data.synthetic import read_colour_and_motion
+
+DEMO_COLOURS = ["red", "green", "blue", "yellow"]
 
 
 def grid(videos: list[torch.Tensor], columns: int) -> torch.Tensor:
@@ -35,42 +43,85 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-12))).item()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the videos")
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--frames", type=int, default=17)
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+def walt(*args: str) -> None:
+    """Runs one `walt` command as a user would, failing the demo if it fails."""
+    print("$ walt " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "walt", *args], check=True)
 
-    shapes = SyntheticVideos(num_samples=256, num_frames=args.frames, resolution=args.resolution)
-    digits = MovingDigits("train", num_samples=256, num_frames=args.frames, resolution=args.resolution)
+
+def newest_checkpoint(root: Path) -> Path:
+    found = sorted(root.glob("**/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"no checkpoint was written under {root}")
+    return found[-1]
+
+
+def data_stage(out: Path) -> None:
+    shapes = SyntheticVideos(num_samples=256, num_frames=17, resolution=64)
+    digits = MovingDigits("train", num_samples=256, num_frames=17, resolution=64)
     for name, dataset in (("shapes", shapes), ("digits", digits)):
         items = [dataset[i] for i in range(0, 8 * 7, 7)]  # every 7th: varied classes
         video = grid([it["video"] for it in items], columns=4)  # (3, T, 2H, 4W)
-        frames = to_uint8(video).numpy()  # (T, 2H, 4W, 3)
         for suffix in (".mp4", ".gif"):
-            path = write_video(args.out / f"{name}{suffix}", frames, fps=8)
+            path = write_video(out / f"{name}{suffix}", to_uint8(video).numpy(), fps=8)
             back = to_float_video(read_video(path))
-            print(
-                f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB), read back at {psnr(back, video):.1f} dB PSNR"
-            )
-        print(f"  {name}: " + "; ".join(f"[{it['label']}] {it['caption']}" for it in items[:4]) + "; ...")
+            print(f"wrote {path}, read back at {psnr(back, video):.1f} dB PSNR")
 
-    data = VideoDataModule(shapes, batch_size=8, num_workers=2)
+
+def check_samples(folder: Path) -> int:
+    """How many samples show their class's colour and motion (classes as in configs/data/synthetic_demo.yaml)."""
+    classes = SyntheticVideos(num_samples=1, shapes=["circle"], colors=DEMO_COLOURS, motions=["left", "right"]).classes
+    correct = 0
+    for path in sorted(folder.glob("sample_*_class*.mp4")):
+        label = int(path.stem.rsplit("class", 1)[1])
+        colour, _, _, motion = classes[label].split()
+        seen = read_colour_and_motion(to_float_video(read_video(path)), DEMO_COLOURS)
+        correct += seen == (colour, motion)
+        print(f"  {path.name}: class '{classes[label]}', shows a {seen[0]} shape moving {seen[1]}")
+    return correct
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for everything the demo writes")
+    args = parser.parse_args()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    times = {}
+
+    data_stage(out)
+    times["data"] = time.perf_counter() - start
+
     tic = time.perf_counter()
-    count = sum(batch["video"].shape[0] for batch in data.train_dataloader())
-    rate = count / (time.perf_counter() - tic)
-    print(
-        f"data loader: {count} synthetic clips of {args.frames}x{args.resolution}x{args.resolution} "
-        f"at {rate:.0f} clips/s (2 workers)"
-    )
-    print(
-        f"demo finished in {time.perf_counter() - start:.1f} s; open {args.out}/shapes.gif to see the clips"
-    )
+    walt("fit", "--config", "configs/tokenizer/quickstart.yaml", "--trainer.default_root_dir", str(out / "tokenizer"),
+         "--trainer.enable_progress_bar", "false")
+    tokenizer_ckpt = newest_checkpoint(out / "tokenizer")
+    times["tokenizer"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    walt("encode", "--config", "configs/tokenizer/quickstart.yaml", "--data", "configs/data/synthetic_demo.yaml",
+         "--checkpoint", str(tokenizer_ckpt), "--output", str(out / "latents"), "--batch-size", "64", "--device", "cpu")
+    times["encode"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    walt("fit", "--config", "configs/base/quickstart.yaml", "--trainer.default_root_dir", str(out / "base"),
+         "--model.init_args.tokenizer_weights", str(out / "latents" / "vae.safetensors"),
+         "--data.init_args.train.init_args.root", str(out / "latents"), "--trainer.enable_progress_bar", "false")
+    base_ckpt = newest_checkpoint(out / "base")
+    times["base model"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    samples = out / "samples"
+    walt("sample", "--config", "configs/base/quickstart.yaml", "--checkpoint", str(base_ckpt), "--output", str(samples),
+         "--num-samples", "16", "--steps", "50", "--device", "cpu", "--seed", "0")
+    times["sampling"] = time.perf_counter() - tic
+
+    correct = check_samples(samples)
+    total = time.perf_counter() - start
+    print("\ntimes: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {total:.0f} s")
+    print(f"{correct} of 16 samples show their class's colour and motion (chance: 2 of 16)")
+    print(f"open {samples}/grid.gif to watch them (row-major, class = sample index mod 8)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from walt.data.base import resolution_hw
 
-__all__ = ["COLORS", "MOTIONS", "SHAPES", "MovingDigits", "SyntheticVideos"]
+__all__ = ["COLORS", "MOTIONS", "SHAPES", "MovingDigits", "SyntheticVideos", "read_colour_and_motion"]
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {
@@ -110,6 +110,31 @@ def _shape_alpha(shape: str, centres: np.ndarray, radius: float, h: int, w: int)
         normals = ((1.0, 0.0), (-0.5, 0.8660254), (-0.5, -0.8660254))  # (dy, dx), y grows downwards
         inside = np.min([radius / 2 - (ny * ys + nx * xs) for ny, nx in normals], axis=0)
     return np.clip(inside + 0.5, 0.0, 1.0)
+
+
+def read_colour_and_motion(video: torch.Tensor, colors: Sequence[str] = tuple(COLORS)) -> tuple[str, str]:
+    """What a :class:`SyntheticVideos` clip shows, read back from pixels: (colour name, motion name).
+
+    The shape is the set of pixels that differ clearly from the grey background (saturated or bright); its mean
+    colour picks the nearest of ``colors`` and its centroid's path the motion. Used to measure whether
+    generated clips follow their class or caption.
+    """
+    rgb = (video.detach().float().clamp(-1, 1) + 1) * 127.5  # (3, T, H, W)
+    mask = (rgb.amax(0) - rgb.amin(0) > 60) | (rgb.mean(0) > 150)  # (T, H, W)
+    if not mask.any():
+        return "none", "none"
+    mean = (rgb * mask).sum((1, 2, 3)) / mask.sum()  # (3,)
+    palette = torch.tensor([COLORS[c] for c in colors], dtype=torch.float32)  # (K, 3)
+    colour = colors[int((palette - mean).norm(dim=1).argmin())]
+    ys, xs = torch.meshgrid(torch.arange(rgb.shape[2]), torch.arange(rgb.shape[3]), indexing="ij")
+    area = mask.sum((1, 2)).clamp(min=1)  # (T,)
+    cy, cx = (mask * ys).sum((1, 2)) / area, (mask * xs).sum((1, 2)) / area  # (T,) each
+    dy, dx = float(cy[-1] - cy[0]), float(cx[-1] - cx[0])
+    if abs(dx) >= abs(dy):
+        motion = "right" if dx > 0 else "left"
+    else:
+        motion = "down" if dy > 0 else "up"
+    return colour, motion
 
 
 class MovingDigits(Dataset):

@@ -19,6 +19,7 @@ from walt.lightning import BaseDiffusionModule
 from walt.tokenizer import CausalVAE, presets
 from walt.transformer import WALT
 
+ROOT = Path(__file__).resolve().parents[1]
 LATENT = (4, 2, 2, 2)  # tiny tokenizer on 5 frames of 16x16
 
 
@@ -166,9 +167,9 @@ def test_sampling_is_deterministic_and_keeps_the_given_frames():
     assert pixels.shape == (2, 3, 5, 16, 16) and pixels.abs().max() <= 1
 
 
-def _quickstart(tmp_path: Path) -> tuple[Path, Path]:
-    """configs/base/quickstart.yaml pointed at tiny latents and tokenizer weights made here."""
-    vae = CausalVAE(**presets["tiny"], variational=False)  # as in the config
+def _latents(tmp_path: Path) -> None:
+    """A `walt encode`-style folder: tiny-tokenizer latents of 17x32x32 synthetic circles, and its weights."""
+    vae = CausalVAE(**presets["tiny"], variational=False)
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp_path / "vae.safetensors"))
     videos = SyntheticVideos(
         num_samples=8, num_frames=17, resolution=32, shapes=["circle"], motions=["left", "right"]
@@ -179,19 +180,49 @@ def _quickstart(tmp_path: Path) -> tuple[Path, Path]:
     save_file({"latents": latents.contiguous(), "labels": labels}, str(tmp_path / "shard-00000.safetensors"))
     index = {"shards": [{"file": "shard-00000.safetensors", "num_samples": 8}], "classes": videos.classes}
     (tmp_path / "index.json").write_text(json.dumps(index))
-    config = yaml.safe_load(Path("configs/base/quickstart.yaml").read_text())
-    config["model"]["init_args"]["tokenizer_weights"] = str(tmp_path / "vae.safetensors")
-    config["data"]["init_args"]["train"]["init_args"]["root"] = str(tmp_path)
-    config["data"]["init_args"]["batch_size"] = 4
-    config["trainer"]["default_root_dir"] = str(tmp_path / "run")
-    path = tmp_path / "quickstart.yaml"
+
+
+def _runnable_here(config_path: Path, tmp_path: Path) -> Path:
+    """The config with its data and tokenizer pointed at tiny files made here, shrunk to run on a CPU."""
+    _latents(tmp_path)
+    config = yaml.safe_load(config_path.read_text())
+    model = config["model"]["init_args"]
+    model["backbone"]["init_args"].update(
+        in_channels=4, depth=2, hidden_size=32, num_heads=2, input_size=[5, 4, 4]
+    )
+    model["tokenizer"]["init_args"] = {**presets["tiny"], "variational": False}
+    model["tokenizer_weights"] = str(tmp_path / "vae.safetensors")
+    for split in ("train", "val"):
+        if config["data"]["init_args"].get(split):
+            config["data"]["init_args"][split]["init_args"]["root"] = str(tmp_path)
+    config["data"]["init_args"].update(batch_size=4, num_workers=0)
+    config["trainer"].update(
+        accelerator="cpu", devices=1, precision="32-true", default_root_dir=str(tmp_path / "run")
+    )
+    path = tmp_path / config_path.name
     path.write_text(yaml.safe_dump(config))
-    return path, tmp_path
+    return path
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs/base").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_base_config_runs_a_fast_dev_run(config, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["walt"])
+    WaltCLI(
+        args=[
+            "fit",
+            "--config",
+            str(_runnable_here(config, tmp_path)),
+            "--trainer.fast_dev_run",
+            "true",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
 
 
 def test_quickstart_config_trains_and_walt_sample_writes_videos(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["walt"])
-    config, _ = _quickstart(tmp_path)
+    config = _runnable_here(ROOT / "configs/base/quickstart.yaml", tmp_path)
     cli = WaltCLI(
         args=[
             "fit",

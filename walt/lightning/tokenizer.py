@@ -11,8 +11,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from walt.data.transforms import to_uint8
 from walt.lightning.ema import EMA
-from walt.lightning.video_logging import add_video, to_uint8_frames
+from walt.lightning.video_logging import add_video
 from walt.metrics.pixel import SSIM_WINDOW, psnr, ssim
 from walt.tokenizer.losses import TokenizerLoss, frames_as_images
 from walt.tokenizer.vae import CausalVAE
@@ -145,6 +146,6 @@ class TokenizerModule(L.LightningModule):
             return
         side_by_side = torch.cat([x, x_rec], dim=-1)  # (B, 3, T, H, 2W)
         for i in range(min(self.num_log_videos, x.shape[0])):
-            frames = to_uint8_frames(side_by_side[i])  # (T, H, 2W, 3)
+            frames = to_uint8(side_by_side[i]).cpu().numpy()  # (T, H, 2W, 3)
             tag = f"val/reconstruction_{i}"
             add_video(self.logger.experiment, tag, frames, self.global_step, self.video_fps)

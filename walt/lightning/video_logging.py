@@ -9,16 +9,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from PIL import Image
 from tensorboard.compat.proto.summary_pb2 import Summary
-from torch import Tensor
-
-
-def to_uint8_frames(video: Tensor) -> np.ndarray:
-    """(3, T, H, W) float in [-1, 1] -> (T, H, W, 3) uint8."""
-    frames = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, T, H, W)
-    return frames.permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
 
 
 def gif_bytes(frames: np.ndarray, fps: float) -> bytes:

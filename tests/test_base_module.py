@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import save_file
 
 from walt.cli import WaltCLI, main
-from walt.data import SyntheticVideos, VideoDataModule, read_video
+from walt.data import SyntheticVideos, VideoDataModule, read_video, to_uint8, write_video
 from walt.lightning import BaseDiffusionModule
 from walt.tokenizer import CausalVAE, presets
 from walt.transformer import WALT
@@ -299,3 +299,51 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path):
     with pytest.raises(Exception, match="pickle"):
         t.save_checkpoint(path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt"]
+
+
+def test_walt_sample_continues_a_video_and_extends_it(tmp_path, monkeypatch):
+    """Frame prediction from a video file and autoregressive extension, with the K600 config's model."""
+    monkeypatch.setattr(sys, "argv", ["walt"])
+    config = _runnable_here(ROOT / "configs/base/k600_frame_prediction.yaml", tmp_path)
+    cli = WaltCLI(
+        args=[
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_steps",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    ckpt = tmp_path / "model.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    clip = SyntheticVideos(num_samples=1, num_frames=9, resolution=32)[0]["video"]
+    write_video(tmp_path / "context.mp4", to_uint8(clip).numpy(), fps=8)
+    out = tmp_path / "samples"
+    args = [
+        "sample",
+        "--config",
+        str(config),
+        "--checkpoint",
+        str(ckpt),
+        "--output",
+        str(out),
+        "--num-samples",
+        "2",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--context",
+        str(tmp_path / "context.mp4"),
+        "--context-frames",
+        "5",
+    ]
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--extend", "1"])
+    assert done.value.code == 0
+    # 5 latent frames, then a segment that keeps 2 of them and adds 3: 8 latent frames = 29 pixel frames.
+    assert read_video(out / "sample_000.mp4").shape == (29, 32, 32, 3)
+    with pytest.raises(SystemExit, match="1 \\+ 4j"):
+        main([*args[:-1], "4"])

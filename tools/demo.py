@@ -142,6 +142,8 @@ def main() -> None:
         str(out / "latents" / "vae.safetensors"),
         "--data.init_args.train.init_args.root",
         str(out / "latents"),
+        "--data.init_args.val.init_args.root",
+        str(out / "latents"),
         "--trainer.enable_progress_bar",
         "false",
     )

@@ -135,17 +135,7 @@ def sample_main(argv: Sequence[str]) -> int:
         n = min(args.batch_size, args.num_samples - start)
         batch_labels = None if labels is None else labels[start : start + n]
         batch_context = None if context is None else context.expand(n, -1, -1, -1, -1)
-        z = module.sample_latents(
-            n,
-            shape,
-            labels=batch_labels,
-            context=batch_context,
-            num_context_frames=known,
-            guidance=args.guidance,
-            steps=args.steps,
-            eta=args.eta,
-            generator=generator,
-        )
+        z = _segment(module, n, shape, batch_labels, batch_context, known, args, generator)
         for _ in range(args.extend):
             z = _extend(module, z, shape, batch_labels, args, generator)
         videos.append(module.tokenizer.decode(z).clamp(-1, 1).cpu())  # (n, 3, T, H, W)
@@ -202,22 +192,27 @@ def _context(
     return context, latent.shape[2]
 
 
-def _extend(module, z: torch.Tensor, shape: tuple, labels, args, generator) -> torch.Tensor:
-    """Generates the next segment with the last latent frames of ``z`` as its given first frames."""
-    overlap = max(1, shape[1] // 2)
-    context = torch.zeros(z.shape[0], *shape, device=z.device)
-    context[:, :, :overlap] = z[:, :, -overlap:]
-    nxt = module.sample_latents(
-        z.shape[0],
+def _segment(module, n: int, shape: tuple, labels, context, known: int, args, generator) -> torch.Tensor:
+    """One clip of latents with the command line's sampler settings."""
+    return module.sample_latents(
+        n,
         shape,
         labels=labels,
         context=context,
-        num_context_frames=overlap,
+        num_context_frames=known,
         guidance=args.guidance,
         steps=args.steps,
         eta=args.eta,
         generator=generator,
     )
+
+
+def _extend(module, z: torch.Tensor, shape: tuple, labels, args, generator) -> torch.Tensor:
+    """Generates the next segment with the last latent frames of ``z`` as its given first frames."""
+    overlap = max(1, shape[1] // 2)
+    context = torch.zeros(z.shape[0], *shape, device=z.device)
+    context[:, :, :overlap] = z[:, :, -overlap:]
+    nxt = _segment(module, z.shape[0], shape, labels, context, overlap, args, generator)
     return torch.cat([z, nxt[:, :, overlap:]], dim=2)
 
 

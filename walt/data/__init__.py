@@ -1,6 +1,7 @@
 """Video I/O, clip sampling and datasets. Items are dicts: ``video`` (3, T, H, W) in [-1, 1], ``label``, ``caption``."""
 
 from walt.data.base import ClipDataset, SkipCounter, VideoSample
+from walt.data.captions import CaptionedVideos, read_manifest
 from walt.data.datamodule import EpochShuffleSampler, MixedBatchSampler, VideoDataModule, collate_items
 from walt.data.images import ImageFolderVideos
 from walt.data.io import VideoInfo, VideoReadError, probe_video, read_video, write_video
@@ -18,6 +19,7 @@ from walt.data.ucf101 import UCF101
 
 __all__ = [
     "UCF101",
+    "CaptionedVideos",
     "ClipDataset",
     "EpochShuffleSampler",
     "ImageFolderVideos",
@@ -34,6 +36,7 @@ __all__ = [
     "VideoSample",
     "collate_items",
     "probe_video",
+    "read_manifest",
     "read_video",
     "resize_center_crop",
     "sample_frame_indices",

@@ -22,18 +22,24 @@ from walt.data.transforms import (
     to_float_video,
 )
 
-__all__ = ["ClipDataset", "SkipCounter", "VideoSample", "make_item", "resolution_hw"]
+__all__ = ["ClipDataset", "SkipCounter", "VideoSample", "make_item", "resolution_hw", "segment_frames"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class VideoSample:
-    """One entry of a dataset index: a file and what we know about it."""
+    """One entry of a dataset index: a file and what we know about it.
+
+    ``start`` / ``end`` (seconds) restrict clips to that part of the file (caption datasets whose captions
+    describe a segment); None = from the beginning / to the end.
+    """
 
     path: Path
     label: int | None = None
     caption: str | None = None
+    start: float | None = None
+    end: float | None = None
 
 
 def resolution_hw(resolution: int | Sequence[int]) -> tuple[int, int]:
@@ -54,6 +60,22 @@ def make_item(frames: np.ndarray, sample: VideoSample, resolution: tuple[int, in
     if sample.caption is not None:
         item["caption"] = sample.caption
     return item
+
+
+def segment_frames(sample: VideoSample, fps: float, num_frames: int) -> tuple[int, int]:
+    """The frame range ``[first, stop)`` of ``sample``'s ``start``/``end`` seconds in a video of ``num_frames``."""
+    if sample.start is None and sample.end is None:
+        return 0, num_frames
+    if fps <= 0:
+        raise VideoReadError(f"{sample.path} records no frame rate, so its start/end times cannot be located")
+    first = round((sample.start or 0.0) * fps)
+    stop = num_frames if sample.end is None else min(num_frames, round(sample.end * fps))
+    if first >= stop:
+        raise ShortVideoError(
+            f"the segment {sample.start}..{sample.end} s is empty in {sample.path} "
+            f"({num_frames} frames at {fps:g} fps)"
+        )
+    return first, stop
 
 
 class SkipCounter:
@@ -135,13 +157,15 @@ class ClipDataset(Dataset):
         # A fresh generator per call, seeded from torch's RNG, so Lightning's worker seeding makes offsets
         # reproducible while different epochs still see different clips.
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
-        num_available = probe_video(sample.path).num_frames
-        if num_available > 0:
-            indices = self._indices(num_available, rng)
+        info = probe_video(sample.path)
+        if info.num_frames > 0:
+            first, stop = segment_frames(sample, info.fps, info.num_frames)
+            indices = first + self._indices(stop - first, rng)
             frames = read_video(sample.path, indices)  # (T, H, W, 3) uint8
         else:  # the container keeps no frame count (some GIFs, streams): decode all, then pick
             frames = read_video(sample.path)
-            frames = frames[self._indices(len(frames), rng)]  # (T, H, W, 3) uint8
+            first, stop = segment_frames(sample, info.fps, len(frames))
+            frames = frames[first + self._indices(stop - first, rng)]  # (T, H, W, 3) uint8
         return make_item(frames, sample, self.resolution)
 
     def _indices(self, num_available: int, rng: np.random.Generator) -> np.ndarray:

@@ -63,7 +63,12 @@ def null_conditioning(cond: Conditioning, drop: tuple[str, ...] = GUIDED_FIELDS)
 
 
 def concat_conditioning(a: Conditioning, b: Conditioning) -> Conditioning:
-    """Stack two batches' conditioning along the batch dimension (field by field)."""
+    """Stack two batches' conditioning along the batch dimension (field by field).
+
+    Text of different lengths (a prompt batch and a shorter null or negative prompt batch) is right-padded
+    to the longer one with masked zero tokens, which the model ignores.
+    """
+    a, b = _pad_text(a, b)
     fields = {}
     for field in dataclasses.fields(Conditioning):
         x, y = getattr(a, field.name), getattr(b, field.name)
@@ -71,6 +76,21 @@ def concat_conditioning(a: Conditioning, b: Conditioning) -> Conditioning:
             raise ValueError(f"cannot concatenate conditioning: {field.name} is set in one batch only")
         fields[field.name] = None if x is None else torch.cat([x, y])
     return Conditioning(**fields)
+
+
+def _pad_text(a: Conditioning, b: Conditioning) -> tuple[Conditioning, Conditioning]:
+    if a.text is None or b.text is None or a.text.shape[1] == b.text.shape[1]:
+        return a, b
+    length = max(a.text.shape[1], b.text.shape[1])
+    return _pad_text_to(a, length), _pad_text_to(b, length)
+
+
+def _pad_text_to(cond: Conditioning, length: int) -> Conditioning:
+    B, L, _ = cond.text.shape
+    mask = cond.text_mask if cond.text_mask is not None else cond.text.new_ones(B, L, dtype=torch.bool)
+    text = torch.nn.functional.pad(cond.text, (0, 0, 0, length - L))  # (B, length, D)
+    mask = torch.nn.functional.pad(mask.bool(), (0, length - L), value=False)  # (B, length)
+    return dataclasses.replace(cond, text=text, text_mask=mask)
 
 
 def guided(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import lightning as L
 import torch
@@ -11,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torch.optim import Optimizer
 
-from walt.conditioning import Conditioning
+from walt.conditioning import Conditioning, TextEncoder
 from walt.data.transforms import to_uint8
 from walt.diffusion import (
     CosineSchedule,
@@ -43,7 +44,8 @@ class BaseDiffusionModule(L.LightningModule):
 
     Batches hold either pixels (``video`` (B, 3, T, H, W), encoded by the frozen ``tokenizer``) or latents
     (``latent`` (B, C, T', H', W'), e.g. from :class:`walt.data.LatentShards`), plus ``label`` for a
-    class-conditional backbone. Image batches (T = 1) train through the same step.
+    class-conditional backbone and ``caption`` (list of str) for a text-conditional one. Image batches (T = 1)
+    train through the same step.
 
     Args:
         backbone: the denoiser.
@@ -55,6 +57,10 @@ class BaseDiffusionModule(L.LightningModule):
         warmup_steps: linear learning-rate warmup, then constant.
         ema_decay: EMA of the backbone, used for sampling; None disables it.
         label_dropout: probability of replacing a label by the null label (-1), for guidance.
+        text_encoder: the frozen text encoder of a text-conditional backbone (``text_dim`` set); its token
+            embeddings reach the backbone through cross-attention. Not part of the checkpoint.
+        text_dropout: probability of replacing a caption by the null prompt ``""`` (no text token: the same
+            null condition guidance uses at sampling time).
         self_condition_prob: probability that a sample gets the model's own x0 estimate as input.
         frame_prediction_prob: probability that a sample is trained to continue given frames (a backbone built
             with ``context_frames``): 1 .. ``max_context_frames`` latent frames are given, the loss covers the rest.
@@ -74,6 +80,8 @@ class BaseDiffusionModule(L.LightningModule):
         warmup_steps: int = 1000,
         ema_decay: float | None = 0.9999,
         label_dropout: float = 0.1,
+        text_encoder: TextEncoder | None = None,
+        text_dropout: float = 0.1,
         self_condition_prob: float = 0.9,
         frame_prediction_prob: float = 0.0,
         max_context_frames: int = 2,
@@ -85,11 +93,10 @@ class BaseDiffusionModule(L.LightningModule):
         super().__init__()
         if frame_prediction_prob > 0 and not backbone.context_frames:
             raise ValueError("frame_prediction_prob > 0 needs a backbone built with context_frames=True")
-        if backbone.text_dim is not None:
-            raise ValueError(
-                "text-conditional backbones are not supported by this module yet (text_dim is set)"
-            )
+        _check_text_encoder(backbone, text_encoder)
         self.backbone = backbone
+        self.text_encoder = text_encoder  # a plain attribute: frozen, outside the state dict
+        self.text_dropout = text_dropout
         self.tokenizer = tokenizer
         if tokenizer is not None:
             if tokenizer_weights is not None:
@@ -109,6 +116,7 @@ class BaseDiffusionModule(L.LightningModule):
             _freeze_spatial(backbone)
         self.ema = EMA(backbone, ema_decay) if ema_decay is not None else None
         self._latent_shape: tuple[int, ...] | None = None  # seen in validation; shapes the logged samples
+        self._log_prompts: list[str] = []  # captions of the first validation batch, for text models
 
     # ---- training ----------------------------------------------------------------------------------------
 
@@ -147,17 +155,25 @@ class BaseDiffusionModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size(batch))
         if batch_idx == 0:
             self._latent_shape = tuple(self.latents(batch).shape[1:])
+            self._log_prompts = list(batch.get("caption", []))
 
     def on_validation_epoch_end(self) -> None:
         if self.num_log_samples <= 0 or self.tokenizer is None or self._latent_shape is None:
             return
         if self.global_rank != 0 or not isinstance(self.logger, TensorBoardLogger):
             return
-        labels = None
+        n = self.num_log_samples
+        labels = prompts = None
         if self.backbone.num_classes is not None:
-            labels = torch.arange(self.num_log_samples, device=self.device) % self.backbone.num_classes
+            labels = torch.arange(n, device=self.device) % self.backbone.num_classes
+        if self.backbone.text_dim is not None:
+            prompts = (
+                [self._log_prompts[i % len(self._log_prompts)] for i in range(n)]
+                if self._log_prompts
+                else None
+            )
         generator = torch.Generator(device=self.device).manual_seed(0)
-        videos = self.sample(self.num_log_samples, self._latent_shape, labels=labels, generator=generator)
+        videos = self.sample(n, self._latent_shape, labels=labels, prompts=prompts, generator=generator)
         grid = torch.cat(list(videos), dim=-1)  # (3, T, H, n*W)
         add_video(
             self.logger.experiment, "samples", to_uint8(grid).cpu().numpy(), self.global_step, self.video_fps
@@ -178,7 +194,8 @@ class BaseDiffusionModule(L.LightningModule):
     def _conditioning(
         self, batch: dict, z: Tensor, train: bool, generator: torch.Generator | None
     ) -> tuple[Conditioning, Tensor | None]:
-        """Labels (with dropout in training) and, for frame prediction, the known frames and the loss weight."""
+        """Labels and text (with dropout in training) and, for frame prediction, the known frames and the
+        loss weight."""
         B, _, T = z.shape[:3]
         cond, weight = Conditioning(), None
         if self.backbone.num_classes is not None:
@@ -191,6 +208,17 @@ class BaseDiffusionModule(L.LightningModule):
                 drop = torch.rand(B, device=z.device, generator=generator) < self.label_dropout
                 labels = torch.where(drop, torch.full_like(labels, -1), labels)
             cond.labels = labels
+        if self.backbone.text_dim is not None:
+            if "caption" not in batch:
+                raise KeyError(
+                    "a text-conditional backbone needs batches with 'caption'; the dataset has none "
+                    "(for latent shards, encode a captioned dataset with `walt encode`)"
+                )
+            captions = list(batch["caption"])
+            if train and self.text_dropout > 0:
+                drop = torch.rand(B, device=z.device, generator=generator) < self.text_dropout
+                captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            cond.text, cond.text_mask = self.text_encoder.encode(captions, z.device)  # (B, L, D), (B, L)
         if self.backbone.context_frames:
             known = torch.zeros(B, device=z.device, dtype=torch.long)  # (B,) latent frames given
             if self.frame_prediction_prob > 0 and T > 1:
@@ -243,6 +271,7 @@ class BaseDiffusionModule(L.LightningModule):
         labels: Tensor | None = None,
         context: Tensor | None = None,
         num_context_frames: int = 0,
+        prompts: Sequence[str] | None = None,
         guidance: float = 1.0,
         steps: int | None = None,
         eta: float = 0.0,
@@ -252,8 +281,9 @@ class BaseDiffusionModule(L.LightningModule):
         """DDIM samples of normalized latents ``(num_samples, *latent_shape)``.
 
         ``labels`` (N,) for a class-conditional backbone (-1 = unconditional); ``context`` latents (N, C, T, H, W)
-        of which the first ``num_context_frames`` frames are given (frame prediction / image-to-video).
-        ``guidance`` != 1 applies classifier-free guidance over labels and context.
+        of which the first ``num_context_frames`` frames are given (frame prediction / image-to-video);
+        ``prompts`` (N strings) for a text-conditional backbone ("" or None = unconditional).
+        ``guidance`` != 1 applies classifier-free guidance over labels, text and context.
         """
         backbone = self.sampling_backbone
         cond = Conditioning()
@@ -261,6 +291,15 @@ class BaseDiffusionModule(L.LightningModule):
             cond.labels = labels if labels is not None else torch.full((num_samples,), -1, device=self.device)
         elif labels is not None:
             raise ValueError("labels were given but the backbone is not class-conditional")
+        if backbone.text_dim is not None:
+            prompts = list(prompts) if prompts is not None else [""] * num_samples
+            if len(prompts) != num_samples:
+                raise ValueError(
+                    f"{len(prompts)} prompts were given for {num_samples} samples; give one each"
+                )
+            cond.text, cond.text_mask = self.text_encoder.encode(prompts, self.device)  # (N, L, D), (N, L)
+        elif prompts is not None:
+            raise ValueError("prompts were given but the backbone is not text-conditional (no text_dim)")
         if num_context_frames > 0:
             if not backbone.context_frames or context is None:
                 raise ValueError("frame prediction needs a backbone built with context_frames and a context")
@@ -314,6 +353,25 @@ class BaseDiffusionModule(L.LightningModule):
         torch.set_rng_state(states["torch"])
         if states["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _check_text_encoder(backbone: WALT, text_encoder: TextEncoder | None) -> None:
+    if backbone.text_dim is None:
+        if text_encoder is not None:
+            raise ValueError(
+                "a text_encoder was given but the backbone has no text_dim: set text_dim to its width"
+            )
+        return
+    if text_encoder is None:
+        raise ValueError(
+            f"the backbone is text-conditional (text_dim={backbone.text_dim}) but no text_encoder was given; "
+            "add one, e.g. walt.conditioning.MiniLMTextEncoder (384-d) or T5TextEncoder"
+        )
+    if text_encoder.dim != backbone.text_dim:
+        raise ValueError(
+            f"the text encoder gives {text_encoder.dim}-d tokens but the backbone has text_dim={backbone.text_dim}; "
+            "make them equal"
+        )
 
 
 def batch_size(batch: dict) -> int:

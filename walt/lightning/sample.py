@@ -1,8 +1,9 @@
-"""``walt sample``: videos from a trained base model, written as MP4 files and a GIF grid."""
+"""``walt sample``: videos from a trained base model, written as MP4 files, a GIF grid and samples.json."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from walt.data import read_video, resize_center_crop, to_float_video, to_uint8, write_video
 from walt.lightning.diffusion import BaseDiffusionModule
 
-__all__ = ["load_module", "resolve_labels", "sample_main"]
+__all__ = ["load_module", "read_prompts", "resolve_labels", "sample_main"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -81,6 +82,17 @@ def resolve_labels(requested: Sequence[str], names: Sequence[str], num_classes: 
     return labels
 
 
+def read_prompts(prompts: Sequence[str], prompts_file: str | Path | None) -> list[str]:
+    """``--prompt`` values, then the non-blank lines of ``--prompts-file`` (one prompt per line)."""
+    found = list(prompts)
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise SystemExit(f"walt sample: prompts file not found: {path}")
+        found += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return found
+
+
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="walt sample", description=__doc__)
     p.add_argument("--config", required=True, help="the config the model was trained with")
@@ -93,7 +105,20 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=[],
         help="class index or name; repeat for several (cycled over the samples)",
     )
-    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument(
+        "--prompt",
+        dest="prompts",
+        action="append",
+        default=[],
+        help='text prompt for a text-to-video model; repeat for several ("" = unconditional)',
+    )
+    p.add_argument("--prompts-file", help="text file with one prompt per line (blank lines are skipped)")
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="videos to generate, cycling over the prompts or classes (default: one per prompt, else 8)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--frames", type=int, help="pixel frames, 1 + 4k (default: the training length)")
     p.add_argument(
@@ -121,6 +146,10 @@ def sample_main(argv: Sequence[str]) -> int:
     backbone = module.sampling_backbone
     latent_t, latent_h, latent_w = backbone_latent_grid(module, args.frames)
     shape = (backbone.in_channels, latent_t, latent_h, latent_w)
+    prompts = _prompts(args, module)
+    if args.num_samples is None:
+        args.num_samples = len(prompts) if prompts else 8
+    prompts = None if prompts is None else [prompts[i % len(prompts)] for i in range(args.num_samples)]
     labels = _labels(args, module, config)
     context, known = _context(args, module, shape)
     if args.extend and not backbone.context_frames:
@@ -133,17 +162,29 @@ def sample_main(argv: Sequence[str]) -> int:
     videos = []
     for start in tqdm(range(0, args.num_samples, args.batch_size), desc="walt sample"):
         n = min(args.batch_size, args.num_samples - start)
-        batch_labels = None if labels is None else labels[start : start + n]
+        given = {
+            "labels": None if labels is None else labels[start : start + n],
+            "prompts": None if prompts is None else prompts[start : start + n],
+        }
         batch_context = None if context is None else context.expand(n, -1, -1, -1, -1)
-        z = _segment(module, n, shape, batch_labels, batch_context, known, args, generator)
+        z = _segment(module, n, shape, given, batch_context, known, args, generator)
         for _ in range(args.extend):
-            z = _extend(module, z, shape, batch_labels, args, generator)
+            z = _extend(module, z, shape, given, args, generator)
         videos.append(module.tokenizer.decode(z).clamp(-1, 1).cpu())  # (n, 3, T, H, W)
     videos = torch.cat(videos)
+    index = []
     for i, video in enumerate(videos):
         tag = f"_class{int(labels[i])}" if labels is not None else ""
-        write_video(out / f"sample_{i:03d}{tag}.mp4", to_uint8(video).numpy(), fps=args.fps)
+        name = f"sample_{i:03d}{tag}.mp4"
+        write_video(out / name, to_uint8(video).numpy(), fps=args.fps)
+        entry = {"file": name, "seed": args.seed}
+        if labels is not None:
+            entry["class"] = int(labels[i])
+        if prompts is not None:
+            entry["prompt"] = prompts[i]
+        index.append(entry)
     write_video(out / "grid.gif", to_uint8(_grid(videos)).numpy(), fps=args.fps)
+    (out / "samples.json").write_text(json.dumps(index, indent=2))
     print(
         f"walt sample: {len(videos)} videos of {videos.shape[2]} frames at {videos.shape[3]}x{videos.shape[4]} -> {out}"
     )
@@ -171,6 +212,20 @@ def _labels(args: argparse.Namespace, module: BaseDiffusionModule, config: dict)
     return torch.tensor([chosen[i % len(chosen)] for i in range(args.num_samples)], device=args.device)
 
 
+def _prompts(args: argparse.Namespace, module: BaseDiffusionModule) -> list[str] | None:
+    prompts = read_prompts(args.prompts, args.prompts_file)
+    if module.sampling_backbone.text_dim is None:
+        if prompts:
+            raise SystemExit("walt sample: --prompt given but the model is not text-conditional")
+        return None
+    if not prompts:
+        raise SystemExit(
+            "walt sample: the model is text-to-video: give --prompt (repeatable) or --prompts-file "
+            '(--prompt "" samples unconditionally)'
+        )
+    return prompts
+
+
 def _context(
     args: argparse.Namespace, module: BaseDiffusionModule, shape: tuple
 ) -> tuple[torch.Tensor | None, int]:
@@ -192,12 +247,12 @@ def _context(
     return context, latent.shape[2]
 
 
-def _segment(module, n: int, shape: tuple, labels, context, known: int, args, generator) -> torch.Tensor:
-    """One clip of latents with the command line's sampler settings."""
+def _segment(module, n: int, shape: tuple, given: dict, context, known: int, args, generator) -> torch.Tensor:
+    """One clip of latents with the command line's sampler settings; ``given``: labels and prompts."""
     return module.sample_latents(
         n,
         shape,
-        labels=labels,
+        **given,
         context=context,
         num_context_frames=known,
         guidance=args.guidance,
@@ -207,12 +262,12 @@ def _segment(module, n: int, shape: tuple, labels, context, known: int, args, ge
     )
 
 
-def _extend(module, z: torch.Tensor, shape: tuple, labels, args, generator) -> torch.Tensor:
+def _extend(module, z: torch.Tensor, shape: tuple, given: dict, args, generator) -> torch.Tensor:
     """Generates the next segment with the last latent frames of ``z`` as its given first frames."""
     overlap = max(1, shape[1] // 2)
     context = torch.zeros(z.shape[0], *shape, device=z.device)
     context[:, :, :overlap] = z[:, :, -overlap:]
-    nxt = _segment(module, z.shape[0], shape, labels, context, overlap, args, generator)
+    nxt = _segment(module, z.shape[0], shape, given, context, overlap, args, generator)
     return torch.cat([z, nxt[:, :, overlap:]], dim=2)
 
 

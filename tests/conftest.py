@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from walt.data import write_video
 
@@ -80,3 +81,31 @@ def k600_root(tmp_path_factory) -> Path:
             "label,youtube_id,time_start,time_end,split\n" + "".join(rows)
         )
     return root
+
+
+T5_WORDS = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "moving", "left", "right", "up"]
+
+
+def write_tiny_t5(folder: Path) -> Path:
+    """A randomly initialised 16-d T5 encoder and a word-level tokenizer, saved as a user's T5 folder would be."""
+    import transformers  # imported here: only the text tests pay for it
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(T5_WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(folder)
+    config = transformers.T5Config(
+        vocab_size=len(T5_WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2
+    )
+    torch.manual_seed(0)
+    transformers.T5EncoderModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    """A local T5 folder (random 16-d weights), as a user would pass to walt.conditioning.T5TextEncoder."""
+    return write_tiny_t5(tmp_path_factory.mktemp("t5"))

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from walt.conditioning import MiniLMTextEncoder, T5TextEncoder
 from walt.conditioning.text import minilm_path
@@ -19,30 +18,6 @@ PROMPTS = ["a red circle moving left", "hi", "", "a blue square moving up and th
 @pytest.fixture(scope="session")
 def minilm() -> MiniLMTextEncoder:
     return MiniLMTextEncoder()
-
-
-T5_WORDS = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "moving", "left", "right", "up"]
-
-
-def write_tiny_t5(folder: Path) -> Path:
-    """A randomly initialised 16-d T5 encoder and a word-level tokenizer, saved as a user's T5 folder would be."""
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(T5_WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(folder)
-    config = transformers.T5Config(
-        vocab_size=len(T5_WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2
-    )
-    torch.manual_seed(0)
-    transformers.T5EncoderModel(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_t5(tmp_path_factory) -> Path:
-    return write_tiny_t5(tmp_path_factory.mktemp("t5"))
 
 
 def reference_states(model_cls, folder: Path, text: str) -> torch.Tensor:

@@ -263,7 +263,14 @@ def test_quickstart_config_trains_and_walt_sample_writes_videos(tmp_path, monkey
         )
     assert done.value.code == 0
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["grid.gif", "sample_000_class1.mp4", "sample_001_class0.mp4", "sample_002_class1.mp4"]
+    assert files == [
+        "grid.gif",
+        "sample_000_class1.mp4",
+        "sample_001_class0.mp4",
+        "sample_002_class1.mp4",
+        "samples.json",
+    ]
+    assert [e["class"] for e in json.loads((out / "samples.json").read_text())] == [1, 0, 1]
     assert read_video(out / "sample_000_class1.mp4").shape == (17, 32, 32, 3)
     with pytest.raises(ValueError, match="unknown class 'purple blob'"):
         main(

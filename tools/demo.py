@@ -4,7 +4,9 @@
 2. trains the quickstart tokenizer (``configs/tokenizer/quickstart.yaml``);
 3. encodes the demo's synthetic circles (8 classes: 4 colours x left/right) to latent shards;
 4. trains the quickstart base model on them (``configs/base/quickstart.yaml``);
-5. samples two videos per class and reads each back to measure whether it shows its class's colour and motion.
+5. samples two videos per class and reads each back to measure whether it shows its class's colour and motion;
+6. with ``--text``: trains the text-to-video quickstart (``configs/text/quickstart.yaml``, MiniLM tokens of the
+   captions) on the same latents, samples two videos per prompt and measures the same way.
 
 Every stage is the same ``walt`` command a user runs; outputs go to ``--out`` (default ``demo_out/``).
 """
@@ -12,6 +14,7 @@ Every stage is the same ``walt`` command a user runs; outputs go to ``--out`` (d
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -73,17 +76,84 @@ def check_samples(folder: Path) -> dict[str, int]:
     classes = SyntheticVideos(
         num_samples=1, shapes=["circle"], colors=DEMO_COLOURS, motions=["left", "right"]
     ).classes
-    counts = {"colour": 0, "motion": 0, "both": 0, "samples": 0}
+    asked = {}
     for path in sorted(folder.glob("sample_*_class*.mp4")):
-        label = int(path.stem.rsplit("class", 1)[1])
-        colour, _, _, motion = classes[label].split()
+        asked[path] = classes[int(path.stem.rsplit("class", 1)[1])]  # "red circle moving left"
+    return count_following(asked)
+
+
+def check_prompt_samples(folder: Path) -> dict[str, int]:
+    """The same for a text model's samples, from the prompts in ``samples.json`` ("a red circle moving left")."""
+    index = json.loads((folder / "samples.json").read_text())
+    return count_following({folder / e["file"]: e["prompt"].removeprefix("a ") for e in index})
+
+
+def count_following(asked: dict[Path, str]) -> dict[str, int]:
+    """Reads each video back and counts how many show the asked "<colour> circle moving <motion>"."""
+    counts = {"colour": 0, "motion": 0, "both": 0, "samples": 0}
+    for path, wanted in asked.items():
+        colour, _, _, motion = wanted.split()
         seen = read_colour_and_motion(to_float_video(read_video(path)), DEMO_COLOURS)
         counts["colour"] += seen[0] == colour
         counts["motion"] += seen[1] == motion
         counts["both"] += seen == (colour, motion)
         counts["samples"] += 1
-        print(f"  {path.name}: class '{classes[label]}', shows a {seen[0]} shape moving {seen[1]}")
+        print(f"  {path.name}: asked '{wanted}', shows a {seen[0]} shape moving {seen[1]}")
     return counts
+
+
+def report(counts: dict[str, int], what: str) -> None:
+    n = counts["samples"]
+    print(
+        f"of {n} samples, {counts['colour']} show their {what}'s colour (chance {n // 4}), {counts['motion']} its "
+        f"motion (chance {n // 2}), {counts['both']} both (chance {n // 8})"
+    )
+
+
+def text_stage(out: Path) -> dict[str, int]:
+    """Text-to-video on the demo's latents: MiniLM caption tokens through cross-attention, guidance 3."""
+    walt(
+        "fit",
+        "--config",
+        "configs/text/quickstart.yaml",
+        "--trainer.default_root_dir",
+        str(out / "text"),
+        "--model.init_args.tokenizer_weights",
+        str(out / "latents" / "vae.safetensors"),
+        "--model.init_args.text_encoder.init_args.cache_dir",
+        str(out / "text_cache"),
+        "--data.init_args.train.init_args.root",
+        str(out / "latents"),
+        "--data.init_args.val.init_args.root",
+        str(out / "latents"),
+        "--trainer.enable_progress_bar",
+        "false",
+    )
+    prompts = out / "prompts.txt"
+    prompts.write_text("".join(f"a {c} circle moving {m}\n" for c in DEMO_COLOURS for m in ("left", "right")))
+    samples = out / "text_samples"
+    walt(
+        "sample",
+        "--config",
+        "configs/text/quickstart.yaml",
+        "--checkpoint",
+        str(newest_checkpoint(out / "text")),
+        "--output",
+        str(samples),
+        "--prompts-file",
+        str(prompts),
+        "--num-samples",
+        "16",
+        "--steps",
+        "25",
+        "--guidance",
+        "3",
+        "--device",
+        "cpu",
+        "--seed",
+        "0",
+    )
+    return check_prompt_samples(samples)
 
 
 def main() -> None:
@@ -92,6 +162,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--out", type=Path, default=Path("demo_out"), help="folder for everything the demo writes"
+    )
+    parser.add_argument(
+        "--text", action="store_true", help="also train and sample the text-to-video quickstart"
     )
     args = parser.parse_args()
     out = args.out
@@ -178,14 +251,18 @@ def main() -> None:
     times["sampling"] = time.perf_counter() - tic
 
     counts = check_samples(samples)
+    text_counts = None
+    if args.text:
+        tic = time.perf_counter()
+        text_counts = text_stage(out)
+        times["text-to-video"] = time.perf_counter() - tic
     total = time.perf_counter() - start
     print("\ntimes: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {total:.0f} s")
-    n = counts["samples"]
-    print(
-        f"of {n} samples, {counts['colour']} show their class's colour (chance {n // 4}), {counts['motion']} its "
-        f"motion (chance {n // 2}), {counts['both']} both (chance {n // 8})"
-    )
+    report(counts, "class")
     print(f"open {samples}/grid.gif to watch them (row-major, class = sample index mod 8)")
+    if text_counts is not None:
+        report(text_counts, "prompt")
+        print(f"open {out / 'text_samples'}/grid.gif (row-major, prompt = sample index mod 8)")
 
 
 if __name__ == "__main__":

@@ -227,6 +227,7 @@ class TransformersTextEncoder(TextEncoder):
             logging.disable_progress_bar()  # a loading bar per process would clutter training logs
             try:
                 self._tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+                self._tokenizer.padding_side = "right"  # _encode_batch reads the first n states as real
                 self._model = self._load_model(transformers, self._dtype(device)).eval().requires_grad_(False)
             finally:
                 if bar:

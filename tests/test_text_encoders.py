@@ -90,3 +90,16 @@ def test_the_memory_cache_keeps_at_most_memory_items(tiny_t5):
     encoder = T5TextEncoder(str(tiny_t5), memory_items=2)
     encoder.encode(["a", "red", "blue"])
     assert len(encoder._memory) == 2
+
+
+def test_bfloat16_runs_the_model_in_bfloat16_and_is_a_different_cache_identity(tiny_t5):
+    full = T5TextEncoder(str(tiny_t5), precision="float32")
+    half = T5TextEncoder(str(tiny_t5), precision="bfloat16")
+    texts = ["a red circle moving left", "blue square"]
+    (a, mask_a), (b, mask_b) = full.encode(texts), half.encode(texts)
+    assert next(half._model.parameters()).dtype == torch.bfloat16 and b.dtype == torch.float32
+    assert torch.equal(mask_a, mask_b) and not torch.equal(a, b)
+    torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)  # bf16 keeps ~3 significant digits
+    assert full.identity != half.identity
+    with pytest.raises(ValueError, match="precision must be"):
+        T5TextEncoder(str(tiny_t5), precision="float16")

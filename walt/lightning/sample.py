@@ -18,15 +18,13 @@ from tqdm.auto import tqdm
 from walt.data import read_video, resize_center_crop, to_float_video, to_uint8, write_video
 from walt.lightning.diffusion import BaseDiffusionModule
 
-__all__ = ["load_module", "resolve_labels", "sample_main"]
+__all__ = ["build_module", "load_module", "resolve_labels", "sample_main"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
-def load_module(
-    config: str | Path, checkpoint: str | Path, device: str = "cpu"
-) -> tuple[BaseDiffusionModule, dict]:
-    """Builds the ``model`` of a training config and loads a checkpoint's weights into it (weights only)."""
+def build_module(config: str | Path) -> tuple[BaseDiffusionModule, dict]:
+    """Builds the ``model`` of a training config with fresh weights (the tokenizer's are left to a checkpoint)."""
     config_dict = yaml.safe_load(Path(config).read_text())
     if not isinstance(config_dict, dict) or "model" not in config_dict:
         raise ValueError(f"{config} has no model section: pass the config the model was trained with")
@@ -40,6 +38,14 @@ def load_module(
     module = instantiate(parser.parse_object({"model": model_section})).model
     if not isinstance(module, BaseDiffusionModule):
         raise ValueError(f"{config} describes a {type(module).__name__}, not a diffusion model")
+    return module, config_dict
+
+
+def load_module(
+    config: str | Path, checkpoint: str | Path, device: str = "cpu"
+) -> tuple[BaseDiffusionModule, dict]:
+    """Builds the ``model`` of a training config and loads a checkpoint's weights into it (weights only)."""
+    module, config_dict = build_module(config)
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")

@@ -4,10 +4,11 @@ Stages (each resumable: a stage whose outputs exist is skipped unless --force):
 
   tokenizer  walt fit configs/moving_digits/tokenizer.yaml; export its weights with latent statistics
              (walt encode --stats-only); reconstruction PSNR / SSIM / LPIPS on the test split.
-  base       walt encode the training clips; walt fit configs/moving_digits/base.yaml; then FVD (fvd2048_16f
-             protocol: 2048 clips of 16 frames, I3D) against the test split of (a) training clips, the floor,
-             (b) reconstructions, (c) samples of an untrained model, (d) samples of the trained model; and class
-             faithfulness: a digit classifier trained on real training frames reads the conditioned digit.
+  base       walt encode the training clips; walt fit configs/moving_digits/base.yaml.
+  evaluate   FVD (fvd2048_16f protocol: 2048 clips of 16 frames, I3D) against the test split of (a) fresh
+             training clips, the floor, (b) reconstructions, (c) samples of an untrained model, (d) samples of
+             the trained model; class faithfulness: a digit classifier trained on real training frames reads
+             the conditioned digit in the samples.
   report     report.json (every figure and the commands), loss curves (curves.png), sample grid (samples.png).
 
   python tools/moving_digits.py all --out runs/moving_digits           # one H100: about 20 minutes
@@ -92,9 +93,15 @@ def _shrink(tok: dict, lat: dict, base: dict) -> None:
 
 # ---- helpers ----------------------------------------------------------------------------------------------
 
+START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - START:7.1f} s] {message}", flush=True)
+
 
 def walt(*args: str) -> None:
-    print("$ walt " + " ".join(args), flush=True)
+    log("$ walt " + " ".join(args))
     subprocess.run([sys.executable, "-m", "walt", *args], check=True)
 
 
@@ -184,19 +191,27 @@ def stage_tokenizer(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     )  # fmt: skip
     vae = load_vae(configs["tokenizer"], out / "tokenizer_export" / "vae.safetensors", args.device)
     real, _ = clips(test_split(configs, args.num_samples), args.workers)
+    log(f"rendered {len(real)} test clips")
     rec = reconstruct(vae, real, args.device)
+    log("reconstructed them")
     metrics = {"train_seconds": train_s, "clips": len(real), **pixel_metrics(real, rec, args)}
     side_by_side(real[:4], rec[:4], out / "reconstructions.png")
     save_json(out / "tokenizer_curves.json", scalars(out / "tokenizer"))
     save_json(result, metrics)
-    print("tokenizer:", json.dumps(metrics))
+    log("tokenizer: " + json.dumps(metrics))
 
 
 def pixel_metrics(real: torch.Tensor, rec: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
     """Mean PSNR and SSIM over clips; LPIPS (mean over frames) too when its weights are at hand."""
     from walt.metrics import LPIPS, MissingAssetError, psnr, ssim
 
-    out = {"psnr": psnr(rec, real).mean().item(), "ssim": ssim(rec, real).mean().item()}
+    dev = args.device
+    pairs = list(zip(rec.split(64), real.split(64)))  # on the device: SSIM over 2048 clips is slow on a CPU
+    out = {
+        "psnr": torch.cat([psnr(x.to(dev), y.to(dev)).cpu() for x, y in pairs]).mean().item(),
+        "ssim": torch.cat([ssim(x.to(dev), y.to(dev)).cpu() for x, y in pairs]).mean().item(),
+    }
+    log(f"PSNR/SSIM: {out}")
     try:
         lpips = LPIPS(args.lpips_weights).to(args.device).eval()
     except MissingAssetError as err:
@@ -223,7 +238,7 @@ def side_by_side(
 
 def stage_base(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     out = args.out
-    result = out / "base_metrics.json"
+    result = out / "base_train.json"
     if result.exists() and not args.force:
         print(f"base stage done ({result}); --force reruns it")
         return
@@ -240,10 +255,18 @@ def stage_base(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     tic = time.perf_counter()
     walt("fit", "--config", str(configs["base"]), "--trainer.enable_progress_bar", "false")
     train_s = time.perf_counter() - tic
-    metrics = {"encode_seconds": encode_s, "train_seconds": train_s, **evaluate(args, configs)}
     save_json(out / "base_curves.json", scalars(out / "base"))
+    save_json(result, {"encode_seconds": encode_s, "train_seconds": train_s})
+
+
+def stage_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> None:
+    result = args.out / "base_metrics.json"
+    if result.exists() and not args.force:
+        print(f"evaluate stage done ({result}); --force reruns it")
+        return
+    metrics = evaluate(args, configs)
     save_json(result, metrics)
-    print("base:", json.dumps(metrics))
+    log("evaluation: " + json.dumps(metrics))
 
 
 def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
@@ -259,12 +282,14 @@ def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
     res = test_videos.shape[-1]
     # Fresh training clips (seed 1): the training run saw seed 0's first clips.
     train_videos, _ = clips(MovingDigits("train", n, 17, res, seed=1, label="first"), args.workers)
+    log("rendered the real clips")
     real = stats(test_videos, "test")
     fvd = {"train_vs_test": frechet_distance(stats(train_videos, "train"), real)}
     trained, _ = load_module(configs["base"], last_checkpoint(args.out / "base"), dev)
     fvd["reconstruction_vs_test"] = frechet_distance(
         stats(reconstruct(trained.tokenizer, test_videos, dev), "recon"), real
     )
+    log(f"FVD so far: {fvd}")
     untrained, _ = build_module(configs["base"])
     untrained.tokenizer = trained.tokenizer  # the same decoder: (c) isolates the diffusion model's training
     untrained = untrained.to(dev).eval()
@@ -276,6 +301,7 @@ def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
         seconds = time.perf_counter() - tic
         fvd[f"{name}_samples_vs_test"] = frechet_distance(stats(samples[name], name), real)
         fvd[f"{name}_sampling_seconds"] = seconds
+        log(f"{name} model: FVD {fvd[f'{name}_samples_vs_test']:.1f}, sampling {seconds:.1f} s")
     clf_train = MovingDigits("train", args.classifier_clips, 17, res, seed=2)
     classifier = train_digit_classifier(clf_train, steps=args.classifier_steps, device=dev)
     accuracy = {
@@ -285,6 +311,7 @@ def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
             for k, v in samples.items()
         },
     }
+    log(f"digit accuracy: {accuracy}")
     grid(samples["trained"], labels, args.out / "samples.png")
     grid(test_videos, test_labels, args.out / "real.png")
     return {"fvd2048_16f": fvd, "digit_accuracy_top2": accuracy, "num_samples": n, "sample_steps": args.steps}
@@ -322,7 +349,7 @@ def grid(videos: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int 
 def stage_report(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     out = args.out
     report = {"commands": sys.argv, "configs": {k: str(v) for k, v in configs.items()}}
-    for name in ("tokenizer_metrics", "base_metrics"):
+    for name in ("tokenizer_metrics", "base_train", "base_metrics"):
         if (out / f"{name}.json").exists():
             report[name] = json.loads((out / f"{name}.json").read_text())
     save_json(out / "report.json", report)
@@ -360,7 +387,7 @@ def plot_curves(out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["tokenizer", "base", "report", "all"])
+    p.add_argument("stage", choices=["tokenizer", "base", "evaluate", "report", "all"])
     p.add_argument("--out", type=Path, default=Path("runs/moving_digits"))
     p.add_argument("--smoke", action="store_true", help="CPU-sized models and counts (checks the path)")
     p.add_argument("--num-samples", type=int, help="clips per FVD side (default 2048; 16 with --smoke)")
@@ -385,6 +412,8 @@ def main() -> None:
         stage_tokenizer(args, configs)
     if args.stage in ("base", "all"):
         stage_base(args, configs)
+    if args.stage in ("evaluate", "all"):
+        stage_evaluate(args, configs)
     if args.stage in ("report", "all"):
         stage_report(args, configs)
 

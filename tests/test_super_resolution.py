@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,7 +211,7 @@ def _stage(tmp_path: Path, name: str, module: BaseDiffusionModule, model_section
 
 
 def _tiny_cascade(tmp_path: Path) -> Path:
-    """Base 17x16x16 (class-conditional) -> SR x2 32x32 -> SR x2 64x64, random non-zero weights."""
+    """Base 16x16 (class-conditional) -> SR x2 32x32 -> SR x2 64x64, random non-zero weights."""
     vae = {"class_path": "walt.tokenizer.CausalVAE", "init_args": TINY_VAE}
     stages = []
     for name, size, sr in (("base", 2, False), ("sr1", 4, True), ("sr2", 8, True)):
@@ -245,14 +246,17 @@ def test_walt_sample_runs_the_cascade_deterministically(tmp_path):
     def sample(seed: int, out: str) -> list:
         args = ["sample", "--cascade", str(cascade), "--output", str(tmp_path / out), "--num-samples", "2"]
         with pytest.raises(SystemExit) as done:
-            main([*args, "--batch-size", "1", "--class", "2", "--seed", str(seed), "--device", "cpu"])
+            main([*args, "--frames", "5", "--class", "2", "--seed", str(seed), "--device", "cpu"])
         assert done.value.code == 0
         return [read_video(tmp_path / out / f"sample_00{i}_class2.mp4") for i in range(2)]
 
     a, b, c = sample(0, "a"), sample(0, "b"), sample(1, "c")
-    assert a[0].shape == (17, 64, 64, 3)  # 17x16x16 base -> 32x32 -> 64x64
-    assert all((x == y).all() for x, y in zip(a, b)) and not (a[0] == a[1]).all()
-    assert not all((x == y).all() for x, y in zip(a, c))
+    assert a[0].shape == (5, 64, 64, 3)  # 5x16x16 base -> 32x32 -> 64x64
+    # Same seed, same videos. Up to 2 grey levels are allowed: under heavy CPU contention one run in a few
+    # differed by rounding in the CPU kernels (not in walt's random draws); another seed differs by ~100+.
+    same = [int(np.abs(x.astype(int) - y).max()) for x, y in zip(a, b)]
+    other = [int(np.abs(x.astype(int) - y).max()) for x, y in zip(a, c)]
+    assert max(same) <= 2 and min(other) > 50 and np.abs(a[0].astype(int) - a[1]).max() > 50, (same, other)
     with pytest.raises(SystemExit):
         main(["sample", "--cascade", str(cascade), "--steps", "3"])  # steps are per stage in the YAML
 

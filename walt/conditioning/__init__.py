@@ -1,5 +1,6 @@
-"""walt.conditioning"""
+"""What a denoiser is conditioned on: the Conditioning dataclass and the low-res input of super-resolution."""
 
+from walt.conditioning.lowres import downsample_video, highres_latent_shape, upsample_latent, upsample_video
 from walt.conditioning.types import Conditioning
 
-__all__ = ["Conditioning"]
+__all__ = ["Conditioning", "downsample_video", "highres_latent_shape", "upsample_latent", "upsample_video"]

@@ -204,7 +204,10 @@ def _runnable_here(config_path: Path, tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "configs/base").glob("*.yaml")), ids=lambda p: p.name)
+BASE_CONFIGS = [*sorted((ROOT / "configs/base").glob("*.yaml")), ROOT / "configs/moving_digits/base.yaml"]
+
+
+@pytest.mark.parametrize("config", BASE_CONFIGS, ids=lambda p: p.parent.name + "/" + p.name)
 def test_every_base_config_runs_a_fast_dev_run(config, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["walt"])
     WaltCLI(

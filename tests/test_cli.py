@@ -13,6 +13,7 @@ import yaml
 from torch.utils.data import Dataset
 
 from walt.cli import EXTRA_COMMANDS, WaltCLI
+from walt.lightning.cascade import read_cascade
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
 PLACEHOLDER_MODEL = "lightning.pytorch.demos.boring_classes.BoringModel"
@@ -36,6 +37,12 @@ def test_every_config_parses(config, capsys):
         parser = jsonargparse.ArgumentParser(exit_on_error=False)
         parser.add_argument("--dataset", type=Dataset)
         assert parser.parse_object(content).dataset.class_path.startswith("walt.data.")
+        return
+    if "stages" in content:  # a cascade for `walt sample --cascade`: each stage's config is checked here too
+        for stage in read_cascade(config).stages:
+            assert Path(stage.config) in CONFIGS or (config.parents[2] / stage.config) in CONFIGS, (
+                stage.config
+            )
         return
     args = ["--config", str(config)]
     if "model" not in content:

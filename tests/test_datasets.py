@@ -161,6 +161,18 @@ def test_moving_digits_split_by_instance_and_deterministic():
     assert one.num_classes == 10 and one[0]["caption"] == f"the digit {one[0]['label']} bouncing"
 
 
+def test_moving_digits_first_digit_labels_and_digits_of():
+    both = MovingDigits("test", num_samples=20, num_frames=3, resolution=32)
+    first = MovingDigits("test", num_samples=20, num_frames=3, resolution=32, label="first")
+    assert first.num_classes == 10 and first.classes == [str(d) for d in range(10)]
+    for i in range(20):
+        a, b = divmod(both[i]["label"], 10)
+        assert both.digits_of(i) == first.digits_of(i) == [a, b]  # digits_of reads the same draw
+        assert first[i]["label"] == a and torch.equal(first[i]["video"], both[i]["video"])
+    with pytest.raises(ValueError, match="label must be 'both' or 'first'"):
+        MovingDigits(label="second")
+
+
 def _collate(items):
     return {"label": [it["label"] for it in items]}
 

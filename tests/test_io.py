@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +117,18 @@ def test_resize_center_crop():
     split[..., 64:] = 1
     sq = resize_center_crop(split, 32)[0, 0]  # (32, 32)
     assert sq[:, :15].max() < 0.05 and sq[:, 17:].min() > 0.95
+
+
+def test_procedural_data_needs_no_pyav_and_video_files_name_it():
+    # sys.modules["av"] = None makes `import av` fail, as on a machine without PyAV.
+    code = (
+        "import sys; sys.modules['av'] = None\n"
+        "from walt.data import MovingDigits, read_video\n"
+        "assert MovingDigits(num_samples=1, num_frames=5, resolution=32)[0]['video'].shape == (3, 5, 32, 32)\n"
+        "try:\n"
+        "    read_video('x.mp4')\n"
+        "except ImportError as err:\n"
+        "    print(err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "needs PyAV: pip install av" in out

@@ -251,3 +251,16 @@ def test_a_bad_dataset_config_is_a_clear_error(tmp_path, capsys):
     assert evaluate_main(["fvd2048_16f", "--real", str(config), "--fake", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "bad.yaml" in err and 'key "split"' in err and "Got value: validation" in err
+
+
+def test_statistics_of_in_memory_clips_take_the_protocols_frames():
+    """Clips in memory (e.g. fresh samples) go through the protocol's reader: 17 frames -> the first 16."""
+    from walt.metrics import compute_clip_stats, get_protocol
+
+    dataset = MovingDigits(split="test", num_samples=3, num_frames=17, resolution=32)
+    clips = np.stack([to_uint8(dataset[i]["video"]).numpy() for i in range(3)])  # (3, 17, 32, 32, 3)
+    i3d = I3D()
+    stats = compute_clip_stats(get_protocol("fvd2048_16f"), clips, i3d, batch_size=2, progress=False)
+    direct = FeatureStats(400).update(i3d.features(clips[:, :16]))
+    assert stats.count == 3
+    np.testing.assert_allclose(stats.mean, direct.mean, rtol=1e-5, atol=1e-5)

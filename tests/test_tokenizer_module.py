@@ -49,7 +49,7 @@ def changed(before: list[torch.Tensor], module: nn.Module) -> bool:
 
 def test_ema_update_golden_value():
     live = nn.BatchNorm1d(3)
-    ema = EMA(live, decay=0.9)
+    ema = EMA(live, decay=0.9, warmup=False)
     with torch.no_grad():
         live.weight.fill_(2.0)  # EMA starts from the initial 1.0
         live.running_mean.fill_(5.0)
@@ -59,6 +59,22 @@ def test_ema_update_golden_value():
     assert not ema.module.weight.requires_grad and int(ema.num_updates) == 1
     with pytest.raises(ValueError, match="decay"):
         EMA(live, decay=1.0)
+
+
+def test_ema_warmup_forgets_the_initialization():
+    """Decays 1/10, 2/11, 3/12, ... capped at `decay`; replayed by hand in float64."""
+    live = nn.Linear(1, 1, bias=False)
+    ema = EMA(live, decay=0.5)
+    expected = float(live.weight)
+    for n, value in enumerate([3.0, -1.0, 4.0, 2.0]):
+        with torch.no_grad():
+            live.weight.fill_(value)
+        d = min(0.5, (1 + n) / (10 + n))
+        assert ema.current_decay() == d
+        ema.update(live)
+        expected = d * expected + (1 - d) * value
+        assert abs(float(ema.module.weight) - expected) < 1e-6
+    assert EMA(live, decay=0.999).current_decay() == 0.1  # the first update keeps 10% of the initialization
 
 
 def test_gan_starts_at_its_step_and_checkpoint_holds_ema(tmp_path):

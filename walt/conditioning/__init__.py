@@ -1,6 +1,18 @@
-"""walt.conditioning: the Conditioning dataclass and the text encoders."""
+"""What a denoiser is conditioned on: the Conditioning dataclass, the text encoders, and the low-res input of
+super-resolution."""
 
+from walt.conditioning.lowres import downsample_video, highres_latent_shape, upsample_latent, upsample_video
 from walt.conditioning.text import MiniLMTextEncoder, T5TextEncoder, TextEncoder, TransformersTextEncoder
 from walt.conditioning.types import Conditioning
 
-__all__ = ["Conditioning", "MiniLMTextEncoder", "T5TextEncoder", "TextEncoder", "TransformersTextEncoder"]
+__all__ = [
+    "Conditioning",
+    "MiniLMTextEncoder",
+    "T5TextEncoder",
+    "TextEncoder",
+    "TransformersTextEncoder",
+    "downsample_video",
+    "highres_latent_shape",
+    "upsample_latent",
+    "upsample_video",
+]

@@ -12,10 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    import av
 
 __all__ = ["VideoInfo", "VideoReadError", "probe_video", "read_video", "write_video"]
 
@@ -26,6 +29,15 @@ _ENCODERS = {
     ".avi": ("mpeg4", "yuv420p", "avi"),
     ".gif": ("gif", "pal8", "gif"),
 }
+
+
+def _pyav():
+    """PyAV, imported on first use: the procedural datasets and latent shards need no video codec."""
+    try:
+        import av
+    except ImportError as err:
+        raise ImportError("reading and writing video files needs PyAV: pip install av") from err
+    return av
 
 
 class VideoReadError(RuntimeError):
@@ -44,6 +56,7 @@ class VideoInfo:
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
     """Read stream metadata; cheap, decodes nothing."""
+    av = _pyav()
     try:
         with av.open(str(path)) as container:
             stream = _video_stream(container, path)
@@ -68,6 +81,7 @@ def read_video(path: str | os.PathLike, frame_indices: Sequence[int] | None = No
         raise ValueError(f"frame_indices must be non-empty and non-negative, got {frame_indices!r}")
     last = None if wanted is None else int(wanted.max())
     frames: list[np.ndarray] = []
+    av = _pyav()
     try:
         with av.open(str(path)) as container:
             stream = _video_stream(container, path)
@@ -139,6 +153,7 @@ def _check_frames(frames: np.ndarray, even: bool) -> np.ndarray:
 
 
 def _encode(tmp: str, fmt: str, codec: str, pix_fmt: str, frames: np.ndarray, fps: float) -> None:
+    av = _pyav()
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(tmp, mode="w", format=fmt) as container:
         stream = container.add_stream(codec, rate=rate)
@@ -160,6 +175,7 @@ def _mpeg4_bit_rate(frames: np.ndarray, fps: float) -> int:
 
 
 def _av_frames(frames: np.ndarray, pix_fmt: str):
+    av = _pyav()
     if pix_fmt != "pal8":
         for rgb in frames:
             yield av.VideoFrame.from_ndarray(rgb, format="rgb24")

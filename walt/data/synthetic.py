@@ -142,7 +142,9 @@ class MovingDigits(Dataset):
 
     Digits come from scikit-learn's bundled 8x8 digits (1797 instances), upscaled. Train and test use disjoint
     digit instances (every fifth instance is a test instance), so test clips show handwriting never seen in
-    training. With two digits the label is ``10 * first + second`` (100 classes), with one it is the digit.
+    training. With one digit the label is that digit. With two, ``label="both"`` gives ``10 * first + second``
+    (100 classes) and ``label="first"`` the first digit alone (10 classes; the second digit is free), which makes
+    a class-conditional model whose faithfulness a digit classifier can check with 10 outcomes.
     """
 
     def __init__(
@@ -153,11 +155,15 @@ class MovingDigits(Dataset):
         resolution: int = 64,
         num_digits: int = 2,
         seed: int = 0,
+        label: Literal["both", "first"] = "both",
     ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if num_digits not in (1, 2):
             raise ValueError(f"num_digits must be 1 or 2, got {num_digits}")
+        if label not in ("both", "first"):
+            raise ValueError(f"label must be 'both' or 'first', got {label!r}")
+        self.label = label
         self.split = split
         self.num_samples = num_samples
         self.num_frames = num_frames
@@ -172,7 +178,7 @@ class MovingDigits(Dataset):
         self.digit_size = max(4, round(resolution * 28 / 64))  # Moving MNIST's 28-pixel digits on 64
         self.classes = (
             [str(d) for d in range(10)]
-            if num_digits == 1
+            if num_digits == 1 or label == "first"
             else [f"{a}{b}" for a in range(10) for b in range(10)]
         )
 
@@ -184,10 +190,7 @@ class MovingDigits(Dataset):
         return self.num_samples
 
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(index)
-        rng = np.random.default_rng([self.seed, int(self.split == "test"), index])
-        ids = rng.choice(self.instance_ids, size=self.num_digits, replace=False)
+        rng, ids = self._draw(index)
         digits = [int(self._targets[i]) for i in ids]
         canvas = torch.zeros(self.num_frames, self.resolution, self.resolution)  # (T, S, S)
         for i in ids:
@@ -196,10 +199,21 @@ class MovingDigits(Dataset):
                 region = canvas[t, y : y + self.digit_size, x : x + self.digit_size]
                 torch.maximum(region, sprite, out=region)
         video = canvas.mul(2.0).sub(1.0).unsqueeze(0).expand(3, -1, -1, -1).contiguous()  # (3, T, S, S)
-        label = digits[0] if self.num_digits == 1 else 10 * digits[0] + digits[1]
+        label = digits[0] if len(self.classes) == 10 else 10 * digits[0] + digits[1]
         words = " and ".join(map(str, digits))
         caption = f"the digit{'s' if self.num_digits > 1 else ''} {words} bouncing"
         return {"video": video, "label": label, "caption": caption}
+
+    def digits_of(self, index: int) -> list[int]:
+        """The digits shown in clip ``index``, first to last, without rendering it."""
+        return [int(self._targets[i]) for i in self._draw(index)[1]]
+
+    def _draw(self, index: int) -> tuple[np.random.Generator, np.ndarray]:
+        """The clip's random stream and its digit instances; rendering continues from the same stream."""
+        if not 0 <= index < self.num_samples:
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, int(self.split == "test"), index])
+        return rng, rng.choice(self.instance_ids, size=self.num_digits, replace=False)
 
     def _sprite(self, instance: int) -> torch.Tensor:
         img = torch.from_numpy(self._images[instance]).float().div(16.0)[None, None]  # (1, 1, 8, 8) in [0, 1]

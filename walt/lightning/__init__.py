@@ -2,6 +2,7 @@
 
 from walt.lightning.diffusion import BaseDiffusionModule
 from walt.lightning.ema import EMA
+from walt.lightning.super_resolution import SuperResolutionModule
 from walt.lightning.tokenizer import TokenizerModule
 
-__all__ = ["EMA", "BaseDiffusionModule", "TokenizerModule"]
+__all__ = ["EMA", "BaseDiffusionModule", "SuperResolutionModule", "TokenizerModule"]

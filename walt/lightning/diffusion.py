@@ -68,6 +68,8 @@ class BaseDiffusionModule(L.LightningModule):
         train_only_spatiotemporal: freeze everything but the spatiotemporal blocks and the temporal position
             embedding (Video LDM's temporal alignment of a pretrained image model).
         sample_steps / num_log_samples: DDIM steps and class-conditional videos logged after each validation.
+        tokenizer_chunk_size: latent frames per tokenizer chunk when encoding or decoding (the causal cache
+            bounds memory on large videos; results are identical); None = one pass.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class BaseDiffusionModule(L.LightningModule):
         sample_steps: int = 50,
         num_log_samples: int = 4,
         video_fps: float = 8.0,
+        tokenizer_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if frame_prediction_prob > 0 and not backbone.context_frames:
@@ -112,6 +115,7 @@ class BaseDiffusionModule(L.LightningModule):
         self.sample_steps = sample_steps
         self.num_log_samples = num_log_samples
         self.video_fps = video_fps
+        self.tokenizer_chunk_size = tokenizer_chunk_size
         if train_only_spatiotemporal:
             _freeze_spatial(backbone)
         self.ema = EMA(backbone, ema_decay) if ema_decay is not None else None
@@ -254,7 +258,7 @@ class BaseDiffusionModule(L.LightningModule):
                 "the batch holds pixels ('video') but the module has no tokenizer to encode them"
             )
         with torch.no_grad():
-            return self.tokenizer.encode(batch["video"])
+            return self.tokenizer.encode(batch["video"], self.tokenizer_chunk_size)
 
     # ---- sampling ----------------------------------------------------------------------------------------
 
@@ -277,16 +281,18 @@ class BaseDiffusionModule(L.LightningModule):
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        extra: Conditioning | None = None,
     ) -> Tensor:
         """DDIM samples of normalized latents ``(num_samples, *latent_shape)``.
 
         ``labels`` (N,) for a class-conditional backbone (-1 = unconditional); ``context`` latents (N, C, T, H, W)
         of which the first ``num_context_frames`` frames are given (frame prediction / image-to-video);
         ``prompts`` (N strings) for a text-conditional backbone ("" or None = unconditional).
-        ``guidance`` != 1 applies classifier-free guidance over labels, text and context.
+        ``guidance`` != 1 applies classifier-free guidance over labels, text and context. ``extra`` holds further
+        signals that subclasses supply (e.g. the low-res input of super-resolution); guidance keeps them.
         """
         backbone = self.sampling_backbone
-        cond = Conditioning()
+        cond = dataclasses.replace(extra) if extra is not None else Conditioning()  # a copy: filled below
         if backbone.num_classes is not None:
             cond.labels = labels if labels is not None else torch.full((num_samples,), -1, device=self.device)
         elif labels is not None:
@@ -333,7 +339,7 @@ class BaseDiffusionModule(L.LightningModule):
         if self.tokenizer is None:
             raise ValueError("decoding samples needs the tokenizer; construct the module with one")
         z = self.sample_latents(num_samples, latent_shape, **kwargs)
-        return self.tokenizer.decode(z).clamp(-1, 1)
+        return self.tokenizer.decode(z, self.tokenizer_chunk_size).clamp(-1, 1)
 
     # ---- checkpoints: exact resumption ----------------------------------------------------------------------
 

@@ -11,16 +11,21 @@ from torch import nn
 class EMA(nn.Module):
     """Frozen copy of `model` whose parameters track an exponential moving average of the live ones.
 
-    `update(model)` after each optimizer step sets ema = decay * ema + (1 - decay) * live for floating-point
+    `update(model)` after each optimizer step sets ema = d * ema + (1 - d) * live for floating-point
     parameters and copies buffers (normalization statistics, latent statistics) verbatim. Being a submodule of
     the LightningModule, the average is saved in checkpoints as `<name>.module.*` and moves with `.to()`.
+
+    With ``warmup`` the decay of update n (from 0) is d = min(decay, (1 + n) / (10 + n)): a fixed 0.999 would
+    still give the random initial weights a share of 0.999^1000 = 37% after 1000 steps, so short runs would be
+    judged (and sampled) by a blurred-in initialization; the warm-up lets the average forget it.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True) -> None:
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
+        self.warmup = warmup
         self.module = copy.deepcopy(model).requires_grad_(False).eval()
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
@@ -29,11 +34,19 @@ class EMA(nn.Module):
         self.module.eval()  # the average is only ever used for inference
         return self
 
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        if not self.warmup:
+            return self.decay
+        n = int(self.num_updates)
+        return min(self.decay, (1 + n) / (10 + n))
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         live = dict(model.named_parameters())
+        weight = 1.0 - self.current_decay()
         for name, ema_param in self.module.named_parameters():
-            ema_param.lerp_(live[name].detach().to(ema_param.dtype), 1.0 - self.decay)
+            ema_param.lerp_(live[name].detach().to(ema_param.dtype), weight)
         live_buffers = dict(model.named_buffers())
         for name, ema_buffer in self.module.named_buffers():
             ema_buffer.copy_(live_buffers[name])

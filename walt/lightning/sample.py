@@ -1,4 +1,5 @@
-"""``walt sample``: videos from a trained base model, written as MP4 files, a GIF grid and samples.json."""
+"""``walt sample``: videos from a trained base model, or from a cascade (base -> super-resolution stages),
+written as MP4 files, a GIF grid and samples.json (what each file was asked for)."""
 
 from __future__ import annotations
 
@@ -17,17 +18,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from walt.data import read_video, resize_center_crop, to_float_video, to_uint8, write_video
+from walt.lightning.cascade import decode_latents, read_cascade, upsample_stage
 from walt.lightning.diffusion import BaseDiffusionModule
+from walt.lightning.super_resolution import SuperResolutionModule
 
-__all__ = ["load_module", "read_prompts", "resolve_labels", "sample_main"]
+__all__ = ["build_module", "load_module", "read_prompts", "resolve_labels", "sample_main"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
-def load_module(
-    config: str | Path, checkpoint: str | Path, device: str = "cpu"
-) -> tuple[BaseDiffusionModule, dict]:
-    """Builds the ``model`` of a training config and loads a checkpoint's weights into it (weights only)."""
+def build_module(config: str | Path) -> tuple[BaseDiffusionModule, dict]:
+    """Builds the ``model`` of a training config with fresh weights (the tokenizer's are left to a checkpoint)."""
     config_dict = yaml.safe_load(Path(config).read_text())
     if not isinstance(config_dict, dict) or "model" not in config_dict:
         raise ValueError(f"{config} has no model section: pass the config the model was trained with")
@@ -41,6 +42,14 @@ def load_module(
     module = instantiate(parser.parse_object({"model": model_section})).model
     if not isinstance(module, BaseDiffusionModule):
         raise ValueError(f"{config} describes a {type(module).__name__}, not a diffusion model")
+    return module, config_dict
+
+
+def load_module(
+    config: str | Path, checkpoint: str | Path, device: str = "cpu"
+) -> tuple[BaseDiffusionModule, dict]:
+    """Builds the ``model`` of a training config and loads a checkpoint's weights into it (weights only)."""
+    module, config_dict = build_module(config)
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
@@ -95,8 +104,13 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | Path | None) -> lis
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="walt sample", description=__doc__)
-    p.add_argument("--config", required=True, help="the config the model was trained with")
-    p.add_argument("--checkpoint", required=True, help="a BaseDiffusionModule .ckpt")
+    p.add_argument("--config", help="the config the model was trained with")
+    p.add_argument("--checkpoint", help="a BaseDiffusionModule .ckpt")
+    p.add_argument(
+        "--cascade",
+        help="a cascade YAML (base, then super-resolution stages, each with config, checkpoint, steps, "
+        "guidance, aug_level) instead of --config/--checkpoint",
+    )
     p.add_argument("--output", default="samples", help="folder for the MP4 files and grid.gif")
     p.add_argument(
         "--class",
@@ -131,18 +145,77 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=0,
         help="extra segments generated autoregressively, each conditioned on the previous frames",
     )
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default 50; a cascade sets them per stage)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        help="classifier-free guidance scale (default 1 = none; per stage in a cascade)",
+    )
     p.add_argument("--eta", type=float, default=0.0, help="0 = DDIM, 1 = ancestral")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(list(argv))
+    args = p.parse_args(list(argv))
+    if (args.cascade is None) == (args.config is None or args.checkpoint is None):
+        p.error("give either --config and --checkpoint (one model) or --cascade (a cascade YAML)")
+    if args.cascade is not None and (args.steps is not None or args.guidance is not None):
+        p.error("with --cascade, steps and guidance are set per stage in the cascade YAML")
+    args.steps = 50 if args.steps is None else args.steps
+    args.guidance = 1.0 if args.guidance is None else args.guidance
+    return args
 
 
 def sample_main(argv: Sequence[str]) -> int:
     args = _parse_args(argv)
+    if args.cascade is not None:
+        return cascade_main(args)
     module, config = load_module(args.config, args.checkpoint, args.device)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    z, labels, prompts = generate_latents(module, config, args, generator)
+    videos = decode_latents(module.tokenizer, z, module.tokenizer_chunk_size, args.batch_size, args.device)
+    _write(videos, labels, prompts, args)
+    return 0
+
+
+def cascade_main(args: argparse.Namespace) -> int:
+    """Base -> super-resolution stages -> chunked decode; one stage's model (and the previous tokenizer) in
+    memory at a time."""
+    cascade = read_cascade(args.cascade)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    first = cascade.stages[0]
+    module, config = load_module(first.config, first.checkpoint, args.device)
+    if isinstance(module, SuperResolutionModule):
+        raise SystemExit(
+            f"walt sample: the first cascade stage ({first.config}) must be a base model, not SR"
+        )
+    settings = {"steps": first.steps or module.sample_steps, "guidance": first.guidance, "eta": first.eta}
+    z, labels, prompts = generate_latents(
+        module, config, argparse.Namespace(**{**vars(args), **settings}), generator
+    )
+    tokenizer = module.tokenizer
+    del module  # freed before the next stage loads
+    for i, stage in enumerate(cascade.stages[1:], start=1):
+        module = load_module(stage.config, stage.checkpoint, args.device)[0]
+        if not isinstance(module, SuperResolutionModule):
+            raise SystemExit(
+                f"walt sample: cascade stage {i} ({stage.config}) is not a SuperResolutionModule"
+            )
+        z = upsample_stage(
+            module, z, tokenizer, stage, labels, generator, args.batch_size, cascade.decode_chunk_size
+        )
+        tokenizer = module.tokenizer
+        del module
+        print(f"walt sample: stage {i} -> latents {tuple(z.shape[1:])}")
+    videos = decode_latents(tokenizer, z, cascade.decode_chunk_size, args.batch_size, args.device)
+    _write(videos, labels, prompts, args)
+    return 0
+
+
+def generate_latents(
+    module: BaseDiffusionModule, config: dict, args: argparse.Namespace, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
+    """The base model's latents (N, C, T, h, w) on the CPU for the command line's labels/prompts/context/
+    extension, with the labels and prompts each sample was given."""
     backbone = module.sampling_backbone
     latent_t, latent_h, latent_w = backbone_latent_grid(module, args.frames)
     shape = (backbone.in_channels, latent_t, latent_h, latent_w)
@@ -156,10 +229,7 @@ def sample_main(argv: Sequence[str]) -> int:
         raise SystemExit(
             "walt sample: --extend needs a model trained with context frames (context_frames: true)"
         )
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    videos = []
+    latents = []
     for start in tqdm(range(0, args.num_samples, args.batch_size), desc="walt sample"):
         n = min(args.batch_size, args.num_samples - start)
         given = {
@@ -170,8 +240,16 @@ def sample_main(argv: Sequence[str]) -> int:
         z = _segment(module, n, shape, given, batch_context, known, args, generator)
         for _ in range(args.extend):
             z = _extend(module, z, shape, given, args, generator)
-        videos.append(module.tokenizer.decode(z).clamp(-1, 1).cpu())  # (n, 3, T, H, W)
-    videos = torch.cat(videos)
+        latents.append(z.cpu())  # (n, C, T, h, w)
+    return torch.cat(latents), labels, prompts
+
+
+def _write(
+    videos: torch.Tensor, labels: torch.Tensor | None, prompts: list[str] | None, args: argparse.Namespace
+) -> None:
+    """One MP4 per video (N, 3, T, H, W), a GIF grid of all, and samples.json (file, class, prompt, seed)."""
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
     index = []
     for i, video in enumerate(videos):
         tag = f"_class{int(labels[i])}" if labels is not None else ""
@@ -188,7 +266,6 @@ def sample_main(argv: Sequence[str]) -> int:
     print(
         f"walt sample: {len(videos)} videos of {videos.shape[2]} frames at {videos.shape[3]}x{videos.shape[4]} -> {out}"
     )
-    return 0
 
 
 def backbone_latent_grid(module: BaseDiffusionModule, frames: int | None) -> tuple[int, int, int]:

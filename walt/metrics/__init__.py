@@ -2,6 +2,7 @@
 
 from walt.metrics.assets import MissingAssetError, UnsafePickleError, load_numpy_pickle, resolve_asset
 from walt.metrics.evaluate import (
+    compute_clip_stats,
     compute_dataset_stats,
     compute_folder_stats,
     evaluate_checkpoint,
@@ -25,6 +26,7 @@ __all__ = [
     "MissingAssetError",
     "Protocol",
     "UnsafePickleError",
+    "compute_clip_stats",
     "compute_dataset_stats",
     "compute_folder_stats",
     "evaluate_checkpoint",

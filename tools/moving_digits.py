@@ -194,7 +194,8 @@ def stage_tokenizer(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     log(f"rendered {len(real)} test clips")
     rec = reconstruct(vae, real, args.device)
     log("reconstructed them")
-    metrics = {"train_seconds": train_s, "clips": len(real), **pixel_metrics(real, rec, args)}
+    metrics = {"command": " ".join(sys.argv), "train_seconds": train_s, "clips": len(real)}
+    metrics.update(pixel_metrics(real, rec, args))
     side_by_side(real[:4], rec[:4], out / "reconstructions.png")
     save_json(out / "tokenizer_curves.json", scalars(out / "tokenizer"))
     save_json(result, metrics)
@@ -256,7 +257,7 @@ def stage_base(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     walt("fit", "--config", str(configs["base"]), "--trainer.enable_progress_bar", "false")
     train_s = time.perf_counter() - tic
     save_json(out / "base_curves.json", scalars(out / "base"))
-    save_json(result, {"encode_seconds": encode_s, "train_seconds": train_s})
+    save_json(result, {"command": " ".join(sys.argv), "encode_seconds": encode_s, "train_seconds": train_s})
 
 
 def stage_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> None:
@@ -264,7 +265,7 @@ def stage_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     if result.exists() and not args.force:
         print(f"evaluate stage done ({result}); --force reruns it")
         return
-    metrics = evaluate(args, configs)
+    metrics = {"command": " ".join(sys.argv), **evaluate(args, configs)}
     save_json(result, metrics)
     log("evaluation: " + json.dumps(metrics))
 
@@ -346,9 +347,9 @@ def grid(videos: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int 
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
-def stage_report(args: argparse.Namespace, configs: dict[str, Path]) -> None:
+def stage_report(args: argparse.Namespace) -> None:
     out = args.out
-    report = {"commands": sys.argv, "configs": {k: str(v) for k, v in configs.items()}}
+    report = {}
     for name in ("tokenizer_metrics", "base_train", "base_metrics"):
         if (out / f"{name}.json").exists():
             report[name] = json.loads((out / f"{name}.json").read_text())
@@ -407,7 +408,8 @@ def main() -> None:
         args.steps, args.batch_size = min(args.steps, 5), 8
     args.num_samples = args.num_samples or 2048
     args.out.mkdir(parents=True, exist_ok=True)
-    configs = write_configs(args.out, args.smoke, "gpu" if args.device.startswith("cuda") else "cpu")
+    if args.stage != "report":
+        configs = write_configs(args.out, args.smoke, "gpu" if args.device.startswith("cuda") else "cpu")
     if args.stage in ("tokenizer", "all"):
         stage_tokenizer(args, configs)
     if args.stage in ("base", "all"):
@@ -415,7 +417,7 @@ def main() -> None:
     if args.stage in ("evaluate", "all"):
         stage_evaluate(args, configs)
     if args.stage in ("report", "all"):
-        stage_report(args, configs)
+        stage_report(args)
 
 
 if __name__ == "__main__":

@@ -251,7 +251,27 @@ def score(args: argparse.Namespace) -> list[dict]:
         **{k: (float(np.mean(v)) if v else None) for k, v in values.items()},
     }
     print(json.dumps(row), flush=True)
+    if args.side_by_side:
+        side_by_side(
+            np.load(args.recon / "original.npz")["clips"],
+            np.load(args.recon / "reconstruction.npz")["clips"],
+            args.side_by_side,
+        )
     return [row]
+
+
+def side_by_side(original: np.ndarray, reconstruction: np.ndarray, path: Path) -> None:
+    """One row per source video (its first-window middle crop): frames 0, 8, 16 of the original, then the same
+    frames of the reconstruction, from uint8 (N, T, H, W, 3) clips."""
+    from PIL import Image
+
+    per_video = len(original) // 3
+    rows = []
+    for i in range(1, len(original), per_video):
+        frames = [c[t] for c in (original[i], reconstruction[i]) for t in (0, original.shape[1] // 2, -1)]
+        rows.append(np.concatenate(frames, axis=1))  # (H, 6W, 3)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    print(f"wrote {path}")
 
 
 def to_float_video(frames: torch.Tensor) -> torch.Tensor:
@@ -279,6 +299,9 @@ def main() -> None:
         "--save-recon", type=Path, help="quality: folder for the held-out clips and reconstructions (.npz)"
     )
     parser.add_argument("--recon", type=Path, help="score: the folder written by quality --save-recon")
+    parser.add_argument(
+        "--side-by-side", type=Path, help="score: also write a PNG of original | reconstruction frames"
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     if args.smoke:

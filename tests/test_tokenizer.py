@@ -198,3 +198,14 @@ def test_discriminator_on_videos_and_images():
     disc = Discriminator3D(channels=8, multipliers=(2, 2))
     assert disc(torch.randn(2, 3, 17, 32, 32)).shape == (2, 1, 5, 8, 8)
     assert disc(torch.randn(2, 3, 1, 32, 32)).shape == (2, 1, 1, 8, 8)
+
+
+def test_small_preset_is_the_moving_digits_tokenizer():
+    from pathlib import Path
+
+    import yaml
+
+    config = Path(__file__).resolve().parents[1] / "configs/moving_digits/tokenizer.yaml"
+    vae = yaml.safe_load(config.read_text())["model"]["init_args"]["vae"]["init_args"]
+    small = {k: list(v) if isinstance(v, tuple) else v for k, v in presets["small"].items()}
+    assert {k: vae[k] for k in small} == small

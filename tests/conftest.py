@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from walt.data import write_video
+from walt.tokenizer import presets
 
 
 def moving_bar(
@@ -22,6 +24,28 @@ def moving_bar(
         x = (t * 2) % (width - 6)
         frames[t, :, x : x + 6] = colour
     return frames
+
+
+def cpu_sized_config(config: dict, latents: Path, name: str, **backbone) -> Path:
+    """A diffusion training config made to run on a CPU: a 2-layer backbone (``backbone`` adds options), the tiny
+    tokenizer with its weights, and the data read from ``latents`` (a `walt encode`-style folder); written
+    there as ``name``."""
+    model = config["model"]["init_args"]
+    model["backbone"]["init_args"].update(
+        in_channels=4, depth=2, hidden_size=32, num_heads=2, input_size=[5, 4, 4], **backbone
+    )
+    model["tokenizer"]["init_args"] = {**presets["tiny"], "variational": False}
+    model["tokenizer_weights"] = str(latents / "vae.safetensors")
+    for split in ("train", "val"):
+        if config["data"]["init_args"].get(split):
+            config["data"]["init_args"][split]["init_args"]["root"] = str(latents)
+    config["data"]["init_args"].update(batch_size=4, num_workers=0)
+    config["trainer"].update(
+        accelerator="cpu", devices=1, precision="32-true", default_root_dir=str(latents / "run")
+    )
+    path = latents / name
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 UCF_CLASSES = ["ApplyEyeMakeup", "Basketball", "HandstandPushups"]

@@ -13,6 +13,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import save_file
 
+from tests.conftest import cpu_sized_config
 from walt.cli import WaltCLI, main
 from walt.data import SyntheticVideos, VideoDataModule, read_video, to_uint8, write_video
 from walt.lightning import BaseDiffusionModule
@@ -185,23 +186,7 @@ def _latents(tmp_path: Path) -> None:
 def _runnable_here(config_path: Path, tmp_path: Path) -> Path:
     """The config with its data and tokenizer pointed at tiny files made here, shrunk to run on a CPU."""
     _latents(tmp_path)
-    config = yaml.safe_load(config_path.read_text())
-    model = config["model"]["init_args"]
-    model["backbone"]["init_args"].update(
-        in_channels=4, depth=2, hidden_size=32, num_heads=2, input_size=[5, 4, 4]
-    )
-    model["tokenizer"]["init_args"] = {**presets["tiny"], "variational": False}
-    model["tokenizer_weights"] = str(tmp_path / "vae.safetensors")
-    for split in ("train", "val"):
-        if config["data"]["init_args"].get(split):
-            config["data"]["init_args"][split]["init_args"]["root"] = str(tmp_path)
-    config["data"]["init_args"].update(batch_size=4, num_workers=0)
-    config["trainer"].update(
-        accelerator="cpu", devices=1, precision="32-true", default_root_dir=str(tmp_path / "run")
-    )
-    path = tmp_path / config_path.name
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return cpu_sized_config(yaml.safe_load(config_path.read_text()), tmp_path, config_path.name)
 
 
 BASE_CONFIGS = [*sorted((ROOT / "configs/base").glob("*.yaml")), ROOT / "configs/moving_digits/base.yaml"]

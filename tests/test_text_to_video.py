@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from tests.conftest import cpu_sized_config
 from walt.cli import WaltCLI, main
 from walt.conditioning import Conditioning, MiniLMTextEncoder, T5TextEncoder
 from walt.data import LatentShards, SyntheticVideos, collate_items, read_video
@@ -136,26 +137,12 @@ def _runnable_here(config_path: Path, tmp_path: Path, t5: Path) -> Path:
     """The config shrunk to run on a CPU, with its data, tokenizer and (for T5) text encoder made here."""
     _captioned_latents(tmp_path)
     config = yaml.safe_load(config_path.read_text())
-    model = config["model"]["init_args"]
-    encoder = model["text_encoder"]
+    encoder = config["model"]["init_args"]["text_encoder"]
     if encoder["class_path"].endswith("T5TextEncoder"):
         encoder["init_args"]["path"] = str(t5)
     encoder["init_args"]["cache_dir"] = str(tmp_path / "text_cache")
     text_dim = 16 if encoder["class_path"].endswith("T5TextEncoder") else 384
-    model["backbone"]["init_args"].update(
-        in_channels=4, depth=2, hidden_size=32, num_heads=2, input_size=[5, 4, 4], text_dim=text_dim
-    )
-    model["tokenizer"]["init_args"] = {**presets["tiny"], "variational": False}
-    model["tokenizer_weights"] = str(tmp_path / "vae.safetensors")
-    for split in ("train", "val"):
-        config["data"]["init_args"][split]["init_args"]["root"] = str(tmp_path)
-    config["data"]["init_args"].update(batch_size=4, num_workers=0)
-    config["trainer"].update(
-        accelerator="cpu", devices=1, precision="32-true", default_root_dir=str(tmp_path / "run")
-    )
-    path = tmp_path / config_path.name
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return cpu_sized_config(config, tmp_path, config_path.name, text_dim=text_dim)
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs/text").glob("*.yaml")), ids=lambda p: p.name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 class EMA(nn.Module):
@@ -36,17 +36,21 @@ class EMA(nn.Module):
 
     def current_decay(self) -> float:
         """The decay the next update uses."""
+        return float(self._decay())
+
+    def _decay(self) -> Tensor:
+        # A tensor on the counter's device: reading the counter on the host would sync a GPU every step.
         if not self.warmup:
-            return self.decay
-        n = int(self.num_updates)
-        return min(self.decay, (1 + n) / (10 + n))
+            return torch.tensor(self.decay, dtype=torch.float64, device=self.num_updates.device)
+        n = self.num_updates.double()  # float64: the same decay as computed on the host
+        return ((1 + n) / (10 + n)).clamp(max=self.decay)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         live = dict(model.named_parameters())
-        weight = 1.0 - self.current_decay()
+        weight = 1.0 - self._decay()
         for name, ema_param in self.module.named_parameters():
-            ema_param.lerp_(live[name].detach().to(ema_param.dtype), weight)
+            ema_param.lerp_(live[name].detach().to(ema_param.dtype), weight.to(ema_param.dtype))
         live_buffers = dict(model.named_buffers())
         for name, ema_buffer in self.module.named_buffers():
             ema_buffer.copy_(live_buffers[name])

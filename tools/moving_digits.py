@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,9 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+
+from demo import newest_checkpoint, walt  # noqa: E402  (tools/demo.py: `walt` commands as a user runs them)
 
 from walt.data import MovingDigits, to_uint8  # noqa: E402
 from walt.data.datamodule import collate_items  # noqa: E402
@@ -98,18 +99,6 @@ START = time.perf_counter()
 
 def log(message: str) -> None:
     print(f"[{time.perf_counter() - START:7.1f} s] {message}", flush=True)
-
-
-def walt(*args: str) -> None:
-    log("$ walt " + " ".join(args))
-    subprocess.run([sys.executable, "-m", "walt", *args], check=True)
-
-
-def last_checkpoint(root: Path) -> Path:
-    found = sorted(root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise SystemExit(f"no last.ckpt under {root}: did the training stage finish?")
-    return found[-1]
 
 
 def scalars(root: Path) -> dict[str, list[tuple[int, float]]]:
@@ -185,7 +174,7 @@ def stage_tokenizer(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     train_s = time.perf_counter() - tic
     walt(
         "encode", "--config", str(configs["tokenizer"]), "--data", str(configs["latents"]),
-        "--checkpoint", str(last_checkpoint(out / "tokenizer")), "--output", str(out / "tokenizer_export"),
+        "--checkpoint", str(newest_checkpoint(out / "tokenizer")), "--output", str(out / "tokenizer_export"),
         "--stats-only", "--stats-samples", str(min(1024, args.num_samples * 8)), "--device", args.device,
         "--batch-size", "64", "--num-workers", str(args.workers),
     )  # fmt: skip
@@ -286,7 +275,7 @@ def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
     log("rendered the real clips")
     real = stats(test_videos, "test")
     fvd = {"train_vs_test": frechet_distance(stats(train_videos, "train"), real)}
-    trained, _ = load_module(configs["base"], last_checkpoint(args.out / "base"), dev)
+    trained, _ = load_module(configs["base"], newest_checkpoint(args.out / "base"), dev)
     fvd["reconstruction_vs_test"] = frechet_distance(
         stats(reconstruct(trained.tokenizer, test_videos, dev), "recon"), real
     )

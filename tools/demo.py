@@ -110,24 +110,34 @@ def report(counts: dict[str, int], what: str) -> None:
     )
 
 
-def text_stage(out: Path) -> dict[str, int]:
-    """Text-to-video on the demo's latents: MiniLM caption tokens through cross-attention, guidance 3."""
+def fit_on_latents(config: str, out: Path, name: str, *extra: str) -> None:
+    """`walt fit` of a diffusion config on the latents and tokenizer the demo encoded, into ``out/name``."""
     walt(
         "fit",
         "--config",
-        "configs/text/quickstart.yaml",
+        config,
         "--trainer.default_root_dir",
-        str(out / "text"),
+        str(out / name),
         "--model.init_args.tokenizer_weights",
         str(out / "latents" / "vae.safetensors"),
-        "--model.init_args.text_encoder.init_args.cache_dir",
-        str(out / "text_cache"),
         "--data.init_args.train.init_args.root",
         str(out / "latents"),
         "--data.init_args.val.init_args.root",
         str(out / "latents"),
         "--trainer.enable_progress_bar",
         "false",
+        *extra,
+    )
+
+
+def text_stage(out: Path) -> dict[str, int]:
+    """Text-to-video on the demo's latents: MiniLM caption tokens through cross-attention, guidance 3."""
+    fit_on_latents(
+        "configs/text/quickstart.yaml",
+        out,
+        "text",
+        "--model.init_args.text_encoder.init_args.cache_dir",
+        str(out / "text_cache"),
     )
     prompts = out / "prompts.txt"
     prompts.write_text("".join(f"a {c} circle moving {m}\n" for c in DEMO_COLOURS for m in ("left", "right")))
@@ -207,21 +217,7 @@ def main() -> None:
     times["encode"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    walt(
-        "fit",
-        "--config",
-        "configs/base/quickstart.yaml",
-        "--trainer.default_root_dir",
-        str(out / "base"),
-        "--model.init_args.tokenizer_weights",
-        str(out / "latents" / "vae.safetensors"),
-        "--data.init_args.train.init_args.root",
-        str(out / "latents"),
-        "--data.init_args.val.init_args.root",
-        str(out / "latents"),
-        "--trainer.enable_progress_bar",
-        "false",
-    )
+    fit_on_latents("configs/base/quickstart.yaml", out, "base")
     base_ckpt = newest_checkpoint(out / "base")
     times["base model"] = time.perf_counter() - tic
 

@@ -15,9 +15,15 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from profiling import profile_steps, summary
 
 from walt.lightning import BaseDiffusionModule
 from walt.tokenizer import CausalVAE, presets
@@ -69,7 +75,13 @@ def run_case(module, args, device, guidance: float) -> dict:
         torch.cuda.reset_peak_memory_stats()
     times = [once(args.steps) for _ in range(args.repeats)]
     seconds = statistics.median(times)
+    profiled = (
+        profile_steps(lambda: once(args.steps), iters=1) if args.profile and device.type == "cuda" else None
+    )
+    if profiled:
+        print(f"guidance {guidance}: " + summary(profiled), flush=True)
     return {
+        "profile": profiled,
         "guidance": guidance,
         "batch": args.batch,
         "steps": args.steps,
@@ -88,6 +100,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone (fullgraph)")
+    p.add_argument("--profile", action="store_true", help="add a kernel breakdown of one run (GPU)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args()

@@ -21,13 +21,19 @@ import contextlib
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from profiling import profile_steps, summary
 
 from walt.conditioning import Conditioning
 from walt.nn import fit_window
@@ -66,6 +72,7 @@ class Result:
     tflops: float
     fraction_of_peak: float
     peak_mem_gib: float | None
+    profile: dict | None = None
 
 
 def build_model(case: Case, model_kwargs: dict, device: torch.device) -> WALT:
@@ -145,14 +152,17 @@ def run_case(case: Case, args: argparse.Namespace, model_kwargs: dict, device: t
     model.gradient_checkpointing = False
     flops, attention_share = count_flops(make_step(model, None, batch, device.type))
     model.gradient_checkpointing = args.checkpointing
-    runnable = torch.compile(model, fullgraph=True) if args.compile else model
+    runnable = torch.compile(model, fullgraph=True, mode=args.mode) if args.compile else model
     step = make_step(runnable, optimizer, batch, device.type)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if args.require_flash else contextlib.nullcontext():
         ms = time_steps(step, args.warmup, args.iters, cuda)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        profiled = profile_steps(step) if args.profile and cuda else None
+    if profiled:
+        print(summary(profiled), flush=True)
     tflops = flops / (ms / 1000) / 1e12
     fitted = [fit_window(case.grid, w) for w in ATTENTION[case.attention]]
     del model, runnable, optimizer, step
@@ -171,6 +181,7 @@ def run_case(case: Case, args: argparse.Namespace, model_kwargs: dict, device: t
         tflops=tflops,
         fraction_of_peak=tflops / H100_BF16_DENSE_TFLOPS,
         peak_mem_gib=peak,
+        profile=profiled,
     )
 
 
@@ -202,6 +213,7 @@ def write_json(path: str, args: argparse.Namespace, device: torch.device, result
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "compile": args.compile,
+        "compile_mode": args.mode,
         "optimizer": args.optimizer,
         "checkpointing": args.checkpointing,
         "dtype": "bf16 autocast, fp32 parameters",
@@ -219,8 +231,12 @@ def main() -> None:
     parser.add_argument("--out", help="write results as JSON to this path (rewritten after each case)")
     parser.add_argument("--smoke", action="store_true", help="tiny 2-layer model on CPU (checks the script)")
     parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) the model")
+    parser.add_argument(
+        "--mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: default)"
+    )
     parser.add_argument("--optimizer", action="store_true", help="include a fused AdamW step in each step")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    parser.add_argument("--profile", action="store_true", help="add a kernel breakdown of the step (GPU)")
     parser.add_argument("--require-flash", action="store_true", help="fail unless SDPA can use flash kernels")
     parser.add_argument("--models", nargs="+", choices=["XL", "L"], default=["XL", "L"])
     parser.add_argument("--attention", nargs="+", choices=list(ATTENTION), default=list(ATTENTION))

@@ -70,6 +70,9 @@ class BaseDiffusionModule(L.LightningModule):
         sample_steps / num_log_samples: DDIM steps and class-conditional videos logged after each validation.
         tokenizer_chunk_size: latent frames per tokenizer chunk when encoding or decoding (the causal cache
             bounds memory on large videos; results are identical); None = one pass.
+        compile: ``torch.compile`` the backbone and its EMA copy (whole graph, in place, so checkpoints keep
+            their keys); on a GPU it roughly halves the step time (benchmarks/RESULTS.md), at a compilation
+            cost of a minute or so per input shape at the start of a run.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class BaseDiffusionModule(L.LightningModule):
         num_log_samples: int = 4,
         video_fps: float = 8.0,
         tokenizer_chunk_size: int | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if frame_prediction_prob > 0 and not backbone.context_frames:
@@ -119,6 +123,10 @@ class BaseDiffusionModule(L.LightningModule):
         if train_only_spatiotemporal:
             _freeze_spatial(backbone)
         self.ema = EMA(backbone, ema_decay) if ema_decay is not None else None
+        if compile:
+            backbone.compile(fullgraph=True)
+            if self.ema is not None:
+                self.ema.module.compile(fullgraph=True)
         self._latent_shape: tuple[int, ...] | None = None  # seen in validation; shapes the logged samples
         self._log_prompts: list[str] = []  # captions of the first validation batch, for text models
 

@@ -1,0 +1,85 @@
+"""Where a step's GPU time goes: kernels grouped by kind, from one torch.profiler trace.
+
+``profile_steps(step, iters)`` runs ``step`` under the profiler and returns per-step milliseconds of each kernel
+kind (matmul, attention, fused/compiled elementwise, eager elementwise, normalization, optimizer, copies,
+other), the GPU-busy total, the wall time, and the top kernels. Wall minus busy is time the GPU waited on the
+host (launch overhead, synchronizations); shares are of the wall time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# First match wins: a kernel name containing any of these substrings belongs to that kind.
+KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "cublas", "sm90_", "sm80_", "matmul")),
+    ("norm", ("layer_norm", "layernorm", "group_norm", "groupnorm", "batch_norm")),
+    ("convolution", ("conv", "implicit", "winograd", "cudnn")),
+    ("compiled fused", ("triton",)),
+    ("copy", ("memcpy", "memset", "copy", "cat", "fill")),
+    ("eager elementwise", ("elementwise", "vectorized", "reduce", "unrolled", "index")),
+)
+
+
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    for kind, keys in KINDS:
+        if any(key in name for key in keys):
+            return kind
+    return "other"
+
+
+def _device_ms(event) -> float:
+    for attr in ("device_time", "cuda_time"):
+        value = getattr(event, attr, None)
+        if value:
+            return value / 1000.0
+    return 0.0
+
+
+def profile_steps(step: Callable[[], None], iters: int = 3, top: int = 25) -> dict:
+    """Profile ``iters`` calls of ``step`` (already warmed up) on the GPU; figures are per step."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        tic = time.perf_counter()
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+        wall_ms = 1000 * (time.perf_counter() - tic) / iters
+    per_kind: dict[str, float] = defaultdict(float)
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = _device_ms(event) / iters
+        per_kind[kind_of(event.name)] += ms
+        per_kernel[event.name][0] += ms
+        per_kernel[event.name][1] += 1
+    busy = sum(per_kind.values())
+    kernels = sorted(per_kernel.items(), key=lambda item: -item[1][0])[:top]
+    return {
+        "wall_ms_per_step": wall_ms,
+        "gpu_busy_ms_per_step": busy,
+        "gpu_idle_share": max(0.0, 1 - busy / wall_ms),
+        "kinds_ms_per_step": {k: round(v, 3) for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])},
+        "kinds_share_of_wall": {k: round(v / wall_ms, 4) for k, v in per_kind.items()},
+        "top_kernels": [
+            {"name": name[:160], "kind": kind_of(name), "ms_per_step": round(ms, 3), "calls": int(n) // iters}
+            for name, (ms, n) in kernels
+        ],
+    }
+
+
+def summary(profile_result: dict) -> str:
+    """One line per kernel kind, for logs."""
+    wall = profile_result["wall_ms_per_step"]
+    parts = [f"wall {wall:.1f} ms, GPU busy {profile_result['gpu_busy_ms_per_step']:.1f} ms"]
+    parts += [f"{k} {v:.1f}" for k, v in profile_result["kinds_ms_per_step"].items()]
+    return "; ".join(parts)

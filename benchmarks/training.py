@@ -1,0 +1,188 @@
+"""Training speed of the library's own step: ``walt fit``'s loop (Lightning Trainer, BaseDiffusionModule with
+self-conditioning, label dropout, AdamW and the EMA update) on in-memory latents, eager or compiled.
+
+Cases:
+  moving_digits  the MovingDigits base model (configs/moving_digits/base.yaml): WALT 12 x 512, batch 128 of
+                 8 x 5 x 8 x 8 latents, 10 classes
+  xl             W.A.L.T-XL, batch 4 of 8 x 16 x 16 x 16 latents (the grid of the transformer benchmark), 101
+                 classes; with self-conditioning each step has a third forward pass (no gradient) on 90 % of
+                 steps' samples, so it costs more than benchmarks/transformer.py's bare step
+  l              W.A.L.T-L, batch 8 of 8 x 5 x 16 x 16 latents (the paper's grid)
+
+Reports milliseconds per optimizer step (wall time over ``--steps`` steps after ``--warmup``, GPU synchronized at
+both ends), and with ``--profile`` where the GPU time of a few steps goes (benchmarks/profiling.py).
+
+    python benchmarks/training.py --cases moving_digits xl --out training.json [--compile] [--profile]
+    python benchmarks/training.py --smoke          # tiny case on the CPU: checks the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from profiling import profile_steps, summary
+
+from walt.lightning import BaseDiffusionModule
+from walt.transformer import WALT
+from walt.transformer import presets as sizes
+
+CASES = {
+    "moving_digits": dict(
+        size=dict(depth=12, hidden_size=512, num_heads=8), grid=(5, 8, 8), batch=128, classes=10, lr=1e-3
+    ),
+    "xl": dict(size=sizes["XL"], grid=(16, 16, 16), batch=4, classes=101, lr=1e-4),
+    "l": dict(size=sizes["L"], grid=(5, 16, 16), batch=8, classes=101, lr=1e-4),
+    "smoke": dict(
+        size=dict(depth=2, hidden_size=32, num_heads=2), grid=(2, 4, 4), batch=2, classes=3, lr=1e-3
+    ),
+}
+
+
+class RandomLatents(Dataset):
+    """Fixed random latents and labels, like a LatentShards folder already in memory."""
+
+    def __init__(self, num: int, grid: tuple[int, int, int], classes: int) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.latent = torch.randn(num, 8, *grid, generator=gen)
+        self.label = torch.randint(0, classes, (num,), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.latent)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"latent": self.latent[i], "label": self.label[i]}
+
+
+class StepTimer(L.Callback):
+    """Wall time of the steps after warm-up, GPU synchronized only at the two ends; optional profile."""
+
+    def __init__(self, warmup: int, steps: int, profile: bool) -> None:
+        self.warmup, self.steps, self.profile = warmup, steps, profile
+        self.ms_per_step: float | None = None
+        self._tic = 0.0
+        self.profile_result: dict | None = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+        if batch_idx == self.warmup:
+            _sync()
+            self._tic = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        if batch_idx == self.warmup + self.steps - 1:
+            _sync()
+            self.ms_per_step = 1000 * (time.perf_counter() - self._tic) / self.steps
+            trainer.should_stop = True
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build(case: dict, compile: bool) -> BaseDiffusionModule:
+    backbone = WALT(
+        in_channels=8,
+        input_size=case["grid"],
+        num_classes=case["classes"],
+        self_conditioning=True,
+        **case["size"],
+    )
+    optimizer = lambda params: torch.optim.AdamW(params, lr=case["lr"], betas=(0.9, 0.99), weight_decay=0.0)
+    return BaseDiffusionModule(
+        backbone, optimizer=optimizer, warmup_steps=100, ema_decay=0.999, num_log_samples=0, compile=compile
+    )
+
+
+def run(name: str, args: argparse.Namespace) -> dict:
+    case = CASES[name]
+    cuda = torch.cuda.is_available() and not args.smoke
+    module = build(case, args.compile)
+    data = RandomLatents(case["batch"] * (args.warmup + args.steps + 1), case["grid"], case["classes"])
+    loader = DataLoader(data, batch_size=case["batch"], shuffle=True, drop_last=True)
+    timer = StepTimer(args.warmup, args.steps, args.profile)
+    trainer = L.Trainer(
+        accelerator="gpu" if cuda else "cpu",
+        devices=1,
+        precision="bf16-mixed" if cuda else "32-true",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, loader)
+    row = {
+        "case": name,
+        "compile": args.compile,
+        "batch": case["batch"],
+        "grid": "x".join(map(str, case["grid"])),
+        "params_m": sum(p.numel() for p in module.backbone.parameters()) / 1e6,
+        "ms_per_step": timer.ms_per_step,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__,
+    }
+    if args.profile and cuda:
+        row["profile"] = profile_module_steps(module, trainer, loader)
+        print(summary(row["profile"]), flush=True)
+    return row
+
+
+def profile_module_steps(module: BaseDiffusionModule, trainer: L.Trainer, loader: DataLoader) -> dict:
+    """The same step outside the Trainer (loss, backward, AdamW, EMA), profiled: the kernels, not the loop."""
+    optimizer = trainer.optimizers[0]
+    batch = {k: v.to(module.device) for k, v in next(iter(loader)).items()}
+
+    def step() -> None:
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = module._loss(batch, train=True)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        module.ema.update(module.backbone)
+
+    for _ in range(3):
+        step()
+    return profile_steps(step)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--cases", nargs="+", choices=[c for c in CASES if c != "smoke"], default=["moving_digits"]
+    )
+    p.add_argument("--compile", action="store_true", help="BaseDiffusionModule(compile=True)")
+    p.add_argument("--profile", action="store_true", help="add a kernel breakdown of the step (GPU)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args()
+    if args.smoke:
+        args.cases, args.warmup, args.steps = ["smoke"], 1, 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(0)
+    rows = []
+    for name in args.cases:
+        rows.append(run(name, args))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "profile"}), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

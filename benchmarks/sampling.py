@@ -76,7 +76,9 @@ def run_case(module, args, device, guidance: float) -> dict:
     times = [once(args.steps) for _ in range(args.repeats)]
     seconds = statistics.median(times)
     profiled = (
-        profile_steps(lambda: once(args.steps), iters=1) if args.profile and device.type == "cuda" else None
+        profile_steps(lambda: once(args.steps), 1000 * seconds, iters=1)
+        if args.profile and device.type == "cuda"
+        else None
     )
     if profiled:
         print(f"guidance {guidance}: " + summary(profiled), flush=True)

@@ -137,12 +137,14 @@ def run(name: str, args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
     }
     if args.profile and cuda:
-        row["profile"] = profile_module_steps(module, trainer, loader)
+        row["profile"] = profile_module_steps(module, trainer, loader, timer.ms_per_step)
         print(summary(row["profile"]), flush=True)
     return row
 
 
-def profile_module_steps(module: BaseDiffusionModule, trainer: L.Trainer, loader: DataLoader) -> dict:
+def profile_module_steps(
+    module: BaseDiffusionModule, trainer: L.Trainer, loader: DataLoader, wall_ms: float
+) -> dict:
     """The same step outside the Trainer (loss, backward, AdamW, EMA), profiled: the kernels, not the loop."""
     optimizer = trainer.optimizers[0]
     batch = {k: v.to(module.device) for k, v in next(iter(loader)).items()}
@@ -157,7 +159,7 @@ def profile_module_steps(module: BaseDiffusionModule, trainer: L.Trainer, loader
 
     for _ in range(3):
         step()
-    return profile_steps(step)
+    return profile_steps(step, wall_ms)
 
 
 def main() -> None:

@@ -43,6 +43,12 @@ H100_BF16_DENSE_TFLOPS = 798.0  # measured bf16 matmul ceiling of the reference 
 LATENT_CHANNELS = 8
 NUM_CLASSES = 101  # UCF-101, the paper's class-conditional benchmark
 
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
+
 ATTENTION = {
     "window": WALT_WINDOWS,
     "full": ((-1, -1, -1),),
@@ -157,10 +163,10 @@ def run_case(case: Case, args: argparse.Namespace, model_kwargs: dict, device: t
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if args.require_flash else contextlib.nullcontext():
+    with sdpa_kernel([SDPA_BACKENDS[args.sdpa]]) if args.sdpa else contextlib.nullcontext():
         ms = time_steps(step, args.warmup, args.iters, cuda)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        profiled = profile_steps(step) if args.profile and cuda else None
+        profiled = profile_steps(step, ms) if args.profile and cuda else None
     if profiled:
         print(summary(profiled), flush=True)
     tflops = flops / (ms / 1000) / 1e12
@@ -237,7 +243,9 @@ def main() -> None:
     parser.add_argument("--optimizer", action="store_true", help="include a fused AdamW step in each step")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--profile", action="store_true", help="add a kernel breakdown of the step (GPU)")
-    parser.add_argument("--require-flash", action="store_true", help="fail unless SDPA can use flash kernels")
+    parser.add_argument(
+        "--sdpa", choices=list(SDPA_BACKENDS), help="restrict SDPA to one kernel (fails where it cannot run)"
+    )
     parser.add_argument("--models", nargs="+", choices=["XL", "L"], default=["XL", "L"])
     parser.add_argument("--attention", nargs="+", choices=list(ATTENTION), default=list(ATTENTION))
     parser.add_argument("--batch-xl", type=int, default=4)

@@ -88,6 +88,8 @@ def run_case(module, args, device, guidance: float) -> dict:
         "batch": args.batch,
         "steps": args.steps,
         "compile": args.compile,
+        "mode": args.mode,
+        "compile_decoder": args.compile_decoder,
         "seconds_per_batch": seconds,
         "seconds_per_video": seconds / args.batch,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
@@ -102,6 +104,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone (fullgraph)")
+    p.add_argument("--mode", help="torch.compile mode of the backbone, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--compile-decoder", action="store_true", help="torch.compile the tokenizer's decoder")
     p.add_argument("--profile", action="store_true", help="add a kernel breakdown of one run (GPU)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", help="write the rows as JSON here")
@@ -112,7 +116,9 @@ def main() -> None:
     torch.manual_seed(0)
     module = build(args.smoke, device)
     if args.compile:
-        module.backbone = torch.compile(module.backbone, fullgraph=True)
+        module.backbone = torch.compile(module.backbone, fullgraph=True, mode=args.mode)
+    if args.compile_decoder:  # the causal cache is Python state: graph breaks are allowed here
+        module.tokenizer.decoder = torch.compile(module.tokenizer.decoder)
     rows = []
     for guidance in args.guidance:
         row = run_case(module, args, device, guidance)

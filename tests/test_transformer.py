@@ -29,9 +29,9 @@ def randomize_(module: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
     return module
 
 
-def full_model() -> WALT:
+def full_model(**kwargs) -> WALT:
     """Every conditioning path enabled."""
-    return tiny(num_classes=5, text_dim=6, context_frames=True, lowres=True, self_conditioning=True)
+    return tiny(num_classes=5, text_dim=6, context_frames=True, lowres=True, self_conditioning=True, **kwargs)
 
 
 def full_inputs(B=2, T=3, H=8, W=8):
@@ -285,6 +285,25 @@ def test_bf16_autocast_stays_close_to_float32():
     assert out.dtype == torch.bfloat16
     error = (out.float() - reference).norm() / reference.norm()
     assert error < 0.03, error
+
+
+@pytest.mark.parametrize("fp32_residual", [False, True])
+def test_residual_stream_dtype_under_autocast(fp32_residual):
+    """bf16 autocast keeps the stream between blocks in bf16 (unless asked for float32); both stay close to a
+    float32 forward, and the choice compiles into one graph."""
+    model = randomize_(full_model(fp32_residual=fp32_residual), std=0.1)
+    x, t, cond = full_inputs()
+    reference = model(x, t, cond)
+    seen = []
+    model.blocks[0].register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, cond)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x, t, cond)
+    stream = torch.float32 if fp32_residual else torch.bfloat16
+    assert seen[0] == (stream, stream)
+    error = (out.float() - reference).norm() / reference.norm()
+    assert error < 0.03, error
+    torch.testing.assert_close(compiled, out)
 
 
 # ---------------------------------------------------------------- parameter counts

@@ -46,6 +46,11 @@ class WALT(nn.Module):
 
     All modulations, the text cross-attention output and the output projection start at zero, so a new
     model predicts zeros and every block starts as the identity.
+
+    Under autocast the residual stream between blocks is kept in the autocast dtype (bf16), as Megatron-LM
+    does by default: the float32 position table would otherwise promote it to float32, and reading and
+    writing a float32 stream is about a fifth of a block's memory traffic (benchmarks/RESULTS.md).
+    ``fp32_residual=True`` keeps it in float32.
     """
 
     def __init__(
@@ -66,6 +71,7 @@ class WALT(nn.Module):
         lowres: bool = False,
         self_conditioning: bool = False,
         gradient_checkpointing: bool = False,
+        fp32_residual: bool = False,
     ) -> None:
         super().__init__()
         T0, H0, W0 = input_size
@@ -83,6 +89,7 @@ class WALT(nn.Module):
         self.lowres = lowres
         self.self_conditioning = self_conditioning
         self.gradient_checkpointing = gradient_checkpointing
+        self.fp32_residual = fp32_residual
 
         cross_attention = text_dim is not None
         channels = in_channels * (1 + context_frames + lowres + self_conditioning) + context_frames
@@ -148,7 +155,7 @@ class WALT(nn.Module):
         c_act = F.silu(c)[:, :, None, None, :]  # (B, T', 1, 1, D)
         shared = self.adaln_shared(c_act)  # (B, T', 1, 1, 6D)
         h = self.patch_embed(self._input(x, cond))  # (B, T, H', W', D)
-        h = self.pos_embed(h, cond.is_image)  # (B, T, H', W', D)
+        h = self._residual_dtype(self.pos_embed(h, cond.is_image))  # (B, T, H', W', D)
         text = self.text_proj(cond.text) if self.text_proj is not None else None  # (B, L, D)
         grid = tuple(h.shape[1:4])
         windows = [fit_window(grid, w) for w in self.windows]
@@ -157,6 +164,12 @@ class WALT(nn.Module):
             j = i % len(windows)
             h = self._run_block(block, h, shared, c_act, windows[j], masks[j], text, cond.text_mask)
         return self.final_layer(h, c_act)  # (B, C, T, H, W)
+
+    def _residual_dtype(self, h: Tensor) -> Tensor:
+        device = h.device.type
+        if self.fp32_residual or not torch.is_autocast_enabled(device):
+            return h
+        return h.to(torch.get_autocast_dtype(device))
 
     def _run_block(self, block: WindowBlock, *args) -> Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -1,5 +1,6 @@
 """Diffusion as small pure functions: schedules, parameterisations, the loss and the samplers."""
 
+from walt.diffusion.distillation import guidance_scales, guided_target, student_times, two_step_target
 from walt.diffusion.guidance import (
     classifier_free_guidance,
     concat_conditioning,
@@ -41,13 +42,17 @@ __all__ = [
     "ddpm_sample",
     "eps_from_v",
     "expand_like",
+    "guidance_scales",
     "guided",
+    "guided_target",
     "linear_beta_alphas_cumprod",
     "noisy",
     "null_conditioning",
     "rescale_zero_terminal_snr",
     "self_conditioned",
+    "student_times",
     "time_grid",
+    "two_step_target",
     "v_from_eps",
     "v_loss",
     "velocity",

@@ -2,6 +2,7 @@
 
 from walt.diffusion.distillation import guidance_scales, guided_target, student_times, two_step_target
 from walt.diffusion.guidance import (
+    ConditionalModel,
     classifier_free_guidance,
     concat_conditioning,
     guided,
@@ -29,6 +30,7 @@ from walt.diffusion.schedule import (
 )
 
 __all__ = [
+    "ConditionalModel",
     "CosineSchedule",
     "ModelFn",
     "NoiseSchedule",

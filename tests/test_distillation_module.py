@@ -272,3 +272,15 @@ def test_rounds_chain_through_walt_fit_and_walt_sample_uses_the_distilled_studen
     assert done.value.code == 0
     assert [e["class"] for e in json.loads((out / "samples.json").read_text())] == [0, 1]
     assert read_video(out / "sample_000_class0.mp4").shape == (17, 32, 32, 3)
+
+
+def test_the_distill_config_is_the_base_models_architecture_plus_the_guidance_input():
+    base, distill = (
+        yaml.safe_load((ROOT / f"configs/moving_digits/{n}.yaml").read_text())["model"]["init_args"]
+        for n in ("base", "distill")
+    )
+    assert distill["backbone"]["init_args"] == {**base["backbone"]["init_args"], "guidance_input": True}
+    assert (
+        distill["tokenizer"] == base["tokenizer"]
+        and distill["tokenizer_weights"] == base["tokenizer_weights"]
+    )

@@ -247,11 +247,13 @@ class DistillationModule(BaseDiffusionModule):
         cond, weight = self._conditioning(batch, z, train, generator)
         cond.guidance = guidance_scales(B, *self.guidance_range, z.device, generator)  # (B,)
         if self.self_condition_prob > 0:
-            cond.self_cond = self._self_condition(self._teacher_model(cond), x_t, t, cond, generator)
+            teacher = self._teacher_model(cond)
+            cond.self_cond = self._self_condition(teacher, x_t, t, cond, generator)  # (B, C, T, H, W)
         target = self._target(x_t, t64, s64, cond)  # (B, C, T, H, W)
         v = self.backbone(x_t, t, cond)  # (B, C, T, H, W)
         # MSE on v is the x0 error weighted by SNR + 1 (x0 = alpha x_t - sigma v and 1 / sigma^2 = SNR + 1):
-        # one of the two weightings Salimans & Ho recommend, finite at t = 1 where an x0 loss vanishes.
+        # one of the two weightings Salimans & Ho recommend; it keeps weight 1 at t = 1 (SNR 0), where the
+        # SNR-weighted (eps) loss gives the first, most consequential step of a few-step sampler none.
         return v_loss(v, target, weight)
 
     def _teacher_model(self, cond: Conditioning) -> ConditionalModel:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -439,6 +440,9 @@ def stage_distill(args: argparse.Namespace, configs: dict[str, Path]) -> None:
         root = out / "distill" / name
         tic = time.perf_counter()
         if args.force or not list(root.glob("**/checkpoints/*.ckpt")):  # a finished round is kept
+            shutil.rmtree(
+                root, ignore_errors=True
+            )  # a rerun round starts clean: one run's curves, one checkpoint
             walt(
                 "fit", "--config", str(configs["distill"]), "--model.init_args.stage", stage,
                 "--model.init_args.student_steps", str(steps), "--model.init_args.teacher_checkpoint", str(teacher),

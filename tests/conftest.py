@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
-from walt.data import write_video
-from walt.tokenizer import presets
+from walt.data import SyntheticVideos, write_video
+from walt.tokenizer import CausalVAE, presets
 
 
 def moving_bar(
@@ -46,6 +48,21 @@ def cpu_sized_config(config: dict, latents: Path, name: str, **backbone) -> Path
     path = latents / name
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def write_tiny_latents(folder: Path) -> None:
+    """A `walt encode`-style folder: tiny-tokenizer latents of 17x32x32 synthetic circles, and its weights."""
+    vae = CausalVAE(**presets["tiny"], variational=False)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / "vae.safetensors"))
+    videos = SyntheticVideos(
+        num_samples=8, num_frames=17, resolution=32, shapes=["circle"], motions=["left", "right"]
+    )
+    with torch.no_grad():
+        latents = vae.encode(torch.stack([videos[i]["video"] for i in range(8)]))  # (8, 4, 5, 4, 4)
+    labels = torch.tensor([videos[i]["label"] for i in range(8)])
+    save_file({"latents": latents.contiguous(), "labels": labels}, str(folder / "shard-00000.safetensors"))
+    index = {"shards": [{"file": "shard-00000.safetensors", "num_samples": 8}], "classes": videos.classes}
+    (folder / "index.json").write_text(json.dumps(index))
 
 
 UCF_CLASSES = ["ApplyEyeMakeup", "Basketball", "HandstandPushups"]

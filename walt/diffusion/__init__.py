@@ -1,6 +1,8 @@
 """Diffusion as small pure functions: schedules, parameterisations, the loss and the samplers."""
 
+from walt.diffusion.distillation import guidance_scales, guided_target, student_times, two_step_target
 from walt.diffusion.guidance import (
+    ConditionalModel,
     classifier_free_guidance,
     concat_conditioning,
     guided,
@@ -28,6 +30,7 @@ from walt.diffusion.schedule import (
 )
 
 __all__ = [
+    "ConditionalModel",
     "CosineSchedule",
     "ModelFn",
     "NoiseSchedule",
@@ -41,13 +44,17 @@ __all__ = [
     "ddpm_sample",
     "eps_from_v",
     "expand_like",
+    "guidance_scales",
     "guided",
+    "guided_target",
     "linear_beta_alphas_cumprod",
     "noisy",
     "null_conditioning",
     "rescale_zero_terminal_snr",
     "self_conditioned",
+    "student_times",
     "time_grid",
+    "two_step_target",
     "v_from_eps",
     "v_loss",
     "velocity",

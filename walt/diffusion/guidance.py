@@ -1,7 +1,7 @@
 """Turning a conditional denoiser ``model(x_t, t, cond) -> v`` into the ``model_fn(x_t, t)`` a sampler calls.
 
 - :func:`classifier_free_guidance`: ``v_u + w (v_c - v_u)`` (Ho & Salimans, 2022) with the conditional and
-  unconditional passes batched into one call, and ``w`` a constant or a function of t.
+  unconditional passes batched into one call, and ``w`` a constant, one value per sample or a function of t.
 - :func:`self_conditioned`: feeds each step's x0 estimate back as the next step's ``self_cond`` (Chen et al.,
   2023, "Analog Bits"), the way the model saw it in training.
 """
@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 ConditionalModel = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
-GuidanceScale = float | Callable[[torch.Tensor], torch.Tensor]
+GuidanceScale = float | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 # Signals that classifier-free guidance drops; the rest (low-res input, augmentation level, self-conditioning,
 # the image flags) describe the sample itself and stay.
@@ -100,18 +100,31 @@ def guided(
 ) -> ConditionalModel:
     """A conditional model whose output is ``v_u + w(t) (v_c - v_u)``, both predictions from one batched call.
 
-    ``scale`` is a constant ``w`` or a function of ``t`` (B,) returning (B,); ``w = 1`` is the conditional
-    model and ``w = 0`` the unconditional one. ``null`` maps a conditioning to its unconditional counterpart.
+    ``scale`` is a constant ``w``, a tensor (B,) of one ``w`` per sample (guidance distillation trains on a
+    range of scales) or a function of ``t`` (B,) returning (B,); ``w = 1`` is the conditional model and
+    ``w = 0`` the unconditional one. ``null`` maps a conditioning to its unconditional counterpart.
     """
 
     def guided_model(x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         both = concat_conditioning(cond, null(cond))
         v = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both)  # (2B, C, T, H, W)
         v_cond, v_uncond = v.chunk(2)  # (B, C, T, H, W) each
-        w = scale(t) if callable(scale) else torch.full_like(t, scale)  # (B,)
+        w = _scale_per_sample(scale, t)  # (B,)
         return v_uncond + expand_like(w.to(v.dtype), v) * (v_cond - v_uncond)
 
     return guided_model
+
+
+def _scale_per_sample(scale: GuidanceScale, t: torch.Tensor) -> torch.Tensor:
+    if callable(scale):
+        return scale(t)
+    if isinstance(scale, torch.Tensor):
+        if scale.shape != t.shape[:1]:
+            raise ValueError(
+                f"a guidance scale per sample must have shape {tuple(t.shape[:1])}, got {tuple(scale.shape)}"
+            )
+        return scale
+    return torch.full_like(t, scale)
 
 
 def classifier_free_guidance(
@@ -129,13 +142,18 @@ def classifier_free_guidance(
     return lambda x_t, t: guided_model(x_t, t, cond)
 
 
-def self_conditioned(model: ConditionalModel, cond: Conditioning, schedule: NoiseSchedule) -> ModelFn:
+def self_conditioned(
+    model: ConditionalModel,
+    cond: Conditioning,
+    schedule: NoiseSchedule,
+    initial: torch.Tensor | None = None,
+) -> ModelFn:
     """A ``model_fn`` that passes the previous step's x0 estimate as ``cond.self_cond``.
 
-    The first step sees no estimate (``self_cond=None``, which the model reads as zeros). Each call to this
-    function starts a fresh chain, so build one per sampling run.
+    The first step sees ``initial`` (default None: no estimate, which the model reads as zeros). Each call to
+    this function starts a fresh chain, so build one per sampling run.
     """
-    previous: list[torch.Tensor] = []
+    previous: list[torch.Tensor] = [] if initial is None else [initial]
 
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         step_cond = dataclasses.replace(cond, self_cond=previous[-1] if previous else None)

@@ -35,7 +35,9 @@ def ddim_step(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One step from time ``t`` to the earlier time ``s`` (scalars) given the model's ``v`` at ``x_t``.
+    """One step from time ``t`` to the earlier time ``s`` given the model's ``v`` at ``x_t``.
+
+    ``t`` and ``s`` are scalars, or per-sample times shaped to broadcast against ``x_t`` (:func:`expand_like`).
 
     ``eta = 0`` is deterministic DDIM; ``eta = 1`` draws from the DDPM posterior ``q(x_s | x_t, x0)``.
     """

@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from walt.conditioning import Conditioning, TextEncoder
 from walt.data.transforms import to_uint8
 from walt.diffusion import (
+    ConditionalModel,
     CosineSchedule,
     ZeroTerminalSNRLinearSchedule,
     corrupt,
@@ -199,7 +200,9 @@ class BaseDiffusionModule(L.LightningModule):
         x_t, v_target = corrupt(z, t, noise, self.schedule)  # (B, C, T, H, W) each
         cond, weight = self._conditioning(batch, z, train, generator)
         if self.self_condition_prob > 0:
-            cond = dataclasses.replace(cond, self_cond=self._self_condition(x_t, t, cond, generator))
+            cond = dataclasses.replace(
+                cond, self_cond=self._self_condition(self.backbone, x_t, t, cond, generator)
+            )
         v = self.backbone(x_t, t, cond)  # (B, C, T, H, W)
         return v_loss(v, v_target, weight)
 
@@ -247,11 +250,17 @@ class BaseDiffusionModule(L.LightningModule):
         return cond, weight
 
     def _self_condition(
-        self, x_t: Tensor, t: Tensor, cond: Conditioning, generator: torch.Generator | None
+        self,
+        model: ConditionalModel,
+        x_t: Tensor,
+        t: Tensor,
+        cond: Conditioning,
+        generator: torch.Generator | None,
     ) -> Tensor:
-        """The model's own x0 estimate (no gradient) for a random ``self_condition_prob`` of the samples."""
+        """``model``'s x0 estimate (no gradient, no estimate given) for a random ``self_condition_prob`` of the
+        samples, zeros for the rest: the model being trained in base training, the teacher in distillation."""
         with torch.no_grad():
-            v = self.backbone(x_t, t, cond)  # (B, C, T, H, W)
+            v = model(x_t, t, cond)  # (B, C, T, H, W)
         alpha, sigma = self.schedule.alpha_sigma(t)
         x0 = x0_from_v(x_t, v, expand_like(alpha, x_t).to(x_t.dtype), expand_like(sigma, x_t).to(x_t.dtype))
         use = torch.rand(x_t.shape[0], device=x_t.device, generator=generator) < self.self_condition_prob
@@ -296,8 +305,10 @@ class BaseDiffusionModule(L.LightningModule):
         ``labels`` (N,) for a class-conditional backbone (-1 = unconditional); ``context`` latents (N, C, T, H, W)
         of which the first ``num_context_frames`` frames are given (frame prediction / image-to-video);
         ``prompts`` (N strings) for a text-conditional backbone ("" or None = unconditional).
-        ``guidance`` != 1 applies classifier-free guidance over labels, text and context. ``extra`` holds further
-        signals that subclasses supply (e.g. the low-res input of super-resolution); guidance keeps them.
+        ``guidance`` != 1 applies classifier-free guidance over labels, text and context: two passes per step,
+        or one for a guidance-distilled backbone (``guidance_input``), which takes ``guidance`` as its input w.
+        ``extra`` holds further signals that subclasses supply (e.g. the low-res input of super-resolution);
+        guidance keeps them.
         """
         backbone = self.sampling_backbone
         cond = dataclasses.replace(extra) if extra is not None else Conditioning()  # a copy: filled below
@@ -321,7 +332,11 @@ class BaseDiffusionModule(L.LightningModule):
             mask = torch.zeros(num_samples, 1, *latent_shape[1:], device=self.device)
             mask[:, :, :num_context_frames] = 1
             cond.context_mask = mask
-        model = guided(backbone, guidance) if guidance != 1.0 else backbone
+        if backbone.guidance_input:
+            cond.guidance = torch.full((num_samples,), float(guidance), device=self.device)
+            model = backbone
+        else:
+            model = guided(backbone, guidance) if guidance != 1.0 else backbone
         model_fn = (
             self_conditioned(model, cond, self.schedule)
             if backbone.self_conditioning

@@ -25,6 +25,10 @@ from walt.transformer.presets import presets
 # W.A.L.T alternates a spatial window (each whole frame) with a 5 x 8 x 8 spatiotemporal window.
 WALT_WINDOWS: tuple[Window, ...] = ((1, -1, -1), (5, 8, 8))
 
+# The guidance scale w (usually 0 .. 8) is embedded like a time: w = 10 maps where t = 1 does (1000), the range
+# whose neighbouring values the sinusoidal frequencies tell apart, so scales 0.1 apart embed differently.
+GUIDANCE_EMBED_SCALE = 100.0
+
 
 class WALT(nn.Module):
     """Window-attention diffusion transformer: latent video (B, C, T, H, W) -> v-prediction (B, C, T, H, W).
@@ -41,11 +45,14 @@ class WALT(nn.Module):
     - context_frames: known frames, channel-concatenated as [context * mask, mask]; absent = nothing known;
     - lowres: an upsampled low-resolution latent (channel-concatenated) and its noise-augmentation level
       (added to the AdaLN conditioning), for super-resolution;
-    - self_conditioning: the previous estimate, channel-concatenated; absent = zeros.
+    - self_conditioning: the previous estimate, channel-concatenated; absent = zeros;
+    - guidance_input: the classifier-free guidance scale w (``cond.guidance``), added to the AdaLN
+      conditioning, for a guidance-distilled model that computes the guided prediction in one pass.
     The input channel count follows from these, so unused paths cost nothing.
 
     All modulations, the text cross-attention output and the output projection start at zero, so a new
-    model predicts zeros and every block starts as the identity.
+    model predicts zeros and every block starts as the identity. The guidance embedding's output layer starts
+    at zero too, so a guidance-input model loaded with a plain model's weights computes exactly its function.
 
     Under autocast the residual stream between blocks is kept in the autocast dtype (bf16), as Megatron-LM
     does by default: the float32 position table would otherwise promote it to float32, and reading and
@@ -72,6 +79,7 @@ class WALT(nn.Module):
         self_conditioning: bool = False,
         gradient_checkpointing: bool = False,
         fp32_residual: bool = False,
+        guidance_input: bool = False,
     ) -> None:
         super().__init__()
         T0, H0, W0 = input_size
@@ -88,6 +96,7 @@ class WALT(nn.Module):
         self.context_frames = context_frames
         self.lowres = lowres
         self.self_conditioning = self_conditioning
+        self.guidance_input = guidance_input
         self.gradient_checkpointing = gradient_checkpointing
         self.fp32_residual = fp32_residual
 
@@ -99,6 +108,9 @@ class WALT(nn.Module):
         self.t_embed = ScalarEmbedding(hidden_size)
         self.label_embed = LabelEmbedding(num_classes, hidden_size) if num_classes is not None else None
         self.aug_embed = ScalarEmbedding(hidden_size) if lowres else None
+        self.guidance_embed = (
+            ScalarEmbedding(hidden_size, scale=GUIDANCE_EMBED_SCALE) if guidance_input else None
+        )
         # Text encoders differ widely in output scale (T5 vs. sentence encoders): normalize, then project.
         self.text_proj = (
             nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, hidden_size)) if text_dim else None
@@ -130,13 +142,15 @@ class WALT(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.pos_embed.spatial, std=0.02)
         nn.init.normal_(self.pos_embed.temporal, std=0.02)
-        for embed in (self.t_embed, self.aug_embed):
+        for embed in (self.t_embed, self.aug_embed, self.guidance_embed):
             if embed is not None:
                 nn.init.normal_(embed.mlp[0].weight, std=0.02)
                 nn.init.normal_(embed.mlp[2].weight, std=0.02)
         if self.label_embed is not None:
             nn.init.normal_(self.label_embed.table.weight, std=0.02)
         zero = [self.adaln_shared, self.final_layer.adaln, self.final_layer.unembed.proj]
+        if self.guidance_embed is not None:  # adds exactly 0 until trained: the model a student starts from
+            zero.append(self.guidance_embed.mlp[2])
         for block in self.blocks:
             zero.append(block.adaln.up)
             if block.cross_attn is not None:
@@ -177,13 +191,15 @@ class WALT(nn.Module):
         return block(*args)
 
     def _conditioning_vector(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """Sum of the time, label and augmentation-level embeddings: (B, T', D), T' = 1 or per frame."""
+        """Sum of the time, label, augmentation-level and guidance embeddings: (B, T', D), T' = 1 or per frame."""
         B, T = x.shape[0], x.shape[2]
         c = self.t_embed(_per_frame(t, B, T, "t"))  # (B, T', D)
         if self.label_embed is not None:
             c = c + self.label_embed(_per_frame(cond.labels, B, T, "cond.labels"))  # (B, T', D)
         if self.aug_embed is not None:
             c = c + self.aug_embed(_per_frame(cond.aug_level, B, T, "cond.aug_level"))  # (B, T', D)
+        if self.guidance_embed is not None:
+            c = c + self.guidance_embed(_per_frame(cond.guidance, B, T, "cond.guidance"))  # (B, T', D)
         return c
 
     def _input(self, x: Tensor, cond: Conditioning) -> Tensor:
@@ -209,6 +225,7 @@ class WALT(nn.Module):
         _require(cond.text, self.text_proj is not None, "text", "text_dim")
         _require(cond.lowres, self.lowres, "lowres", "lowres=True")
         _require(cond.aug_level, self.lowres, "aug_level", "lowres=True")
+        _require(cond.guidance, self.guidance_input, "guidance", "guidance_input=True")
         _allow(cond.text_mask, self.text_proj is not None, "text_mask", "text_dim")
         _allow(cond.context, self.context_frames, "context", "context_frames=True")
         _allow(cond.context_mask, self.context_frames, "context_mask", "context_frames=True")

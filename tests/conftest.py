@@ -38,6 +38,7 @@ def cpu_sized_config(config: dict, latents: Path, name: str, **backbone) -> Path
     )
     model["tokenizer"]["init_args"] = {**presets["tiny"], "variational": False}
     model["tokenizer_weights"] = str(latents / "vae.safetensors")
+    model["compile"] = False  # compiling a 2-layer model costs more than the test's steps
     for split in ("train", "val"):
         if config["data"]["init_args"].get(split):
             config["data"]["init_args"][split]["init_args"]["root"] = str(latents)

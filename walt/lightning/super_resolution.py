@@ -77,6 +77,7 @@ class SuperResolutionModule(BaseDiffusionModule):
         num_log_samples: int = 4,
         video_fps: float = 8.0,
         tokenizer_chunk_size: int | None = None,
+        compile: bool = False,
     ) -> None:
         if not backbone.lowres:
             raise ValueError("a super-resolution backbone must be built with lowres=True (WALT(lowres=True))")
@@ -106,6 +107,7 @@ class SuperResolutionModule(BaseDiffusionModule):
             num_log_samples=num_log_samples,
             video_fps=video_fps,
             tokenizer_chunk_size=tokenizer_chunk_size,
+            compile=compile,
         )
         self.spatial_factor = spatial_factor
         self.temporal_factor = temporal_factor

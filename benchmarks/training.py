@@ -5,8 +5,9 @@ Cases:
   moving_digits  the MovingDigits base model (configs/moving_digits/base.yaml): WALT 12 x 512, batch 128 of
                  8 x 5 x 8 x 8 latents, 10 classes
   xl             W.A.L.T-XL, batch 4 of 8 x 16 x 16 x 16 latents (the grid of the transformer benchmark), 101
-                 classes; with self-conditioning each step has a third forward pass (no gradient) on 90 % of
-                 steps' samples, so it costs more than benchmarks/transformer.py's bare step
+                 classes; with self-conditioning each step has a third forward pass (no gradient, over the whole
+                 batch; 10 % of the estimates are then zeroed), so it costs more than benchmarks/transformer.py's
+                 bare step
   l              W.A.L.T-L, batch 8 of 8 x 5 x 16 x 16 latents (the paper's grid)
 
 Reports milliseconds per optimizer step (wall time over ``--steps`` steps after ``--warmup``, GPU synchronized at
@@ -65,13 +66,14 @@ class RandomLatents(Dataset):
 
 
 class StepTimer(L.Callback):
-    """Wall time of the steps after warm-up, GPU synchronized only at the two ends; optional profile."""
+    """Wall time of the steps after warm-up, GPU synchronized only at the two ends; with ``profile``, then a
+    profile of the same step (while the module is still on the GPU: Lightning moves it off after fit)."""
 
     def __init__(self, warmup: int, steps: int, profile: bool) -> None:
         self.warmup, self.steps, self.profile = warmup, steps, profile
         self.ms_per_step: float | None = None
-        self._tic = 0.0
         self.profile_result: dict | None = None
+        self._tic = 0.0
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
         if batch_idx == self.warmup:
@@ -82,6 +84,10 @@ class StepTimer(L.Callback):
         if batch_idx == self.warmup + self.steps - 1:
             _sync()
             self.ms_per_step = 1000 * (time.perf_counter() - self._tic) / self.steps
+            if self.profile and torch.cuda.is_available():
+                self.profile_result = profile_module_steps(
+                    module, trainer.optimizers[0], batch, self.ms_per_step
+                )
             trainer.should_stop = True
 
 
@@ -136,18 +142,16 @@ def run(name: str, args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
     }
-    if args.profile and cuda:
-        row["profile"] = profile_module_steps(module, trainer, loader, timer.ms_per_step)
+    if timer.profile_result is not None:
+        row["profile"] = timer.profile_result
         print(summary(row["profile"]), flush=True)
     return row
 
 
 def profile_module_steps(
-    module: BaseDiffusionModule, trainer: L.Trainer, loader: DataLoader, wall_ms: float
+    module: BaseDiffusionModule, optimizer: torch.optim.Optimizer, batch: dict, wall_ms: float
 ) -> dict:
-    """The same step outside the Trainer (loss, backward, AdamW, EMA), profiled: the kernels, not the loop."""
-    optimizer = trainer.optimizers[0]
-    batch = {k: v.to(module.device) for k, v in next(iter(loader)).items()}
+    """The same step outside the Trainer's loop (loss, backward, AdamW, EMA), profiled: the kernels."""
 
     def step() -> None:
         with torch.autocast("cuda", torch.bfloat16):

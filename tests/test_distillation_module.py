@@ -205,6 +205,52 @@ def test_one_progressive_round_lowers_the_students_error_against_the_two_step_ta
     assert after < 0.25 * before, (before, after)
 
 
+class Spy(torch.nn.Module):
+    """Wraps the teacher and records what each call saw and returned."""
+
+    def __init__(self, inner: WALT) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        v = self.inner(x, t, cond)
+        self.calls.append((x, t, cond.self_cond, v))
+        return v
+
+
+def spied(m: DistillationModule) -> Spy:
+    m.setup("fit")
+    spy = Spy(m.teacher)
+    m._teacher[:] = [spy]
+    return spy
+
+
+def test_progressive_teacher_steps_chain_the_self_conditioning_estimate(tmp_path):
+    """Call 1: the estimate (no self_cond); call 2, the first DDIM step: that estimate (as the student gets);
+    call 3, the second step: the x0 of call 2's prediction."""
+    m = distillation(save_teacher(tmp_path / "t.ckpt", randomized(backbone(guidance_input=True), seed=1)))
+    m.self_condition_prob = 1.0
+    spy = spied(m)
+    m._loss({"latent": torch.randn(3, *LATENT), "label": torch.arange(3)}, train=True)
+    (_, _, first, v1), (x2, t2, second, v2), (_, t3, third, _) = spy.calls
+    assert first is None
+    alpha, sigma = (a.reshape(-1, 1, 1, 1, 1) for a in m.schedule.alpha_sigma(t2))
+    torch.testing.assert_close(second, alpha * x2 - sigma * v1)  # the estimate from call 1, at the same x_t
+    torch.testing.assert_close(third, alpha * x2 - sigma * v2)  # the x0 of the first step
+    assert bool((t3 < t2).all())
+
+
+def test_guidance_stage_self_conditioning_estimate_is_the_guided_teachers(tmp_path):
+    m = distillation(save_teacher(tmp_path / "t.ckpt", randomized(backbone(), seed=1)), stage="guidance")
+    m.self_condition_prob = 1.0
+    spy = spied(m)
+    m._loss({"latent": torch.randn(3, *LATENT), "label": torch.arange(3)}, train=True)
+    (x1, _, first, _), (_, _, second, _) = spy.calls
+    assert first is None and x1.shape[0] == 6  # the estimate pass is the guided pair (conditional + null)
+    assert second is not None and second.shape[0] == 6
+
+
 def test_a_guidance_input_backbone_samples_in_one_pass_per_step(tmp_path):
     calls: list[tuple[int, list[float]]] = []
 

@@ -110,7 +110,10 @@ def guided(
         v = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both)  # (2B, C, T, H, W)
         v_cond, v_uncond = v.chunk(2)  # (B, C, T, H, W) each
         w = _scale_per_sample(scale, t)  # (B,)
-        return v_uncond + expand_like(w.to(v.dtype), v) * (v_cond - v_uncond)
+        # At least float32: w in bf16 would be rounded (2.37 -> 2.375), a bias a w-conditioned student learns.
+        dtype = torch.promote_types(v.dtype, torch.float32)
+        v_cond, v_uncond = v_cond.to(dtype), v_uncond.to(dtype)  # (B, C, T, H, W) each
+        return v_uncond + expand_like(w.to(dtype), v_uncond) * (v_cond - v_uncond)
 
     return guided_model
 

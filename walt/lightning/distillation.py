@@ -109,7 +109,8 @@ class DistillationModule(BaseDiffusionModule):
     (``cond.guidance``, the same for teacher and student), and the base module's labels (with its label
     dropout, so the unconditional mode stays trained) and other conditioning, identical for both. Target:
     - guidance: the guided teacher's v at (x_t, t) (two passes, batched), for a student trained on the K-step
-      grid (K = ``student_steps``, the teacher's step count; the next round distills it to K / 2);
+      grid (K = ``student_steps``; the next round distills it to K / 2 and calls it only at the K-grid times,
+      so it need not learn the others, unlike Meng et al.'s continuous-time first stage);
     - progressive: the v with which one DDIM step t -> s lands where two teacher steps t -> (t+s)/2 -> s do.
 
     Self-conditioning: teacher and student get the same estimate, the teacher's own x0 at (x_t, t) from a pass
@@ -203,8 +204,11 @@ class DistillationModule(BaseDiffusionModule):
         if not self._teacher:
             self._teacher.append(self._load_teacher())
         teacher = self._teacher[0]
-        if next(teacher.parameters()).device != self.device:
-            teacher.to(self.device)
+        # Outside the module, so Lightning's device and precision moves (e.g. bf16-true) are mirrored here.
+        dtype = next(self.backbone.parameters()).dtype
+        first = next(teacher.parameters())
+        if first.device != self.device or first.dtype != dtype:
+            teacher.to(device=self.device, dtype=dtype)
         return teacher
 
     def _load_teacher(self) -> WALT:

@@ -152,7 +152,12 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=0,
         help="extra segments generated autoregressively, each conditioned on the previous frames",
     )
-    p.add_argument("--steps", type=int, help="DDIM steps (default 50; a cascade sets them per stage)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="DDIM steps (default: the model's sample_steps, 50 for a base model, K for a K-step distilled "
+        "student; a cascade sets them per stage)",
+    )
     p.add_argument(
         "--guidance",
         type=float,
@@ -172,7 +177,6 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error("give either --config and --checkpoint (one model) or --cascade (a cascade YAML)")
     if args.cascade is not None and (args.steps is not None or args.guidance is not None):
         p.error("with --cascade, steps and guidance are set per stage in the cascade YAML")
-    args.steps = 50 if args.steps is None else args.steps
     args.guidance = 1.0 if args.guidance is None else args.guidance
     return args
 
@@ -182,6 +186,8 @@ def sample_main(argv: Sequence[str]) -> int:
     if args.cascade is not None:
         return cascade_main(args)
     module, config = load_module(args.config, args.checkpoint, args.device, args.compile)
+    # The model's own step count: 50 for a base model, K for a distilled student (trained only at K steps).
+    args.steps = module.sample_steps if args.steps is None else args.steps
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     z, labels, prompts = generate_latents(module, config, args, generator)
     videos = decode_latents(module.tokenizer, z, module.tokenizer_chunk_size, args.batch_size, args.device)

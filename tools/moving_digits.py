@@ -531,19 +531,24 @@ def distill_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict
         save_json(partial, {"guidance": w, "models": rows})
         if name == "student_8steps":
             grid(videos, ref.labels, args.out / "distill_samples.png")
-    return {"guidance": w, "num_samples": len(ref.labels), "models": rows, "summary": distill_summary(rows)}
+    return {
+        "guidance": w,
+        "num_samples": len(ref.labels),
+        "models": rows,
+        "summary": distill_summary(rows, f"teacher_{max(args.teacher_steps)}steps"),
+    }
 
 
-def distill_summary(rows: dict[str, dict]) -> dict[str, float]:
-    """The issue's yardsticks: each student's FVD and speed relative to the 50-step guided teacher."""
-    reference = rows.get("teacher_50steps")
+def distill_summary(rows: dict[str, dict], reference_name: str) -> dict[str, float]:
+    """Each student's FVD and speed relative to the guided teacher with the most steps (50 by default)."""
+    reference = rows.get(reference_name)
     if reference is None:
         return {}
     summary = {}
     for name, row in rows.items():
         if name.startswith("student_"):
-            summary[f"{name}_fvd_over_teacher_50steps"] = row["fvd2048_16f"] / reference["fvd2048_16f"]
-            summary[f"{name}_speedup_over_teacher_50steps"] = (
+            summary[f"{name}_fvd_over_{reference_name}"] = row["fvd2048_16f"] / reference["fvd2048_16f"]
+            summary[f"{name}_speedup_over_{reference_name}"] = (
                 reference["seconds_per_video"] / row["seconds_per_video"]
             )
     return summary

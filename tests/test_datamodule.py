@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.trainer.states import RunningStage
+from torch.utils.data import DistributedSampler
 
 from walt.data import MixedBatchSampler, SyntheticVideos, VideoDataModule
 
@@ -58,3 +61,20 @@ def test_bad_mix_settings_fail_with_a_clear_message():
         VideoDataModule(SyntheticVideos(num_samples=8), image_ratio=0.5)
     with pytest.raises(ValueError, match=r"image_ratio must be in \[0, 1\)"):
         MixedBatchSampler(48, 40, 4, 8, 1.0)
+
+
+def test_lightning_keeps_the_mixed_sampler_under_ddp_and_shards_plain_loaders():
+    """Under DDP Lightning injects a DistributedSampler into loaders, but cannot into a custom batch sampler (it
+    raises a TypeError); the mixed loader's sampler shards by rank itself and must be left as it is."""
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)  # not launched
+    mixed = _module(image_ratio=0.25, image_batch_size=8)
+    mixed.trainer = trainer
+    loader = mixed.train_dataloader()
+    prepared = trainer._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING)
+    assert prepared is loader and (loader.sampler.num_replicas, loader.sampler.rank) == (2, 0)
+    plain = _module()
+    plain.trainer = trainer
+    prepared = trainer._data_connector._prepare_dataloader(
+        plain.train_dataloader(), shuffle=True, mode=RunningStage.TRAINING
+    )
+    assert isinstance(prepared.sampler, DistributedSampler) and prepared.sampler.num_replicas == 2

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 __all__ = ["EpochShuffleSampler", "MixedBatchSampler", "VideoDataModule", "collate_items"]
@@ -30,13 +30,19 @@ def collate_items(items: list[dict]) -> dict:
     return batch
 
 
-class MixedBatchSampler(Sampler[list[int]]):
+class MixedBatchSampler(DistributedSampler):
     """Batches over ``ConcatDataset([videos, images])`` where a fixed fraction of batches are image batches.
 
     Each batch holds one kind only, since a video and an image differ in frame count. Image batches are
     spread evenly through the epoch (the k-th batch is an image batch when floor((k+1)r) > floor(kr)), so over
     any window of n batches the image count is within one of n*r. Order within each kind is shuffled by
     ``seed`` and the epoch; with ``num_replicas > 1`` each rank takes every num_replicas-th batch.
+
+    It yields batches of indices, and :class:`VideoDataModule` passes it as the loader's ``sampler`` (over
+    :class:`_Batches`) rather than as a ``batch_sampler``: being a ``DistributedSampler`` that already shards by rank,
+    it is left alone by Lightning under DDP/FSDP, which cannot inject its own sampler into a custom batch sampler
+    and stops with a TypeError. (``DistributedSampler.__init__`` is not called: it would count a dataset; the
+    attributes it sets are set here.)
     """
 
     def __init__(
@@ -91,8 +97,8 @@ class MixedBatchSampler(Sampler[list[int]]):
             else:
                 batches.append(videos[v : v + self.batch_size].tolist())
                 v += self.batch_size
-        # Lightning only calls set_epoch on plain samplers, so advance the epoch here too: each pass over the
-        # loader reshuffles, and train_dataloader() sets the epoch again when a run resumes.
+        # Advance the epoch here too, so each pass over the loader reshuffles even where nobody calls set_epoch;
+        # Lightning calls it before every epoch, and train_dataloader() sets it when a run resumes.
         self.epoch += 1
         usable = len(self) * self.num_replicas
         yield from batches[self.rank : usable : self.num_replicas]
@@ -113,6 +119,20 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         yield from np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist()
+
+
+class _Batches(Dataset):
+    """Items fetched a batch at a time: ``batches[indices]`` is the list of ``dataset[i]``, for a loader whose
+    sampler yields lists of indices (``batch_size=None``)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices: list[int]) -> list[dict]:
+        return [self.dataset[i] for i in indices]
 
 
 def _order(n: int, shuffle: bool, rng: np.random.Generator) -> np.ndarray:
@@ -172,8 +192,9 @@ class VideoDataModule(L.LightningDataModule):
         if self.trainer is not None:
             sampler.set_epoch(self.trainer.current_epoch)
         return DataLoader(
-            ConcatDataset([self.train, self.image_dataset]),
-            batch_sampler=sampler,
+            _Batches(ConcatDataset([self.train, self.image_dataset])),
+            sampler=sampler,
+            batch_size=None,  # the sampler yields whole batches
             num_workers=self.num_workers,
             collate_fn=collate_items,
             pin_memory=self.pin_memory,

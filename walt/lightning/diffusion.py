@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -157,6 +159,15 @@ class BaseDiffusionModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
         return loss
 
+    def on_fit_start(self) -> None:
+        if self.trainer.world_size > 1:
+            # seed_everything gives every rank the same seed, so the ranks would draw the same timesteps, noise
+            # and dropout for their different samples: correlated draws, fewer distinct (t, noise) pairs per step.
+            # A base drawn from the shared stream (same on all ranks, and after a resume the same as the restored
+            # state) plus the rank gives each rank its own reproducible stream.
+            base = int(torch.randint(2**62, (1,)).item())
+            torch.manual_seed(base + self.global_rank)
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None:
             self.ema.update(self.backbone)
@@ -174,7 +185,7 @@ class BaseDiffusionModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.num_log_samples <= 0 or self.tokenizer is None or self._latent_shape is None:
             return
-        if self.global_rank != 0 or not isinstance(self.logger, TensorBoardLogger):
+        if not self._logs_samples_here():
             return
         n = self.num_log_samples
         labels = prompts = None
@@ -192,6 +203,20 @@ class BaseDiffusionModule(L.LightningModule):
         add_video(
             self.logger.experiment, "samples", to_uint8(grid).cpu().numpy(), self.global_step, self.video_fps
         )
+
+    def _logs_samples_here(self) -> bool:
+        """Whether this process generates the validation videos: rank 0 alone (the EMA backbone runs outside the
+        data-parallel wrapper, so no other rank has to join), and no process under FSDP, where the sampling
+        backbone is sharded (each forward is a collective all ranks must enter) and the tokenizer's weights are
+        sharded outside the training forward; sample from the checkpoint with `walt sample` instead."""
+        if self.global_rank != 0 or not isinstance(self.logger, TensorBoardLogger):
+            return False
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            rank_zero_warn(
+                "validation videos are not generated under FSDP; use `walt sample` on a checkpoint"
+            )
+            return False
+        return True
 
     def _loss(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> Tensor:
         z = self.latents(batch)  # (B, C, T, H, W)

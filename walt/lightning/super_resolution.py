@@ -11,7 +11,6 @@ from typing import Literal
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from walt.conditioning import Conditioning, downsample_video, upsample_latent, upsample_video
@@ -202,11 +201,7 @@ class SuperResolutionModule(BaseDiffusionModule):
             self._log_lowres = (low, batch["label"][:n] if self.backbone.num_classes is not None else None)
 
     def on_validation_epoch_end(self) -> None:
-        if (
-            self._log_lowres is None
-            or self.global_rank != 0
-            or not isinstance(self.logger, TensorBoardLogger)
-        ):
+        if self._log_lowres is None or not self._logs_samples_here():
             return
         low, labels = self._log_lowres
         generator = torch.Generator(device=self.device).manual_seed(0)

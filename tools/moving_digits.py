@@ -522,7 +522,7 @@ def distill_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict
         videos, seconds = timed_generate(module, ref.labels, args, steps, w)
         rows[name] = {
             "steps": steps,
-            "passes_per_step": 1 if module.sampling_backbone.guidance_input else 2,
+            "passes_per_step": 1 if module.sampling_backbone.guidance_input or w == 1.0 else 2,
             "fvd2048_16f": ref.fvd(videos, name),
             "digit_accuracy_top2": top2_accuracy(classifier, videos, ref.labels),
             "seconds_per_video": seconds / len(videos),

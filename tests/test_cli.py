@@ -45,7 +45,9 @@ def test_every_config_parses(config, capsys):
             )
         return
     args = ["--config", str(config)]
-    if "model" not in content:
+    if set(content) <= {"trainer"}:  # a trainer fragment (configs/distributed): combined with a full config
+        args = ["--config", str(config.parents[1] / "base/quickstart.yaml"), *args]
+    elif "model" not in content:
         args += ["--model", PLACEHOLDER_MODEL]  # data-only fragments are combined with a model config
     with pytest.raises(SystemExit) as exit_info:
         WaltCLI(args=[*args, "--print_config"], run=False)

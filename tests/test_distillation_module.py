@@ -147,8 +147,8 @@ def test_the_teacher_is_the_checkpoints_ema_frozen_and_outside_checkpoint_and_op
 def test_a_compiled_students_teacher_gets_its_own_compiled_forward(tmp_path):
     """The teacher (a deep copy of the student, which drops the compiled forward) is compiled too, with a
     forward of its own. Compilation is lazy, so this is fast."""
-    m = distillation(save_teacher(tmp_path / "base.ckpt", randomized(backbone(), seed=1)), compile=True)
-    m.stage = "guidance"
+    teacher = save_teacher(tmp_path / "base.ckpt", randomized(backbone(), seed=1))
+    m = distillation(teacher, stage="guidance", compile=True)
     student_forward = m.backbone._compiled_call_impl
     assert student_forward is not None
     assert m.teacher._compiled_call_impl is not None

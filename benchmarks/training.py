@@ -13,8 +13,14 @@ Cases:
 Reports milliseconds per optimizer step (wall time over ``--steps`` steps after ``--warmup``, GPU synchronized at
 both ends), and with ``--profile`` where the GPU time of a few steps goes (benchmarks/profiling.py).
 
+With ``--devices N --strategy ddp|fsdp`` the same step runs data-parallel on N GPUs with the strategy of
+configs/distributed/<strategy>.yaml (so it measures what ``walt fit`` runs), at the same per-GPU batch. The row
+then holds the slowest rank's step time and the largest per-GPU peak memory; the scaling efficiency from 1 to N
+GPUs is ms_per_step(1) / ms_per_step(N).
+
     python benchmarks/training.py --cases moving_digits xl --out training.json [--compile] [--profile]
-    python benchmarks/training.py --smoke          # tiny case on the CPU: checks the script runs
+    python benchmarks/training.py --cases xl --compile --devices 8 --strategy ddp --out xl_ddp8.json
+    python benchmarks/training.py --smoke [--devices 2 --strategy ddp]   # tiny case on the CPU
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
+from jsonargparse import ArgumentParser
+from lightning.pytorch.strategies import Strategy
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,6 +46,8 @@ from profiling import profile_steps, summary
 from walt.lightning import BaseDiffusionModule
 from walt.transformer import WALT
 from walt.transformer import presets as sizes
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "distributed"
 
 CASES = {
     "moving_digits": dict(
@@ -72,6 +83,7 @@ class StepTimer(L.Callback):
     def __init__(self, warmup: int, steps: int, profile: bool) -> None:
         self.warmup, self.steps, self.profile = warmup, steps, profile
         self.ms_per_step: float | None = None
+        self.peak_gib: float | None = None
         self.profile_result: dict | None = None
         self._tic = 0.0
 
@@ -83,7 +95,12 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
         if batch_idx == self.warmup + self.steps - 1:
             _sync()
-            self.ms_per_step = 1000 * (time.perf_counter() - self._tic) / self.steps
+            ms = 1000 * (time.perf_counter() - self._tic) / self.steps
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+            ms, peak = trainer.strategy.reduce(  # the slowest rank and the fullest GPU
+                torch.tensor([ms, peak], dtype=torch.float64, device=module.device), reduce_op="max"
+            ).tolist()
+            self.ms_per_step, self.peak_gib = ms, peak
             if self.profile and torch.cuda.is_available():
                 self.profile_result = profile_module_steps(
                     module, trainer.optimizers[0], batch, self.ms_per_step
@@ -110,17 +127,31 @@ def build(case: dict, compile: bool) -> BaseDiffusionModule:
     )
 
 
-def run(name: str, args: argparse.Namespace) -> dict:
+def strategy_from_config(name: str) -> tuple[Strategy, str | None]:
+    """The Lightning strategy (and precision, if set) of configs/distributed/<name>.yaml, built as `walt fit`
+    builds it."""
+    trainer = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["trainer"]
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy)
+    strategy = parser.instantiate(parser.parse_object({"strategy": trainer["strategy"]})).strategy
+    return strategy, trainer.get("precision")
+
+
+def run(name: str, args: argparse.Namespace) -> tuple[dict, bool]:
+    """The row of one case, and whether this process reports it (rank 0)."""
     case = CASES[name]
     cuda = torch.cuda.is_available() and not args.smoke
     module = build(case, args.compile)
-    data = RandomLatents(case["batch"] * (args.warmup + args.steps + 1), case["grid"], case["classes"])
+    steps = args.warmup + args.steps + 1
+    data = RandomLatents(case["batch"] * steps * args.devices, case["grid"], case["classes"])
     loader = DataLoader(data, batch_size=case["batch"], shuffle=True, drop_last=True)
     timer = StepTimer(args.warmup, args.steps, args.profile)
+    strategy, precision = strategy_from_config(args.strategy) if args.strategy else ("auto", None)
     trainer = L.Trainer(
         accelerator="gpu" if cuda else "cpu",
-        devices=1,
-        precision="bf16-mixed" if cuda else "32-true",
+        devices=args.devices,
+        strategy=strategy,
+        precision=precision or ("bf16-mixed" if cuda else "32-true"),
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
@@ -133,19 +164,21 @@ def run(name: str, args: argparse.Namespace) -> dict:
     trainer.fit(module, loader)
     row = {
         "case": name,
+        "devices": args.devices,
+        "strategy": args.strategy or "single device",
         "compile": args.compile,
         "batch": case["batch"],
         "grid": "x".join(map(str, case["grid"])),
         "params_m": sum(p.numel() for p in module.backbone.parameters()) / 1e6,
         "ms_per_step": timer.ms_per_step,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_gib": timer.peak_gib if cuda else None,  # per GPU, the largest over ranks
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
     }
     if timer.profile_result is not None:
         row["profile"] = timer.profile_result
         print(summary(row["profile"]), flush=True)
-    return row
+    return row, trainer.is_global_zero
 
 
 def profile_module_steps(
@@ -173,18 +206,27 @@ def main() -> None:
     )
     p.add_argument("--compile", action="store_true", help="BaseDiffusionModule(compile=True)")
     p.add_argument("--profile", action="store_true", help="add a kernel breakdown of the step (GPU)")
+    p.add_argument("--devices", type=int, default=1, help="GPUs (CPU processes with --smoke)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], help="configs/distributed/<strategy>.yaml")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args()
+    if args.devices > 1 and not args.strategy:
+        p.error("--devices > 1 needs --strategy ddp or fsdp")
+    if args.devices > 1 and args.profile:
+        p.error("--profile runs the step outside the Trainer, without the strategy: profile one GPU")
     if args.smoke:
         args.cases, args.warmup, args.steps = ["smoke"], 1, 2
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
     rows = []
     for name in args.cases:
-        rows.append(run(name, args))
+        row, report = run(name, args)
+        if not report:  # other ranks: rank 0 reports the reduced figures
+            continue
+        rows.append(row)
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "profile"}), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(rows, indent=2))

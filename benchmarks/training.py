@@ -215,6 +215,8 @@ def main() -> None:
     args = p.parse_args()
     if args.devices > 1 and not args.strategy:
         p.error("--devices > 1 needs --strategy ddp or fsdp")
+    if args.devices > 1 and len(args.cases) > 1:  # the other ranks re-run this script: one Trainer per run
+        p.error("with --devices > 1 give one case per run")
     if args.devices > 1 and args.profile:
         p.error("--profile runs the step outside the Trainer, without the strategy: profile one GPU")
     if args.smoke:

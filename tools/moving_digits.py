@@ -186,11 +186,18 @@ def save_json(path: Path, payload: dict) -> None:
 # ---- stages -----------------------------------------------------------------------------------------------
 
 
+def already_done(args: argparse.Namespace, result: Path, stage: str) -> bool:
+    """Whether a stage's result file exists, so the stage is skipped (unless --force reruns it)."""
+    if result.exists() and not args.force:
+        print(f"{stage} stage done ({result}); --force reruns it")
+        return True
+    return False
+
+
 def stage_tokenizer(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     out = args.out
     result = out / "tokenizer_metrics.json"
-    if result.exists() and not args.force:
-        print(f"tokenizer stage done ({result}); --force reruns it")
+    if already_done(args, result, "tokenizer"):
         return
     tic = time.perf_counter()
     walt(
@@ -259,8 +266,7 @@ def side_by_side(
 def stage_base(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     out = args.out
     result = out / "base_train.json"
-    if result.exists() and not args.force:
-        print(f"base stage done ({result}); --force reruns it")
+    if already_done(args, result, "base"):
         return
     weights = out / "tokenizer_export" / "vae.safetensors"
     if not weights.exists():
@@ -288,8 +294,7 @@ def stage_base(args: argparse.Namespace, configs: dict[str, Path]) -> None:
 
 def stage_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     result = args.out / "base_metrics.json"
-    if result.exists() and not args.force:
-        print(f"evaluate stage done ({result}); --force reruns it")
+    if already_done(args, result, "evaluate"):
         return
     metrics = {"command": " ".join(sys.argv), **evaluate(args, configs)}
     save_json(result, metrics)
@@ -446,8 +451,7 @@ def stage_distill(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     """Every round, each a `walt fit` of the distill config whose teacher is the previous round's checkpoint."""
     out = args.out
     result = out / "distill_train.json"
-    if result.exists() and not args.force:
-        print(f"distill stage done ({result}); --force reruns it")
+    if already_done(args, result, "distill"):
         return
     teacher = newest_checkpoint(out / "base")
     rounds = distill_rounds(args.distill_first_steps, args.distill_last_steps)
@@ -480,8 +484,7 @@ def stage_distill(args: argparse.Namespace, configs: dict[str, Path]) -> None:
 
 def stage_distill_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     result = args.out / "distill_metrics.json"
-    if result.exists() and not args.force:
-        print(f"distill-evaluate stage done ({result}); --force reruns it")
+    if already_done(args, result, "distill-evaluate"):
         return
     metrics = {"command": " ".join(sys.argv), **distill_evaluate(args, configs)}
     save_json(result, metrics)

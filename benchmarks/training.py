@@ -147,6 +147,10 @@ def run(name: str, args: argparse.Namespace) -> tuple[dict, bool]:
     loader = DataLoader(data, batch_size=case["batch"], shuffle=True, drop_last=True)
     timer = StepTimer(args.warmup, args.steps, args.profile)
     strategy, precision = strategy_from_config(args.strategy) if args.strategy else ("auto", None)
+    if args.ddp_comm_hook:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        strategy._ddp_comm_hook = getattr(default_hooks, f"{args.ddp_comm_hook}_compress_hook")
     trainer = L.Trainer(
         accelerator="gpu" if cuda else "cpu",
         devices=args.devices,
@@ -166,6 +170,7 @@ def run(name: str, args: argparse.Namespace) -> tuple[dict, bool]:
         "case": name,
         "devices": args.devices,
         "strategy": args.strategy or "single device",
+        "ddp_comm_hook": args.ddp_comm_hook,
         "compile": args.compile,
         "batch": case["batch"],
         "grid": "x".join(map(str, case["grid"])),
@@ -208,6 +213,11 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="add a kernel breakdown of the step (GPU)")
     p.add_argument("--devices", type=int, default=1, help="GPUs (CPU processes with --smoke)")
     p.add_argument("--strategy", choices=["ddp", "fsdp"], help="configs/distributed/<strategy>.yaml")
+    p.add_argument(
+        "--ddp-comm-hook",
+        choices=["bf16", "fp16"],
+        help="DDP: compress gradients to this dtype for the all-reduce",
+    )
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--smoke", action="store_true")

@@ -28,3 +28,28 @@ class SaveRankState(L.Callback):
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+class SaveGatheredWeights(L.Callback):
+    """Writes ``rank<r>.pt`` in ``folder``: every parameter and buffer of the module as this rank sees it with the
+    FSDP shards gathered (``summon_full_params``, a collective every rank enters), under the names of the
+    unwrapped module, so they compare key for key with a checkpoint's ``state_dict``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrappers = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+        with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
+            named = [*pl_module.named_parameters(), *pl_module.named_buffers()]
+            state = {_strip(name, wrappers): t.detach().clone().cpu() for name, t in named}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+def _strip(name: str, parts: tuple[str, ...]) -> str:
+    for part in parts:
+        name = name.replace(part, "")
+    return name

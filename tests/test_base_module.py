@@ -344,3 +344,21 @@ def test_compile_compiles_backbone_and_ema_in_place_and_sampling_overrides_it(tm
     for module in (eager.backbone, eager.ema.module):
         assert module._compiled_call_impl is None
     assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+
+def test_compile_under_fsdp_is_refused_before_training_with_the_fix():
+    """Measured on 2 GPUs: a whole-model compiled backbone crashes at FSDP's first gathering. The module refuses
+    the combination in `setup` (before any step) and names the setting to change; DDP keeps compile."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    backbone = WALT(in_channels=4, depth=2, hidden_size=32, num_heads=2, input_size=(2, 4, 4))
+    module = BaseDiffusionModule(backbone, compile=True)
+    for strategy, refused in ((FSDPStrategy(), True), (DDPStrategy(), False)):
+        module._trainer = SimpleNamespace(strategy=strategy)
+        if refused:
+            with pytest.raises(ValueError, match="compile to false"):
+                module.setup("fit")
+        else:
+            module.setup("fit")

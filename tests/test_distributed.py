@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -59,16 +60,18 @@ def test_distributed_configs_parse_with_every_stage_config(config, monkeypatch):
     assert fsdp.kwargs["use_orig_params"] is True
 
 
-def test_ddp_on_two_cpu_processes_keeps_weights_and_ema_identical(tmp_path):
-    """`walt fit` with configs/distributed/ddp.yaml on 2 CPU processes (gloo): 2 epochs of 1 step per rank with a
-    validation pass (rank 0 alone samples the logged videos). Both ranks end with the same weights and EMA, which
-    the checkpoint holds, each rank having drawn from its own random stream."""
+def _fit_on_two_processes(
+    tmp_path: Path, strategy: str, accelerator: str, callback: str = "SaveRankState"
+) -> Path:
+    """`walt fit` of the quickstart base config (2-layer backbone, tiny latents) with
+    configs/distributed/<strategy>.yaml on 2 processes: 2 epochs of 1 step per rank with a validation pass.
+    Each rank writes what it trained on and the weights it ended with (tests/_rank_state.py)."""
     write_tiny_latents(tmp_path)  # 8 latents: a batch of 4 per rank
     config = yaml.safe_load((ROOT / "configs/base/quickstart.yaml").read_text())
     config["model"]["init_args"].update(sample_steps=2, num_log_samples=2)
     config["trainer"].update(max_epochs=2, check_val_every_n_epoch=1, num_sanity_val_steps=0)
     config["trainer"]["callbacks"].append(
-        {"class_path": "_rank_state.SaveRankState", "init_args": {"folder": str(tmp_path / "ranks")}}
+        {"class_path": f"_rank_state.{callback}", "init_args": {"folder": str(tmp_path / "ranks")}}
     )
     path = cpu_sized_config(config, tmp_path, "base.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -76,19 +79,32 @@ def test_ddp_on_two_cpu_processes_keeps_weights_and_ema_identical(tmp_path):
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # Lightning launches and numbers the second process itself
     command = [sys.executable, "-m", "walt", "fit", "--config", str(path)]
-    command += ["--config", str(ROOT / "configs/distributed/ddp.yaml")]
-    command += [
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        "2",
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    command += ["--config", str(ROOT / f"configs/distributed/{strategy}.yaml")]
+    command += ["--trainer.accelerator", accelerator, "--trainer.devices", "2"]
+    command += ["--trainer.enable_progress_bar", "false"]
+    if accelerator == "cpu":
+        command += ["--trainer.precision", "32-true"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return path
 
-    rank0, rank1 = (torch.load(tmp_path / "ranks" / f"rank{r}.pt") for r in range(2))
+
+two_gpus = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"
+)
+
+
+@pytest.mark.parametrize(
+    "accelerator",
+    ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, two_gpus])],
+    ids=["cpu-gloo", "gpu-nccl"],
+)
+def test_ddp_on_two_processes_keeps_weights_and_ema_identical(tmp_path, accelerator):
+    """DDP on 2 CPU processes (gloo) or 2 GPUs (NCCL): both ranks end with the same weights and EMA, which the
+    checkpoint holds, each rank having drawn from its own random stream (rank 0 alone samples the logged
+    videos)."""
+    _fit_on_two_processes(tmp_path, "ddp", accelerator)
+    rank0, rank1 = (torch.load(tmp_path / "ranks" / f"rank{r}.pt", map_location="cpu") for r in range(2))
     for part in ("backbone", "ema"):
         assert rank0[part].keys() == rank1[part].keys()
         assert all(torch.equal(rank0[part][k], rank1[part][k]) for k in rank0[part]), part
@@ -98,7 +114,7 @@ def test_ddp_on_two_cpu_processes_keeps_weights_and_ema_identical(tmp_path):
     assert not torch.equal(rank0["draw"], rank1["draw"])  # each rank has its own random stream
 
     checkpoint = torch.load(
-        tmp_path / "run/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True
+        tmp_path / "run/lightning_logs/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=True
     )
     weights = checkpoint["state_dict"]
     assert all(torch.equal(weights[f"backbone.{k}"], v) for k, v in rank0["backbone"].items())
@@ -106,3 +122,72 @@ def test_ddp_on_two_cpu_processes_keeps_weights_and_ema_identical(tmp_path):
     assert any(not torch.equal(rank0["ema"][f"module.{k}"], v) for k, v in rank0["backbone"].items())
     events = list((tmp_path / "run/lightning_logs/version_0").glob("events.out.tfevents.*"))
     assert len(events) == 1  # one logger, rank 0's
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_fsdp_on_two_gpus_checkpoints_the_gathered_weights_which_sample_on_one_gpu(tmp_path):
+    """The first FSDP run: `walt fit` with configs/distributed/fsdp.yaml on 2 GPUs. The full checkpoint rank 0
+    writes holds exactly the weights gathered from the shards (backbone, EMA, tokenizer); every rank gathers the
+    same; the EMA moved away from the live weights (its shards were updated against the matching live shards);
+    and the checkpoint loads on one GPU, as `walt sample` loads it, sampling exactly what the gathered weights
+    sample."""
+    from walt.lightning.sample import load_module
+
+    config = _fit_on_two_processes(tmp_path, "fsdp", "gpu", callback="SaveGatheredWeights")
+    rank0, rank1 = (torch.load(tmp_path / "ranks" / f"rank{r}.pt", map_location="cpu") for r in range(2))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    path = tmp_path / "run/lightning_logs/version_0/checkpoints/last.ckpt"
+    weights = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    assert weights.keys() <= rank0.keys() and any(k.startswith("ema.module.") for k in weights)
+    assert all(torch.equal(weights[k].cpu(), rank0[k]) for k in weights)
+    assert int(weights["ema.num_updates"]) == 2
+    assert any(
+        not torch.equal(weights[f"ema.module.{k[9:]}"], v)
+        for k, v in weights.items()
+        if k.startswith("backbone.")
+    )
+
+    videos = []
+    for state in (None, {k: rank0[k] for k in weights}):
+        module, _ = load_module(config, path, device="cuda")
+        if state is not None:
+            module.load_state_dict(state)
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        labels = torch.tensor([0, 1], device="cuda")
+        videos.append(module.sample(2, (4, 5, 4, 4), labels=labels, steps=3, generator=generator))
+    assert torch.isfinite(videos[0]).all() and torch.equal(videos[0], videos[1])
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_evaluate_is_bit_identical_on_one_process_and_on_two_gpus(tmp_path):
+    """`walt evaluate` (FVD, 512 against 512 MovingDigits clips) in one process on one GPU and under torchrun on
+    2 GPUs (NCCL): the same fixed batches, folded in the same order, give the same number to the last bit."""
+    for split, seed in (("test", 0), ("train", 1)):
+        init = {"split": split, "num_samples": 512, "num_frames": 16, "seed": seed}
+        dataset = {"dataset": {"class_path": "walt.data.MovingDigits", "init_args": init}}
+        (tmp_path / f"{split}.yaml").write_text(yaml.safe_dump(dataset))
+    args = [
+        "evaluate",
+        "fvd2048_16f",
+        "--real",
+        str(tmp_path / "test.yaml"),
+        "--fake",
+        str(tmp_path / "train.yaml"),
+    ]
+    args += ["--num-real", "512", "--num-fake", "512", "--no-cache", "--no-progress", "--batch-size", "16"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    values = []
+    for launcher in ([sys.executable, "-m", "walt"], [sys.executable, "-m", "torch.distributed.run",
+                                                     "--nproc_per_node", "2", "-m", "walt"]):  # fmt: skip
+        out = tmp_path / f"{len(values)}.json"
+        done = subprocess.run(
+            [*launcher, *args, "--output", str(out)], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-5000:]
+        values.append(json.loads(out.read_text())["value"])
+    assert values[0] == values[1] and values[0] > 0

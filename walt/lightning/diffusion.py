@@ -159,6 +159,15 @@ class BaseDiffusionModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
         return loss
 
+    def setup(self, stage: str) -> None:
+        if self.compile_models and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Measured on 2 H200s (benchmarks/RESULTS.md): dynamo cannot trace FSDP's unshard hooks inside the
+            # whole-model graph (`Unsupported method call ... data_ptr`), and the run would crash at its first step.
+            raise ValueError(
+                "compile: true does not work under FSDP (the whole-model graph cannot hold FSDP's per-block "
+                "gathering); set model.init_args.compile to false with configs/distributed/fsdp.yaml"
+            )
+
     def on_fit_start(self) -> None:
         if self.trainer.world_size > 1:
             # seed_everything gives every rank the same seed, so the ranks would draw the same timesteps, noise

@@ -232,6 +232,7 @@ class DistillationModule(BaseDiffusionModule):
         return teacher
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         # Before Lightning restores a checkpoint (resuming), which then overwrites the student as it should.
         if stage == "fit" and self.init_from_teacher and not bool(self.student_initialized):
             self.initialize_student()

@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+import walt
+
 __all__ = ["WaltCLI", "main"]
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# `predict` is left out: generation goes through `walt sample` (the pipeline), not a predict loop.
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
 class WaltCLI(LightningCLI):
     """LightningCLI with any LightningModule / LightningDataModule chosen by ``class_path`` in the config."""
+
+    def before_fit(self) -> None:
+        _stable_checkpoint_folder(self.trainer)
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -35,6 +42,16 @@ class WaltCLI(LightningCLI):
         )
 
 
+def _stable_checkpoint_folder(trainer: L.Trainer) -> None:
+    """Checkpoints go to ``<default_root_dir>/checkpoints`` rather than a new ``lightning_logs/version_N`` per run,
+    so a resumed run keeps updating the same ``last.ckpt`` that cascades, exports and scripts point at."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+
+
 def _sample(argv: Sequence[str]) -> int:
     from walt.lightning.sample import sample_main  # imported on use: keeps `walt --help` fast
 
@@ -45,6 +62,12 @@ def _evaluate(argv: Sequence[str]) -> int:
     from walt.metrics import evaluate_main  # imported on use: keeps `walt --help` fast
 
     return evaluate_main(list(argv))
+
+
+def _export(argv: Sequence[str]) -> int:
+    from walt.pipeline.export import export_main  # imported on use: keeps `walt --help` fast
+
+    return export_main(list(argv))
 
 
 def _encode(argv: Sequence[str]) -> int:
@@ -58,6 +81,10 @@ EXTRA_COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "sample": ("generate videos from a trained checkpoint", _sample),
     "evaluate": ("compute FVD/FID under a named protocol", _evaluate),
     "encode": ("encode a dataset to latent shards with a trained tokenizer", _encode),
+    "export": (
+        "write a trained model (or a cascade) as a shareable folder: safetensors, JSON, model card",
+        _export,
+    ),
 }
 
 USAGE = """\
@@ -65,9 +92,8 @@ usage: walt <command> [options]
 
 training (Lightning CLI; `walt <command> --help` lists every option):
   fit        train a model:           walt fit --config configs/<stage>/<name>.yaml
-  validate   run the validation loop
-  test       run the test loop
-  predict    run prediction
+  validate   the validation loss:     walt validate --config <config> --ckpt_path <ckpt>
+  test       the loss on the test split (data.init_args.test): walt test --config <config> --ckpt_path <ckpt>
 
 walt commands:
 {extra}
@@ -78,12 +104,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``walt`` console script and ``python -m walt``."""
     from_shell = argv is None
     argv = list(sys.argv[1:] if from_shell else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"walt {walt.__version__}")
+        sys.exit(0)
     if not argv or argv[0] in ("-h", "--help"):
         extra = "\n".join(f"  {name:<10} {help_}" for name, (help_, _) in EXTRA_COMMANDS.items())
         print(USAGE.format(extra=extra))
         sys.exit(0 if argv else 2)
     if argv[0] in EXTRA_COMMANDS:
         sys.exit(EXTRA_COMMANDS[argv[0]][1](argv[1:]))
+    if argv[0] == "predict":
+        print(
+            "walt: generation runs through `walt sample` (or walt.pipeline.Pipeline), not a predict loop",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     if argv[0] not in LIGHTNING_COMMANDS:
         known = ", ".join((*LIGHTNING_COMMANDS, *EXTRA_COMMANDS))
         print(f"walt: unknown command {argv[0]!r}; choose one of: {known}", file=sys.stderr)

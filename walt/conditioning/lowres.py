@@ -18,7 +18,14 @@ from torch import Tensor
 
 from walt.nn import causal_repeat_time
 
-__all__ = ["downsample_video", "highres_latent_shape", "upsample_latent", "upsample_video"]
+__all__ = [
+    "augment_lowres",
+    "downsample_video",
+    "highres_latent_shape",
+    "lowres_latent",
+    "upsample_latent",
+    "upsample_video",
+]
 
 
 def _check_factors(spatial_factor: int, temporal_factor: int) -> None:
@@ -88,3 +95,32 @@ def highres_latent_shape(
     """The high-res latent shape (C, T, H, W) that a low-res latent of ``latent_shape`` is upsampled to."""
     C, T, H, W = latent_shape
     return C, 1 + temporal_factor * (T - 1), H * spatial_factor, W * spatial_factor
+
+
+def lowres_latent(
+    tokenizer,
+    lowres_video: Tensor,
+    spatial_factor: int,
+    temporal_factor: int,
+    path: str = "pixel",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """The clean conditioning latent of a low-res clip on the high-res latent grid: (B, 3, T_lr, h, w) ->
+    (B, C, T', H', W'). ``path="pixel"`` upsamples the pixels and encodes them (the default: latent codes are not
+    equivariant to resizing); ``"latent"`` encodes at low resolution and upsamples the latent."""
+    if path == "pixel":
+        return tokenizer.encode(upsample_video(lowres_video, spatial_factor, temporal_factor), chunk_size)
+    if path == "latent":
+        return upsample_latent(tokenizer.encode(lowres_video, chunk_size), spatial_factor, temporal_factor)
+    raise ValueError(f"lowres_path must be 'pixel' or 'latent', got {path!r}")
+
+
+def augment_lowres(lowres: Tensor, level: Tensor, schedule, generator=None) -> Tensor:
+    """Noise-conditioning augmentation: the clean low-res latent (B, C, T, H, W) diffused to per-sample times
+    ``level`` (B,) with the model's own schedule. ``generator``: one, or one per sample (walt.diffusion.randn)."""
+    from walt.diffusion import expand_like, noisy, randn  # walt.diffusion imports this package
+
+    alpha, sigma = schedule.alpha_sigma(level)
+    noise = randn(lowres.shape, generator, lowres.device, lowres.dtype)  # (B, C, T, H, W)
+    a, s = expand_like(alpha, lowres).to(lowres.dtype), expand_like(sigma, lowres).to(lowres.dtype)
+    return noisy(lowres, noise, a, s)

@@ -31,6 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from walt.config import records_init_args
+
 __all__ = ["MiniLMTextEncoder", "T5TextEncoder", "TextEncoder", "TransformersTextEncoder", "pad_tokens"]
 
 Precision = Literal["auto", "float32", "bfloat16"]
@@ -161,6 +163,7 @@ class TransformersTextEncoder(TextEncoder):
     truncated.
     """
 
+    @records_init_args
     def __init__(
         self,
         path: str,
@@ -254,6 +257,7 @@ class MiniLMTextEncoder(TransformersTextEncoder):
     ``path`` defaults to the package's bundled model folder (found without importing the package).
     """
 
+    @records_init_args
     def __init__(
         self,
         path: str | None = None,

@@ -10,6 +10,7 @@ from walt.diffusion.guidance import (
     self_conditioned,
 )
 from walt.diffusion.loss import corrupt, v_loss
+from walt.diffusion.noise import Generators, per_sample_generators, randn
 from walt.diffusion.parameterization import (
     eps_from_v,
     expand_like,
@@ -19,7 +20,16 @@ from walt.diffusion.parameterization import (
     x0_from_eps,
     x0_from_v,
 )
-from walt.diffusion.samplers import ModelFn, ddim_sample, ddim_step, ddpm_sample, time_grid
+from walt.diffusion.samplers import (
+    SAMPLERS,
+    ModelFn,
+    ddim_sample,
+    ddim_step,
+    ddpm_sample,
+    dpmpp_2m_sample,
+    sample,
+    time_grid,
+)
 from walt.diffusion.schedule import (
     CosineSchedule,
     NoiseSchedule,
@@ -30,8 +40,10 @@ from walt.diffusion.schedule import (
 )
 
 __all__ = [
+    "SAMPLERS",
     "ConditionalModel",
     "CosineSchedule",
+    "Generators",
     "ModelFn",
     "NoiseSchedule",
     "ZeroTerminalSNRLinearSchedule",
@@ -42,6 +54,7 @@ __all__ = [
     "ddim_sample",
     "ddim_step",
     "ddpm_sample",
+    "dpmpp_2m_sample",
     "eps_from_v",
     "expand_like",
     "guidance_scales",
@@ -50,7 +63,10 @@ __all__ = [
     "linear_beta_alphas_cumprod",
     "noisy",
     "null_conditioning",
+    "per_sample_generators",
+    "randn",
     "rescale_zero_terminal_snr",
+    "sample",
     "self_conditioned",
     "student_times",
     "time_grid",

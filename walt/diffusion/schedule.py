@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from walt.config import records_init_args
+
 __all__ = [
     "CosineSchedule",
     "NoiseSchedule",
@@ -52,6 +54,7 @@ class ZeroTerminalSNRLinearSchedule:
     ``alpha^2 + sigma^2 = 1`` holds exactly at every t and ``alpha(1) = 0``.
     """
 
+    @records_init_args
     def __init__(self, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
         alphas = rescale_zero_terminal_snr(linear_beta_alphas_cumprod(num_steps, beta_start, beta_end)).sqrt()
         self.num_steps = num_steps
@@ -77,6 +80,7 @@ class CosineSchedule:
     (Hoogeboom et al., "simple diffusion"). ``shift = 1`` is the plain cosine schedule. ``alpha(1) = 0``.
     """
 
+    @records_init_args
     def __init__(self, shift: float = 1.0) -> None:
         if shift <= 0:
             raise ValueError(f"shift must be positive, got {shift}")

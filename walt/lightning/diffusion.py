@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -21,15 +21,13 @@ from walt.diffusion import (
     CosineSchedule,
     ZeroTerminalSNRLinearSchedule,
     corrupt,
-    ddim_sample,
     expand_like,
-    guided,
-    self_conditioned,
     v_loss,
     x0_from_v,
 )
 from walt.lightning.ema import EMA
 from walt.lightning.video_logging import add_video
+from walt.pipeline import Pipeline, SuperResolution, describe_pipeline
 from walt.tokenizer import CausalVAE
 from walt.tokenizer.encode import load_vae_weights
 from walt.transformer import WALT
@@ -133,6 +131,7 @@ class BaseDiffusionModule(L.LightningModule):
                 self.ema.module.compile(fullgraph=True)
         self._latent_shape: tuple[int, ...] | None = None  # seen in validation; shapes the logged samples
         self._log_prompts: list[str] = []  # captions of the first validation batch, for text models
+        self._class_names: list[str] = []  # read from the training data when first asked for
 
     # ---- training ----------------------------------------------------------------------------------------
 
@@ -191,23 +190,28 @@ class BaseDiffusionModule(L.LightningModule):
             self._latent_shape = tuple(self.latents(batch).shape[1:])
             self._log_prompts = list(batch.get("caption", []))
 
+    @torch.no_grad()
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """`walt test`: the diffusion loss on the test split, with the same fixed draws as validation."""
+        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
+        loss = self._loss(batch, train=False, generator=generator)
+        self.log("test/loss", loss, sync_dist=True, batch_size=batch_size(batch))
+
     def on_validation_epoch_end(self) -> None:
         if self.num_log_samples <= 0 or self.tokenizer is None or self._latent_shape is None:
             return
         if not self._logs_samples_here():
             return
         n = self.num_log_samples
-        labels = prompts = None
-        if self.backbone.num_classes is not None:
-            labels = torch.arange(n, device=self.device) % self.backbone.num_classes
+        prompts = None
         if self.backbone.text_dim is not None:
-            prompts = (
-                [self._log_prompts[i % len(self._log_prompts)] for i in range(n)]
-                if self._log_prompts
-                else None
-            )
-        generator = torch.Generator(device=self.device).manual_seed(0)
-        videos = self.sample(n, self._latent_shape, labels=labels, prompts=prompts, generator=generator)
+            captions = self._log_prompts or [""]
+            prompts = [captions[i % len(captions)] for i in range(n)]
+        _, T, H, W = self._latent_shape
+        videos = self.pipeline().generate(  # every class in turn, seeds 0 .. n-1
+            prompts=prompts, num_samples=n, num_frames=1 + 4 * (T - 1), height=8 * H, width=8 * W,
+            output="float", progress=False,
+        )  # fmt: skip
         grid = torch.cat(list(videos), dim=-1)  # (3, T, H, n*W)
         add_video(
             self.logger.experiment, "samples", to_uint8(grid).cpu().numpy(), self.global_step, self.video_fps
@@ -319,89 +323,60 @@ class BaseDiffusionModule(L.LightningModule):
         """The weights used to sample: the EMA when there is one."""
         return self.ema.module if self.ema is not None else self.backbone
 
-    @torch.no_grad()
-    def sample_latents(
-        self,
-        num_samples: int,
-        latent_shape: tuple[int, int, int, int],
-        labels: Tensor | None = None,
-        context: Tensor | None = None,
-        num_context_frames: int = 0,
-        prompts: Sequence[str] | None = None,
-        guidance: float = 1.0,
-        steps: int | None = None,
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        extra: Conditioning | None = None,
-    ) -> Tensor:
-        """DDIM samples of normalized latents ``(num_samples, *latent_shape)``.
-
-        ``labels`` (N,) for a class-conditional backbone (-1 = unconditional); ``context`` latents (N, C, T, H, W)
-        of which the first ``num_context_frames`` frames are given (frame prediction / image-to-video);
-        ``prompts`` (N strings) for a text-conditional backbone ("" or None = unconditional).
-        ``guidance`` != 1 applies classifier-free guidance over labels, text and context: two passes per step,
-        or one for a guidance-distilled backbone (``guidance_input``), which takes ``guidance`` as its input w.
-        ``extra`` holds further signals that subclasses supply (e.g. the low-res input of super-resolution);
-        guidance keeps them.
-        """
-        backbone = self.sampling_backbone
-        cond = dataclasses.replace(extra) if extra is not None else Conditioning()  # a copy: filled below
-        if backbone.num_classes is not None:
-            cond.labels = labels if labels is not None else torch.full((num_samples,), -1, device=self.device)
-        elif labels is not None:
-            raise ValueError("labels were given but the backbone is not class-conditional")
-        if backbone.text_dim is not None:
-            prompts = list(prompts) if prompts is not None else [""] * num_samples
-            if len(prompts) != num_samples:
-                raise ValueError(
-                    f"{len(prompts)} prompts were given for {num_samples} samples; give one each"
-                )
-            cond.text, cond.text_mask = self.text_encoder.encode(prompts, self.device)  # (N, L, D), (N, L)
-        elif prompts is not None:
-            raise ValueError("prompts were given but the backbone is not text-conditional (no text_dim)")
-        if num_context_frames > 0:
-            if not backbone.context_frames or context is None:
-                raise ValueError("frame prediction needs a backbone built with context_frames and a context")
-            cond.context = context
-            mask = torch.zeros(num_samples, 1, *latent_shape[1:], device=self.device)
-            mask[:, :, :num_context_frames] = 1
-            cond.context_mask = mask
-        if backbone.guidance_input:
-            cond.guidance = torch.full((num_samples,), float(guidance), device=self.device)
-            model = backbone
-        else:
-            model = guided(backbone, guidance) if guidance != 1.0 else backbone
-        model_fn = (
-            self_conditioned(model, cond, self.schedule)
-            if backbone.self_conditioning
-            else (lambda x, t: model(x, t, cond))
-        )
-        noise = torch.randn((num_samples, *latent_shape), device=self.device, generator=generator)
-        z = ddim_sample(
-            model_fn,
-            noise,
-            steps or self.sample_steps,
-            eta,
-            self.schedule,
-            generator=generator,
-            progress=progress,
-        )
-        if num_context_frames > 0:  # keep the given frames exactly
-            z[:, :, :num_context_frames] = context[:, :, :num_context_frames]
-        return z
-
-    @torch.no_grad()
-    def sample(self, num_samples: int, latent_shape: tuple[int, int, int, int], **kwargs) -> Tensor:
-        """Like :meth:`sample_latents`, decoded to pixels ``(N, 3, T, H, W)`` in [-1, 1]."""
+    def pipeline(self) -> Pipeline:
+        """A :class:`walt.pipeline.Pipeline` over the module's current sampling weights (shared, not copied),
+        tokenizer, schedule and text encoder: ``module.pipeline().generate(labels=[1, 3])``."""
         if self.tokenizer is None:
-            raise ValueError("decoding samples needs the tokenizer; construct the module with one")
-        z = self.sample_latents(num_samples, latent_shape, **kwargs)
-        return self.tokenizer.decode(z, self.tokenizer_chunk_size).clamp(-1, 1)
+            raise ValueError("generating videos needs the tokenizer; construct the module with one")
+        return Pipeline(
+            self.sampling_backbone,
+            self.tokenizer,
+            self.schedule,
+            self.text_encoder,
+            self.class_names or None,
+            sample_steps=self.sample_steps,
+            tokenizer_chunk_size=self.tokenizer_chunk_size,
+            fps=self.video_fps,
+            super_resolution=self.super_resolution_settings(),
+        )
+
+    def super_resolution_settings(self) -> SuperResolution | None:
+        """How a super-resolution subclass makes its low-res input; None for a base model."""
+        return None
+
+    @property
+    def class_names(self) -> list[str]:
+        """The training data's class names (recorded in checkpoints, so they travel with the model)."""
+        if not self._class_names and self._trainer is not None:
+            data = getattr(self.trainer, "datamodule", None)
+            self._class_names = list(getattr(getattr(data, "train", None), "classes", None) or [])
+        return self._class_names
+
+    def model_description(self) -> dict:
+        """What the model is, as JSON (walt.pipeline.describe_pipeline), plus how it was trained so far."""
+        description = describe_pipeline(self.pipeline())
+        description["training"] = self._training_record()
+        return description
+
+    def _training_record(self) -> dict:
+        record: dict = {"global_step": int(self.global_step), "epoch": int(self.current_epoch)}
+        if self._trainer is None:
+            return record
+        data = getattr(self.trainer, "datamodule", None)
+        train = getattr(data, "train", None)
+        if train is not None:
+            record["data"] = {"dataset": type(train).__name__, "num_samples": len(train)}
+        log_dir = self.trainer.log_dir
+        config = Path(log_dir) / "config.yaml" if log_dir else None
+        if config is not None and config.is_file():
+            record["config"] = config.read_text()
+        return record
 
     # ---- checkpoints: exact resumption ----------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.tokenizer is not None:  # the model describes itself: it loads without its training YAML
+            checkpoint["walt_model"] = self.model_description()
         # Lightning restores weights, optimizer and loop state; the random stream that draws t, noise and
         # dropout is saved here too (as tensors, so checkpoints load with weights_only=True), so a run resumed
         # at an epoch boundary follows the uninterrupted one step for step.
@@ -411,6 +386,7 @@ class BaseDiffusionModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._class_names = list((checkpoint.get("walt_model") or {}).get("class_names") or self._class_names)
         states = checkpoint.get("rng_states")
         if states is None:
             return

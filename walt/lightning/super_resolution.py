@@ -13,11 +13,18 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
-from walt.conditioning import Conditioning, downsample_video, upsample_latent, upsample_video
+from walt.conditioning import (
+    Conditioning,
+    augment_lowres,
+    downsample_video,
+    lowres_latent,
+    upsample_video,
+)
 from walt.data.transforms import to_uint8
-from walt.diffusion import CosineSchedule, ZeroTerminalSNRLinearSchedule, expand_like, noisy
+from walt.diffusion import CosineSchedule, ZeroTerminalSNRLinearSchedule
 from walt.lightning.diffusion import BaseDiffusionModule, adamw_for_diffusion
 from walt.lightning.video_logging import add_video
+from walt.pipeline import SuperResolution
 from walt.tokenizer import CausalVAE
 from walt.transformer import WALT
 
@@ -120,17 +127,18 @@ class SuperResolutionModule(BaseDiffusionModule):
     @torch.no_grad()
     def lowres_latent(self, lowres_video: Tensor) -> Tensor:
         """Clean conditioning latent on the high-res latent grid: (B, 3, T_lr, h, w) -> (B, C, T', H', W')."""
-        s, f, chunk = self.spatial_factor, self.temporal_factor, self.tokenizer_chunk_size
-        if self.lowres_path == "pixel":
-            return self.tokenizer.encode(upsample_video(lowres_video, s, f), chunk)
-        return upsample_latent(self.tokenizer.encode(lowres_video, chunk), s, f)
+        return lowres_latent(
+            self.tokenizer,
+            lowres_video,
+            self.spatial_factor,
+            self.temporal_factor,
+            self.lowres_path,
+            self.tokenizer_chunk_size,
+        )
 
     def augment(self, lowres: Tensor, level: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Diffuses the clean low-res latent (B, C, T, H, W) to per-sample times ``level`` (B,)."""
-        alpha, sigma = self.schedule.alpha_sigma(level)
-        noise = torch.randn(lowres.shape, device=lowres.device, generator=generator, dtype=lowres.dtype)
-        a, s = expand_like(alpha, lowres).to(lowres.dtype), expand_like(sigma, lowres).to(lowres.dtype)
-        return noisy(lowres, noise, a, s)
+        return augment_lowres(lowres, level, self.schedule, generator)
 
     def _video(self, batch: dict) -> Tensor:
         if "video" not in batch:
@@ -159,36 +167,10 @@ class SuperResolutionModule(BaseDiffusionModule):
 
     # ---- sampling ----------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def upsample_latents(
-        self,
-        lowres_video: Tensor,
-        aug_level: float | None = None,
-        generator: torch.Generator | None = None,
-        **sample_kwargs,
-    ) -> Tensor:
-        """High-res latents (N, C, T', H', W') for low-res pixel videos (N, 3, T_lr, h, w) in [-1, 1].
-
-        ``aug_level`` (default ``sample_aug_level``) diffuses the low-res input as in training;
-        ``sample_kwargs`` go to :meth:`sample_latents` (labels, guidance, steps, eta, progress).
-        """
-        clean = self.lowres_latent(lowres_video.to(self.device))  # (N, C, T', H', W')
-        n = clean.shape[0]
-        level = torch.full(
-            (n,), self.sample_aug_level if aug_level is None else aug_level, device=self.device
+    def super_resolution_settings(self) -> SuperResolution:
+        return SuperResolution(
+            self.spatial_factor, self.temporal_factor, self.lowres_path, self.sample_aug_level
         )
-        if not 0.0 <= float(level[0]) <= 1.0:
-            raise ValueError(f"aug_level is a diffusion time in [0, 1], got {float(level[0])}")
-        extra = Conditioning(lowres=self.augment(clean, level, generator), aug_level=level)
-        return self.sample_latents(
-            n, tuple(clean.shape[1:]), generator=generator, extra=extra, **sample_kwargs
-        )
-
-    @torch.no_grad()
-    def upsample(self, lowres_video: Tensor, **kwargs) -> Tensor:
-        """Like :meth:`upsample_latents`, decoded to pixels (N, 3, T, H, W) in [-1, 1]."""
-        z = self.upsample_latents(lowres_video, **kwargs)
-        return self.tokenizer.decode(z, self.tokenizer_chunk_size).clamp(-1, 1)
 
     # ---- validation videos: low-res input (upsampled in pixels) above the model's output ------------------
 
@@ -204,8 +186,9 @@ class SuperResolutionModule(BaseDiffusionModule):
         if self._log_lowres is None or not self._logs_samples_here():
             return
         low, labels = self._log_lowres
-        generator = torch.Generator(device=self.device).manual_seed(0)
-        videos = self.upsample(low, labels=labels, generator=generator)  # (n, 3, T, H, W)
+        videos = self.pipeline().generate(
+            labels=labels, lowres=low, output="float", progress=False
+        )  # (n, 3, T, H, W)
         inputs = upsample_video(low, self.spatial_factor, self.temporal_factor).clamp(
             -1, 1
         )  # (n, 3, T, H, W)

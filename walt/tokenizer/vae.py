@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from walt.config import records_init_args
 from walt.nn import CausalCache, CausalConv3d, causal_repeat_time
 from walt.tokenizer.layers import (
     AdaptiveFrameGroupNorm,
@@ -128,6 +129,7 @@ class CausalVAE(nn.Module):
         variational: predict a log-variance too (needed for a KL term and posterior sampling).
     """
 
+    @records_init_args
     def __init__(
         self,
         latent_channels: int = 8,

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from walt.conditioning import Conditioning
+from walt.config import records_init_args
 from walt.nn import (
     LabelEmbedding,
     PatchEmbed3D,
@@ -60,6 +61,7 @@ class WALT(nn.Module):
     ``fp32_residual=True`` keeps it in float32.
     """
 
+    @records_init_args
     def __init__(
         self,
         in_channels: int = 8,

@@ -1,0 +1,187 @@
+"""walt.pipeline: models that describe themselves, exports, per-sample seeds and the `walt sample` / `walt export`
+commands, on a real `walt fit` checkpoint of the quickstart base config (2-layer backbone, tiny tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import cpu_sized_config, write_tiny_latents
+from walt.cli import WaltCLI, main
+from walt.data import read_video
+from walt.pipeline import ModelFileError, Pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """Two steps of `walt fit` (quickstart base config, CPU-sized), run through the CLI with a command-line
+    override of the backbone, which the README's old `--config` recipe could not sample."""
+    folder = tmp_path_factory.mktemp("fit")
+    write_tiny_latents(folder)  # 8 latents of 2 of the 8 classes, with the class names in index.json
+    config = yaml.safe_load((ROOT / "configs/base/quickstart.yaml").read_text())
+    config["model"]["init_args"].update(sample_steps=4, num_log_samples=0)
+    config["trainer"].update(max_steps=2, check_val_every_n_epoch=None, limit_val_batches=0)
+    path = cpu_sized_config(config, folder, "base.yaml", self_conditioning=True)
+    old = sys.argv
+    sys.argv = ["walt"]
+    try:
+        cli = WaltCLI(args=["fit", "--config", str(path), "--model.init_args.backbone.init_args.hidden_size", "48",
+                            "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    finally:
+        sys.argv = old
+    return {"folder": folder, "config": path, "ckpt": folder / "run/checkpoints/last.ckpt", "cli": cli}
+
+
+def test_a_checkpoint_describes_itself_and_samples_without_its_yaml(trained):
+    """The checkpoint sits at the stable <default_root_dir>/checkpoints/last.ckpt and carries everything to
+    rebuild the model: the overridden width, the tokenizer, class names, sampling defaults, the training record."""
+    ckpt = trained["ckpt"]
+    description = torch.load(ckpt, map_location="cpu", weights_only=True)["walt_model"]
+    assert description["backbone"]["init_args"]["hidden_size"] == 48
+    assert len(description["class_names"]) == 8 and description["class_names"][1] == "red circle moving right"
+    assert description["sampling"]["steps"] == 4 and description["training"]["global_step"] == 2
+    assert "hidden_size: 48" in description["training"]["config"]
+    pipe = Pipeline.from_pretrained(ckpt)
+    videos = pipe.generate(labels=["red circle moving right", 0], seeds=[3, 4], progress=False)
+    assert videos.dtype == torch.uint8 and videos.shape == (2, 17, 32, 32, 3)
+    live = Pipeline.from_pretrained(ckpt, weights="live")
+    assert live.info["weights"] == "live" and pipe.info["weights"] == "ema"
+    assert not torch.equal(live.generate(labels=[1], progress=False), pipe.generate(labels=[1], progress=False))
+
+
+def test_export_then_load_gives_bit_identical_samples(trained, tmp_path):
+    out = tmp_path / "model"
+    assert main_exit(["export", "--checkpoint", str(trained["ckpt"]), "--output", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "backbone.safetensors", "model.json", "tokenizer.safetensors",
+    ]  # fmt: skip
+    assert "8 classes (red circle moving left" in (out / "README.md").read_text()
+    kwargs = dict(labels=[0, 1, 1], seeds=[5, 6, 7], steps=3, guidance=2.0, eta=0.5, progress=False)
+    from_ckpt = Pipeline.from_pretrained(trained["ckpt"]).generate(**kwargs, output="float")
+    from_folder = Pipeline.from_pretrained(out).generate(**kwargs, output="float")
+    assert torch.equal(from_ckpt, from_folder)
+    # saved again from the loaded pipeline: the same files' content
+    again = Pipeline.from_pretrained(out).save_pretrained(tmp_path / "again")
+    assert json.loads((again / "model.json").read_text()) == json.loads((out / "model.json").read_text())
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_per_sample_seeds_give_the_same_video_at_any_batch_size(trained, eta):
+    """Sample k's noise (initial and per step) comes from seed k alone: batches of 1 and of 4 agree."""
+    pipe = Pipeline.from_pretrained(trained["ckpt"])
+    kwargs = dict(labels=[0, 1, 0, 1], seeds=[10, 11, 12, 13], steps=3, eta=eta, progress=False, output="float")
+    whole = pipe.generate(**kwargs, batch_size=4)
+    single = pipe.generate(**kwargs, batch_size=1)
+    torch.testing.assert_close(whole, single, rtol=0, atol=1e-5)  # kernels at another batch size: rounding only
+    alone = pipe.generate(labels=[1], seeds=[13], steps=3, eta=eta, progress=False, output="float")
+    torch.testing.assert_close(whole[3:], alone, rtol=0, atol=1e-5)
+    assert not torch.allclose(whole[0], whole[2])  # same class, other seed: another video
+
+
+def test_samples_across_two_processes_equal_one_process(trained, tmp_path):
+    """Two gloo processes each generate their share of the seeds (every other one) and gather them: the same
+    videos as one process."""
+    script = tmp_path / "gen.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        "from walt.pipeline import Pipeline\n"
+        "dist.init_process_group('gloo'); rank, world = dist.get_rank(), dist.get_world_size()\n"
+        "seeds = list(range(6))[rank::world]\n"
+        f"pipe = Pipeline.from_pretrained({str(trained['ckpt'])!r})\n"
+        "videos = pipe.generate(labels=[s % 2 for s in seeds], seeds=seeds, steps=3, eta=1.0, progress=False)\n"
+        "parts = [None] * world; dist.all_gather_object(parts, videos)\n"
+        "if rank == 0: torch.save(parts, sys.argv[1])\n"
+        "dist.destroy_process_group()\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path / "p.pt")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    parts = torch.load(tmp_path / "p.pt")
+    gathered = torch.stack([parts[s % 2][s // 2] for s in range(6)])
+    one = Pipeline.from_pretrained(trained["ckpt"]).generate(
+        labels=[s % 2 for s in range(6)], seeds=list(range(6)), steps=3, eta=1.0, progress=False
+    )
+    assert (gathered.int() - one.int()).abs().max() <= 1  # uint8 videos: at most rounding at another batch size
+
+
+class Payload:
+    """Unpickling this runs ``touch <path>``: a stand-in for malicious code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.parametrize("name", ["last.ckpt", "backbone.safetensors"])
+def test_a_malicious_pickle_posing_as_a_model_file_is_refused_unrun(trained, tmp_path, name):
+    marker = tmp_path / "payload_ran"
+    model = tmp_path / "model"
+    if name.endswith(".safetensors"):
+        Pipeline.from_pretrained(trained["ckpt"]).save_pretrained(model)
+        target = model / name
+    else:
+        target = tmp_path / name
+    target.write_bytes(pickle.dumps({"state_dict": Payload(marker)}))
+    with pytest.raises(ModelFileError, match="not"):
+        Pipeline.from_pretrained(model if name.endswith(".safetensors") else target)
+    assert not marker.exists()
+
+
+def test_walt_sample_from_a_model_records_how_each_file_was_made(trained, tmp_path, capsys):
+    out = tmp_path / "samples"
+    args = ["sample", "--model", str(trained["ckpt"]), "--output", str(out), "--class", "red circle moving right",
+            "--num-samples", "2", "--steps", "2", "--sampler", "ddim", "--eta", "0.5", "--seed", "7", "--device", "cpu"]  # fmt: skip
+    assert main_exit(args) == 0
+    index = json.loads((out / "samples.json").read_text())
+    assert [e["seed"] for e in index] == [7, 8] and {e["class_name"] for e in index} == {"red circle moving right"}
+    assert all(e["steps"] == 2 and e["eta"] == 0.5 and e["sampler"] == "ddim" for e in index)
+    assert read_video(out / index[0]["file"]).shape == (17, 32, 32, 3)
+    # the same seed regenerates the same file; a second run never mixes into the old folder
+    with pytest.raises(SystemExit, match="not empty"):
+        main(args)
+    assert main_exit([*args, "--overwrite"]) == 0
+    # bad values are refused with the fix
+    with pytest.raises(SystemExit, match="unknown class 'purple'"):
+        main([*args[:-1], "cpu", "--overwrite", "--class", "purple"])
+    with pytest.raises(SystemExit, match="guidance must be a finite number"):
+        main([*args, "--overwrite", "--guidance", "nan"])
+
+
+def test_the_cli_lists_what_works(capsys):
+    assert main_exit(["--version"]) == 0 and capsys.readouterr().out.startswith("walt ")
+    assert main_exit(["--help"]) == 0
+    listing = capsys.readouterr().out
+    assert "export" in listing and "predict" not in listing
+    assert main_exit(["predict"]) == 2 and "walt sample" in capsys.readouterr().err
+
+
+def test_walt_test_reports_the_test_loss(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["walt"])
+    config = yaml.safe_load(trained["config"].read_text())
+    config["data"]["init_args"]["test"] = config["data"]["init_args"]["val"]
+    path = tmp_path / "test.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = WaltCLI(args=["test", "--config", str(path), "--ckpt_path", str(trained["ckpt"]),
+                        "--model.init_args.backbone.init_args.hidden_size", "48"])  # fmt: skip
+    assert cli.trainer.callback_metrics["test/loss"] > 0
+
+
+def main_exit(argv: list[str]) -> int:
+    try:
+        main(argv)
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0

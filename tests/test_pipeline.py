@@ -56,7 +56,9 @@ def test_a_checkpoint_describes_itself_and_samples_without_its_yaml(trained):
     assert videos.dtype == torch.uint8 and videos.shape == (2, 17, 32, 32, 3)
     live = Pipeline.from_pretrained(ckpt, weights="live")
     assert live.info["weights"] == "live" and pipe.info["weights"] == "ema"
-    assert not torch.equal(live.generate(labels=[1], progress=False), pipe.generate(labels=[1], progress=False))
+    assert not torch.equal(
+        live.generate(labels=[1], progress=False), pipe.generate(labels=[1], progress=False)
+    )
 
 
 def test_export_then_load_gives_bit_identical_samples(trained, tmp_path):
@@ -79,10 +81,14 @@ def test_export_then_load_gives_bit_identical_samples(trained, tmp_path):
 def test_per_sample_seeds_give_the_same_video_at_any_batch_size(trained, eta):
     """Sample k's noise (initial and per step) comes from seed k alone: batches of 1 and of 4 agree."""
     pipe = Pipeline.from_pretrained(trained["ckpt"])
-    kwargs = dict(labels=[0, 1, 0, 1], seeds=[10, 11, 12, 13], steps=3, eta=eta, progress=False, output="float")
+    kwargs = dict(
+        labels=[0, 1, 0, 1], seeds=[10, 11, 12, 13], steps=3, eta=eta, progress=False, output="float"
+    )
     whole = pipe.generate(**kwargs, batch_size=4)
     single = pipe.generate(**kwargs, batch_size=1)
-    torch.testing.assert_close(whole, single, rtol=0, atol=1e-5)  # kernels at another batch size: rounding only
+    torch.testing.assert_close(
+        whole, single, rtol=0, atol=1e-5
+    )  # kernels at another batch size: rounding only
     alone = pipe.generate(labels=[1], seeds=[13], steps=3, eta=eta, progress=False, output="float")
     torch.testing.assert_close(whole[3:], alone, rtol=0, atol=1e-5)
     assert not torch.allclose(whole[0], whole[2])  # same class, other seed: another video
@@ -104,7 +110,15 @@ def test_samples_across_two_processes_equal_one_process(trained, tmp_path):
         "dist.destroy_process_group()\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path / "p.pt")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path / "p.pt"),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     parts = torch.load(tmp_path / "p.pt")
@@ -112,7 +126,9 @@ def test_samples_across_two_processes_equal_one_process(trained, tmp_path):
     one = Pipeline.from_pretrained(trained["ckpt"]).generate(
         labels=[s % 2 for s in range(6)], seeds=list(range(6)), steps=3, eta=1.0, progress=False
     )
-    assert (gathered.int() - one.int()).abs().max() <= 1  # uint8 videos: at most rounding at another batch size
+    assert (
+        gathered.int() - one.int()
+    ).abs().max() <= 1  # uint8 videos: at most rounding at another batch size
 
 
 class Payload:
@@ -146,7 +162,9 @@ def test_walt_sample_from_a_model_records_how_each_file_was_made(trained, tmp_pa
             "--num-samples", "2", "--steps", "2", "--sampler", "ddim", "--eta", "0.5", "--seed", "7", "--device", "cpu"]  # fmt: skip
     assert main_exit(args) == 0
     index = json.loads((out / "samples.json").read_text())
-    assert [e["seed"] for e in index] == [7, 8] and {e["class_name"] for e in index} == {"red circle moving right"}
+    assert [e["seed"] for e in index] == [7, 8] and {e["class_name"] for e in index} == {
+        "red circle moving right"
+    }
     assert all(e["steps"] == 2 and e["eta"] == 0.5 and e["sampler"] == "ddim" for e in index)
     assert read_video(out / index[0]["file"]).shape == (17, 32, 32, 3)
     # the same seed regenerates the same file; a second run never mixes into the old folder
@@ -185,3 +203,104 @@ def main_exit(argv: list[str]) -> int:
     except SystemExit as done:
         return int(done.code or 0)
     return 0
+
+
+def _perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A freshly built model predicts zeros (zero-initialized outputs): random weights everywhere make every
+    input (labels, low-res video) matter, which is what plumbing tests need."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return module.eval().requires_grad_(False)  # as loaded models are: kernels differ with requires_grad
+
+
+def _tiny_cascade():
+    from walt.pipeline import CascadePipeline, SuperResolution
+    from walt.tokenizer import CausalVAE, presets
+    from walt.transformer import WALT
+
+    small = dict(in_channels=4, depth=2, hidden_size=32, num_heads=2, num_classes=2)
+    base = Pipeline(
+        _perturbed(WALT(input_size=(2, 2, 2), self_conditioning=True, **small), 0),
+        _perturbed(CausalVAE(**presets["tiny"], variational=False), 1),
+        class_names=["left", "right"], sample_steps=3,
+    )  # fmt: skip
+    sr = Pipeline(
+        _perturbed(WALT(input_size=(2, 4, 4), patch_size=2, lowres=True, **small), 2),
+        _perturbed(CausalVAE(**presets["tiny"], variational=False), 3),
+        sample_steps=2, super_resolution=SuperResolution(spatial_factor=2, aug_level=0.2),
+    )  # fmt: skip
+    return CascadePipeline([base, sr], [{"guidance": 2.0}, {"eta": 1.0}])
+
+
+def test_cascade_passes_labels_and_seeds_to_every_stage_and_exports_as_one_folder(tmp_path):
+    """The cascade equals running its stages by hand: the base at its settings, then the SR stage on the base's
+    videos with the same labels and seeds offset per stage; saved and loaded as one folder, it gives the same
+    videos; labels change the SR stage's output (they reach it)."""
+    from walt.pipeline import CascadePipeline
+    from walt.pipeline.pipeline import STAGE_SEED_STRIDE
+
+    cascade = _tiny_cascade()
+    base, sr = cascade.stages
+    out = cascade.generate(labels=["right", 0], seeds=[4, 5], output="float", progress=False)
+    low = base.generate(labels=[1, 0], seeds=[4, 5], guidance=2.0, output="float", progress=False)
+    by_hand = sr.generate(labels=[1, 0], lowres=low, seeds=[4 + STAGE_SEED_STRIDE, 5 + STAGE_SEED_STRIDE],
+                          eta=1.0, output="float", progress=False)  # fmt: skip
+    assert out.shape == (2, 3, 5, 32, 32) and torch.equal(out, by_hand)
+    other = sr.generate(labels=[0, 1], lowres=low, seeds=[4 + STAGE_SEED_STRIDE, 5 + STAGE_SEED_STRIDE],
+                        eta=1.0, output="float", progress=False)  # fmt: skip
+    assert not torch.allclose(other, by_hand)
+    folder = cascade.save_pretrained(tmp_path / "cascade")
+    loaded = CascadePipeline.from_pretrained(folder)
+    assert loaded.stage_settings == [{"guidance": 2.0}, {"eta": 1.0}]
+    assert torch.equal(loaded.generate(labels=[1, 0], seeds=[4, 5], output="float", progress=False), out)
+    with pytest.raises(ModelFileError, match="is a cascade"):
+        Pipeline.from_pretrained(folder)
+
+
+def test_cascade_yaml_names_each_stage_model_and_errors_name_the_fix(tmp_path):
+    from walt.pipeline import CascadePipeline
+
+    cascade = _tiny_cascade()
+    for i, stage in enumerate(cascade.stages):
+        stage.save_pretrained(tmp_path / f"s{i}")
+    good = {
+        "stages": [
+            {"model": str(tmp_path / "s0"), "guidance": 2.0},
+            {"model": str(tmp_path / "s1"), "eta": 1.0},
+        ]
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(good))
+    loaded = CascadePipeline.from_pretrained(tmp_path / "c.yaml")
+    assert torch.equal(
+        loaded.generate(labels=[1], seeds=[0], output="float", progress=False),
+        cascade.generate(labels=[1], seeds=[0], output="float", progress=False),
+    )
+    for stages, message in (
+        ([{"model": str(tmp_path / "s0"), "stepz": 3}], "unknown keys"),
+        ([{"model": str(tmp_path / "s0"), "aug_level": 0.1}], "stage 0 is the base model"),
+        ([{"model": str(tmp_path / "s1")}], "starts with a base model"),
+        ([{"steps": 3}], "needs 'model'"),
+    ):
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"stages": stages}))
+        with pytest.raises(ModelFileError, match=message):
+            CascadePipeline.from_pretrained(tmp_path / "bad.yaml")
+
+
+def test_generate_refuses_bad_values_before_any_work():
+    base = _tiny_cascade().stages[0]
+    for kwargs, message in (
+        (dict(guidance=float("nan")), "guidance must be a finite number"),
+        (dict(steps=0), "steps must be a positive integer"),
+        (dict(sampler="euler"), "unknown sampler 'euler'"),
+        (dict(num_frames=8), "1 \\+ 4k"),
+        (dict(labels=[0, 1], seeds=[1, 2, 3]), "counts disagree"),
+        (dict(labels=[5]), "outside 0..1"),
+        (dict(labels=["up"]), "unknown class 'up'; known classes: left, right"),
+        (dict(prompts=["a"]), "not text-conditional"),
+        (dict(context=torch.zeros(5, 16, 16, 3, dtype=torch.uint8)), "not trained with context frames"),
+        (dict(height=20), "multiple of 8"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            base.generate(progress=False, **kwargs)

@@ -145,8 +145,11 @@ def dpmpp_2m_sample(
 
     The last step lands on ``t = 0`` where ``sigma = 0`` and ``h = +inf``: there ``r -> 0`` and the
     second-order correction diverges, so the last step is always first order (it returns the model's ``x0``
-    prediction), as diffusers forces with ``final_sigmas_type="zero"``. ``tests/test_samplers.py`` measures
-    the solver against the exact ODE solution for Gaussian data.
+    prediction), as diffusers forces with ``final_sigmas_type="zero"`` (so its ``lower_order_final`` choice
+    for few steps does not arise). That step is common to DDIM and DPM++ and dominates both at few steps:
+    on Gaussian data N(0.5, 0.3^2), RMS error against the exact ODE solution is 0.106 (DPM++) vs 0.116 (DDIM)
+    at 10 steps, 0.041 vs 0.063 at 20 and 0.0049 vs 0.027 at 50; before that last step DPM++ converges at
+    second order (``tests/test_samplers.py``).
 
     Same evenly spaced time grid as :func:`ddim_sample`; the update runs in ``dtype``.
     """

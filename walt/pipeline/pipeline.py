@@ -263,9 +263,6 @@ class Pipeline:
             mask = torch.zeros(b, 1, *shape[1:], device=self.device)  # (b, 1, T, h, w)
             mask[:, :, :known] = 1
             cond.context, cond.context_mask = context, mask
-        elif self.backbone.context_frames:
-            cond.context = torch.zeros(b, *shape, device=self.device)
-            cond.context_mask = torch.zeros(b, 1, *shape[1:], device=self.device)
         noise = randn((b, *shape), generators, self.device)  # (b, C, T, h, w)
         z = sample(
             self._model_fn(cond, settings["guidance"]),
@@ -526,6 +523,10 @@ class CascadePipeline:
         )
         n = videos.shape[0]
         seeds = list(range(n)) if seeds is None else list(seeds)
+        if labels is not None and base.backbone.num_classes is not None:
+            labels = base._labels(
+                labels, n
+            ).tolist()  # names resolved once, with the base model's class names
         for index, (stage, settings) in enumerate(zip(self.stages[1:], self.stage_settings[1:]), start=1):
             videos = stage.generate(
                 labels=self._for_stage(stage, labels, "labels"),

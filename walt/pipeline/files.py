@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import walt
+from walt.checkpoint import CheckpointError, module_weights, read_checkpoint
 from walt.pipeline.card import model_card
 from walt.pipeline.parts import ModelFileError, build_part, describe_part
 from walt.pipeline.pipeline import CascadePipeline, Pipeline, SuperResolution
@@ -154,50 +154,25 @@ def load_model(path: str | Path, weights: str = "ema", text_encoder=None) -> Pip
 
 
 def pipeline_from_checkpoint(path: Path, weights: str = "ema", text_encoder=None) -> Pipeline:
-    checkpoint = read_checkpoint(path)
+    checkpoint = _read(path)
     description = checkpoint.get("walt_model")
     if not isinstance(description, dict):
         raise ModelFileError(
             f"{path} holds no model description (written by an older walt, or not by a diffusion module): "
             "sample it with `walt sample --config <its training config> --checkpoint ...`"
         )
-    state = checkpoint.get("state_dict") or {}
     if weights not in ("ema", "live"):
         raise ValueError(f"weights must be 'ema' or 'live', got {weights!r}")
-    prefix = (
-        "ema.module." if weights == "ema" and any(k.startswith("ema.module.") for k in state) else "backbone."
-    )
-    if weights == "ema" and prefix == "backbone.":
-        import warnings
-
-        warnings.warn(
-            f"{path} has no EMA weights (ema_decay: null): the trained weights are used", stacklevel=2
-        )
-    description = {**description, "weights": "ema" if prefix == "ema.module." else "live"}
+    state = checkpoint["state_dict"]
+    backbone, which = _checked(module_weights, state, "backbone.", weights == "ema", path)
+    description = {**description, "weights": which}
     return pipeline_from_description(
         description,
-        _strip(state, prefix),
+        backbone,
         _strip(state, "tokenizer."),
         text_encoder,
         str(path),
     )
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A ``walt fit`` checkpoint's dict, read without running any pickled code (``weights_only``)."""
-    path = Path(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
-        raise ModelFileError(
-            f"{path} is not a readable walt checkpoint: {str(err).splitlines()[0][:300]} (a checkpoint holds "
-            "only tensors and plain containers; anything else is refused unread)"
-        ) from None
-    if not isinstance(checkpoint, dict):
-        raise ModelFileError(
-            f"{path} is not a walt checkpoint (expected a dict, found a {type(checkpoint).__name__})"
-        )
-    return checkpoint
 
 
 # ---- cascades ----------------------------------------------------------------------------------------------
@@ -367,6 +342,20 @@ def _check_format(data: dict[str, Any], expected: str, source: str) -> None:
         raise ModelFileError(
             f"{source} was written by a newer walt (format version {data['format_version']}); upgrade walt"
         )
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as err:
+        raise ModelFileError(str(err)) from None
+
+
+def _checked(function, *args):
+    try:
+        return function(*args)
+    except CheckpointError as err:
+        raise ModelFileError(str(err)) from None
 
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

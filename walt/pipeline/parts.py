@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from walt.checkpoint import CheckpointError
 from walt.conditioning import MiniLMTextEncoder, T5TextEncoder, TextEncoder, TransformersTextEncoder
 from walt.config import json_ready
 from walt.diffusion import CosineSchedule, ZeroTerminalSNRLinearSchedule
@@ -35,7 +36,7 @@ PART_CLASSES: dict[str, dict[str, type]] = {
 LOCAL_ARGS = {"text_encoder": ("cache_dir", "batch_size", "memory_items")}
 
 
-class ModelFileError(ValueError):
+class ModelFileError(CheckpointError):
     """A model file or folder is not what it claims to be (wrong format, missing part, unknown class)."""
 
 

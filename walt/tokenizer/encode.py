@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from walt.checkpoint import module_weights, read_checkpoint
 from walt.tokenizer.vae import CausalVAE
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -153,16 +154,10 @@ def load_vae_weights(vae: CausalVAE, checkpoint: str | Path, use_ema: bool = Tru
 
         vae.load_state_dict(load_file(str(checkpoint)))
         return "file"
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    has_ema = any(k.startswith("ema.module.") for k in state)
-    prefix = "ema.module." if use_ema and has_ema else "vae."
-    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    if not weights:
-        raise ValueError(
-            f"{checkpoint} holds no tokenizer weights (no '{prefix}*' keys): is it a TokenizerModule?"
-        )
+    state = read_checkpoint(checkpoint)["state_dict"]
+    weights, which = module_weights(state, "vae.", use_ema, checkpoint)
     vae.load_state_dict(weights)
-    return prefix.split(".")[0]
+    return "ema" if which == "ema" else "vae"
 
 
 def _dataset(data: L.LightningDataModule, split: str) -> Dataset:

@@ -304,3 +304,16 @@ def test_generate_refuses_bad_values_before_any_work():
     ):
         with pytest.raises(ValueError, match=message):
             base.generate(progress=False, **kwargs)
+
+
+def test_load_from_checkpoint_rebuilds_the_training_module_without_its_yaml(trained):
+    """Lightning's own entry point works too: the module is rebuilt from the description, EMA included."""
+    from walt.lightning import BaseDiffusionModule
+
+    module = BaseDiffusionModule.load_from_checkpoint(trained["ckpt"])
+    assert module.backbone.hidden_size == 48 and module.ema is not None and module.sample_steps == 4
+    state = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in state.items())
+    assert module.class_names[1] == "red circle moving right"
+    kwargs = dict(labels=[1], seeds=[2], steps=2, progress=False, output="float")
+    assert torch.equal(module.pipeline().generate(**kwargs), Pipeline.from_pretrained(trained["ckpt"]).generate(**kwargs))

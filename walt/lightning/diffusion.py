@@ -27,6 +27,7 @@ from walt.diffusion import (
 )
 from walt.lightning.ema import EMA
 from walt.lightning.video_logging import add_video
+from walt.checkpoint import read_checkpoint
 from walt.pipeline import Pipeline, SuperResolution, describe_pipeline
 from walt.tokenizer import CausalVAE
 from walt.tokenizer.encode import load_vae_weights
@@ -371,6 +372,30 @@ class BaseDiffusionModule(L.LightningModule):
         if config is not None and config.is_file():
             record["config"] = config.read_text()
         return record
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, strict: bool = True, **kwargs):
+        """The module of a ``walt fit`` checkpoint, rebuilt from the model description it carries (backbone,
+        tokenizer, schedule, text encoder, sampling and super-resolution settings) with its weights, EMA
+        included. ``kwargs`` set the other constructor arguments (optimizer, dropout, ...), which checkpoints
+        do not record. For inference, ``walt.pipeline.Pipeline.from_pretrained`` is the lighter path."""
+        from walt.pipeline import ModelFileError, load_model
+
+        checkpoint = read_checkpoint(checkpoint_path)
+        if "walt_model" not in checkpoint:
+            raise ModelFileError(f"{checkpoint_path} holds no model description (written by an older walt)")
+        pipe = load_model(checkpoint_path, weights="live")
+        built = dict(backbone=pipe.backbone, tokenizer=pipe.tokenizer, schedule=pipe.schedule, text_encoder=pipe.text_encoder,
+                     sample_steps=pipe.sample_steps, tokenizer_chunk_size=pipe.tokenizer_chunk_size, video_fps=pipe.fps)  # fmt: skip
+        if pipe.super_resolution is not None:
+            sr = pipe.super_resolution
+            built.update(spatial_factor=sr.spatial_factor, temporal_factor=sr.temporal_factor,
+                         lowres_path=sr.lowres_path, sample_aug_level=sr.aug_level)  # fmt: skip
+        pipe.backbone.requires_grad_(True).train()
+        module = cls(**{**built, **kwargs})
+        module.load_state_dict(checkpoint["state_dict"], strict=strict)
+        module._class_names = list(pipe.class_names)
+        return module.to(map_location) if map_location is not None else module
 
     # ---- checkpoints: exact resumption ----------------------------------------------------------------------
 

@@ -316,4 +316,6 @@ def test_load_from_checkpoint_rebuilds_the_training_module_without_its_yaml(trai
     assert all(torch.equal(module.state_dict()[k], v) for k, v in state.items())
     assert module.class_names[1] == "red circle moving right"
     kwargs = dict(labels=[1], seeds=[2], steps=2, progress=False, output="float")
-    assert torch.equal(module.pipeline().generate(**kwargs), Pipeline.from_pretrained(trained["ckpt"]).generate(**kwargs))
+    assert torch.equal(
+        module.pipeline().generate(**kwargs), Pipeline.from_pretrained(trained["ckpt"]).generate(**kwargs)
+    )

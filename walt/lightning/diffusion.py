@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from walt.checkpoint import read_checkpoint
 from walt.conditioning import Conditioning, TextEncoder
 from walt.data.transforms import to_uint8
 from walt.diffusion import (
@@ -27,7 +28,6 @@ from walt.diffusion import (
 )
 from walt.lightning.ema import EMA
 from walt.lightning.video_logging import add_video
-from walt.checkpoint import read_checkpoint
 from walt.pipeline import Pipeline, SuperResolution, describe_pipeline
 from walt.tokenizer import CausalVAE
 from walt.tokenizer.encode import load_vae_weights

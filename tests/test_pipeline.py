@@ -321,3 +321,19 @@ def test_load_from_checkpoint_rebuilds_the_training_module_without_its_yaml(trai
     assert torch.equal(
         module.pipeline().generate(**kwargs), Pipeline.from_pretrained(trained["ckpt"]).generate(**kwargs)
     )
+
+
+def test_a_wrapped_part_is_described_as_what_it_wraps():
+    """Under FSDP the backbone is a wrapper whose `.module` is the WALT: checkpoints still describe the WALT."""
+    from walt.pipeline.parts import describe_part
+    from walt.transformer import WALT
+
+    class Wrapper(torch.nn.Module):  # FSDP's wrappers expose the wrapped module as `.module`
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    net = WALT(in_channels=4, depth=1, hidden_size=16, num_heads=2, input_size=(2, 2, 2))
+    assert describe_part("backbone", Wrapper(net)) == describe_part("backbone", net)
+    with pytest.raises(TypeError, match="cannot be saved as the backbone"):
+        describe_part("backbone", torch.nn.Linear(2, 2))

@@ -43,6 +43,8 @@ class ModelFileError(CheckpointError):
 def describe_part(role: str, part: Any) -> dict[str, Any]:
     """The JSON description of ``part`` in ``role`` (its class and recorded constructor arguments)."""
     paths = {cls: path for path, cls in PART_CLASSES[role].items()}
+    while type(part) not in paths and hasattr(part, "module"):
+        part = part.module  # a wrapper (FSDP unit) around the part: describe what it wraps
     if type(part) not in paths:
         raise TypeError(
             f"a {type(part).__name__} cannot be saved as the {role}; model files hold {', '.join(paths.values())}"

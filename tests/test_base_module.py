@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -141,30 +142,30 @@ def test_only_spatiotemporal_blocks_train_when_asked(tmp_path):
 
 
 def test_sampling_is_deterministic_and_keeps_the_given_frames():
+    """Through the module's pipeline (its current EMA weights): the same seeds give the same latents, given
+    context frames are kept exactly (the tokenizer's latents of the context) while the rest changes, and the
+    decoded videos are in range."""
     m = module(backbone=backbone(context_frames=True)).eval()
     with torch.no_grad():
         for p in m.backbone.parameters():
             p.normal_(0, 0.05)
     m.ema.module.load_state_dict(m.backbone.state_dict())
-    labels = torch.tensor([0, 3])
-    gen = lambda: torch.Generator().manual_seed(7)
-    a = m.sample_latents(2, LATENT, labels=labels, steps=3, generator=gen())
-    b = m.sample_latents(2, LATENT, labels=labels, steps=3, generator=gen())
-    assert torch.equal(a, b)
-    context = torch.randn(2, *LATENT)
-    c = m.sample_latents(
-        2,
-        LATENT,
-        labels=labels,
-        context=context,
-        num_context_frames=1,
-        guidance=2.0,
-        steps=3,
-        generator=gen(),
-    )
-    assert torch.equal(c[:, :, :1], context[:, :, :1]) and not torch.equal(c[:, :, 1:], a[:, :, 1:])
-    pixels = m.sample(2, LATENT, labels=labels, steps=2, generator=gen())
+    pipe = m.pipeline()
+    assert pipe.backbone is m.ema.module and pipe.sample_steps == 4  # the EMA weights, shared, not copied
+    kwargs = dict(labels=[0, 3], seeds=[7, 8], steps=3, output="latent", progress=False)
+    a = pipe.generate(**kwargs)
+    b = pipe.generate(**kwargs)
+    assert a.shape == (2, *LATENT) and torch.equal(a, b)
+    context = torch.rand(2, 3, 5, 16, 16) * 2 - 1  # pixels (N, 3, T, H, W) in [-1, 1]
+    c = pipe.generate(**kwargs, context=context, context_frames=1, guidance=2.0)
+    with torch.no_grad():
+        given = m.tokenizer.encode(context[:, :, :1])  # (2, C, 1, h, w): 1 pixel frame -> 1 latent frame
+    assert torch.equal(c[:, :, :1], given) and not torch.equal(c[:, :, 1:], a[:, :, 1:])
+    pixels = pipe.generate(labels=[0, 3], seeds=[7, 8], steps=2, output="float", progress=False)
     assert pixels.shape == (2, 3, 5, 16, 16) and pixels.abs().max() <= 1
+    videos = pipe.generate(labels=[0, 3], seeds=[7, 8], steps=2, progress=False)  # uint8, as walt sample gets
+    assert videos.dtype == torch.uint8 and videos.shape == (2, 5, 16, 16, 3)
+    assert torch.equal(videos, to_uint8(pixels))
 
 
 def _runnable_here(config_path: Path, tmp_path: Path) -> Path:
@@ -193,9 +194,11 @@ def test_every_base_config_runs_a_fast_dev_run(config, tmp_path, monkeypatch):
 
 
 def test_quickstart_config_trains_and_walt_sample_writes_videos(tmp_path, monkeypatch):
+    """`walt fit` leaves <default_root_dir>/checkpoints/last.ckpt, which `walt sample --model` samples without
+    the YAML (class names included); a checkpoint without a model description still samples with --config."""
     monkeypatch.setattr(sys, "argv", ["walt"])
     config = _runnable_here(ROOT / "configs/base/quickstart.yaml", tmp_path)
-    cli = WaltCLI(
+    WaltCLI(
         args=[
             "fit",
             "--config",
@@ -208,31 +211,13 @@ def test_quickstart_config_trains_and_walt_sample_writes_videos(tmp_path, monkey
             "false",
         ]
     )
-    ckpt = tmp_path / "model.ckpt"
-    cli.trainer.save_checkpoint(ckpt)
+    ckpt = tmp_path / "run/checkpoints/last.ckpt"  # cpu_sized_config's default_root_dir is tmp_path / "run"
+    assert ckpt.is_file()
     out = tmp_path / "samples"
+    common = ["sample", "--num-samples", "3", "--steps", "2", "--device", "cpu"]
     with pytest.raises(SystemExit) as done:
-        main(
-            [
-                "sample",
-                "--config",
-                str(config),
-                "--checkpoint",
-                str(ckpt),
-                "--output",
-                str(out),
-                "--num-samples",
-                "3",
-                "--class",
-                "red circle moving right",
-                "--class",
-                "0",
-                "--steps",
-                "2",
-                "--device",
-                "cpu",
-            ]
-        )
+        main([*common, "--model", str(ckpt), "--output", str(out), "--class", "red circle moving right",
+              "--class", "0"])  # fmt: skip
     assert done.value.code == 0
     files = sorted(p.name for p in out.iterdir())
     assert files == [
@@ -242,24 +227,25 @@ def test_quickstart_config_trains_and_walt_sample_writes_videos(tmp_path, monkey
         "sample_002_class1.mp4",
         "samples.json",
     ]
-    assert [e["class"] for e in json.loads((out / "samples.json").read_text())] == [1, 0, 1]
+    index = json.loads((out / "samples.json").read_text())
+    assert [e["class"] for e in index] == [1, 0, 1]
+    assert [index[0]["class_name"], index[2]["class_name"]] == ["red circle moving right"] * 2
     assert read_video(out / "sample_000_class1.mp4").shape == (17, 32, 32, 3)
-    with pytest.raises(ValueError, match="unknown class 'purple blob'"):
-        main(
-            [
-                "sample",
-                "--config",
-                str(config),
-                "--checkpoint",
-                str(ckpt),
-                "--output",
-                str(out),
-                "--class",
-                "purple blob",
-                "--device",
-                "cpu",
-            ]
-        )
+    with pytest.raises(SystemExit, match="unknown class 'purple blob'"):
+        main([*common, "--model", str(ckpt), "--output", str(tmp_path / "none"), "--class", "purple blob"])
+    # A checkpoint from before models described themselves samples with the config it was trained with, to the
+    # same videos.
+    old = torch.load(ckpt, map_location="cpu", weights_only=True)
+    del old["walt_model"]
+    torch.save(old, tmp_path / "old.ckpt")
+    legacy = [*common, "--model", str(tmp_path / "old.ckpt"), "--output", str(tmp_path / "old")]
+    with pytest.raises(SystemExit, match="holds no model description"):
+        main(legacy)
+    with pytest.raises(SystemExit) as done:
+        main([*legacy, "--config", str(config), "--class", "1", "--class", "0"])
+    assert done.value.code == 0
+    for entry in index:
+        assert np.array_equal(read_video(tmp_path / "old" / entry["file"]), read_video(out / entry["file"]))
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path):
@@ -284,7 +270,7 @@ def test_walt_sample_continues_a_video_and_extends_it(tmp_path, monkeypatch):
     """Frame prediction from a video file and autoregressive extension, with the K600 config's model."""
     monkeypatch.setattr(sys, "argv", ["walt"])
     config = _runnable_here(ROOT / "configs/base/k600_frame_prediction.yaml", tmp_path)
-    cli = WaltCLI(
+    WaltCLI(
         args=[
             "fit",
             "--config",
@@ -295,19 +281,12 @@ def test_walt_sample_continues_a_video_and_extends_it(tmp_path, monkeypatch):
             "false",
         ]
     )
-    ckpt = tmp_path / "model.ckpt"
-    cli.trainer.save_checkpoint(ckpt)
     clip = SyntheticVideos(num_samples=1, num_frames=9, resolution=32)[0]["video"]
     write_video(tmp_path / "context.mp4", to_uint8(clip).numpy(), fps=8)
-    out = tmp_path / "samples"
     args = [
         "sample",
-        "--config",
-        str(config),
-        "--checkpoint",
-        str(ckpt),
-        "--output",
-        str(out),
+        "--model",
+        str(tmp_path / "run/checkpoints/last.ckpt"),
         "--num-samples",
         "2",
         "--steps",
@@ -316,16 +295,18 @@ def test_walt_sample_continues_a_video_and_extends_it(tmp_path, monkeypatch):
         "cpu",
         "--context",
         str(tmp_path / "context.mp4"),
-        "--context-frames",
-        "5",
     ]
+    out = tmp_path / "samples"
     with pytest.raises(SystemExit) as done:
-        main([*args, "--extend", "1"])
+        main([*args, "--output", str(out), "--context-frames", "5", "--extend", "1"])
     assert done.value.code == 0
     # 5 latent frames, then a segment that keeps 2 of them and adds 3: 8 latent frames = 29 pixel frames.
     assert read_video(out / "sample_000.mp4").shape == (29, 32, 32, 3)
+    assert all(
+        e["context_frames"] == 5 and e["extend"] == 1 for e in json.loads((out / "samples.json").read_text())
+    )
     with pytest.raises(SystemExit, match="1 \\+ 4j"):
-        main([*args[:-1], "4"])
+        main([*args, "--output", str(tmp_path / "bad"), "--context-frames", "4"])
 
 
 def test_compile_compiles_backbone_and_ema_in_place_and_sampling_overrides_it(tmp_path):

@@ -4,6 +4,8 @@ sampling step, and the config's rounds chained through `walt fit` and sampled wi
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from walt.conditioning import Conditioning
 from walt.data import read_video
 from walt.lightning import BaseDiffusionModule, DistillationModule
 from walt.lightning.distillation import load_teacher_weights, teacher_weights
+from walt.tokenizer import CausalVAE, presets
 from walt.transformer import WALT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +147,31 @@ def test_the_teacher_is_the_checkpoints_ema_frozen_and_outside_checkpoint_and_op
         distillation(tmp_path / "nothing.ckpt").setup("fit")
 
 
+class Payload:
+    """Unpickling this runs ``touch <path>``: a stand-in for malicious code in a file posing as a checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_the_teacher_checkpoint_is_read_without_running_code_and_must_hold_a_backbone(tmp_path):
+    marker = tmp_path / "payload_ran"
+    (tmp_path / "evil.ckpt").write_bytes(pickle.dumps({"state_dict": Payload(marker)}))
+    with pytest.raises(ValueError, match="not a readable walt checkpoint"):
+        teacher_weights(tmp_path / "evil.ckpt")
+    assert not marker.exists()
+    torch.save({"state_dict": {"vae.encoder.weight": torch.zeros(2)}}, tmp_path / "tokenizer.ckpt")
+    with pytest.raises(ValueError, match="not a tokenizer's"):
+        teacher_weights(tmp_path / "tokenizer.ckpt")
+    plain = randomized(backbone(), seed=1)  # no EMA (ema_decay: null): the trained weights, with a warning
+    with pytest.warns(UserWarning, match="no EMA weights"):
+        weights = teacher_weights(save_teacher(tmp_path / "plain.ckpt", plain))
+    assert all(torch.equal(weights[k], v) for k, v in plain.state_dict().items())
+
+
 def test_a_compiled_students_teacher_gets_its_own_compiled_forward(tmp_path):
     """The teacher (a deep copy of the student, which drops the compiled forward) is compiled too, with a
     forward of its own. Compilation is lazy, so this is fast."""
@@ -258,16 +286,17 @@ def test_a_guidance_input_backbone_samples_in_one_pass_per_step(tmp_path):
         cond = args[2]
         calls.append((args[0].shape[0], None if cond.guidance is None else cond.guidance.tolist()))
 
-    m = distillation(tmp_path / "not-needed-to-sample.ckpt", ema_decay=0.9)
+    tokenizer = CausalVAE(**presets["tiny"])  # the pipeline's; output="latent" decodes nothing
+    m = distillation(tmp_path / "not-needed-to-sample.ckpt", ema_decay=0.9, tokenizer=tokenizer)
     randomized(m.ema.module, seed=1)
     m.ema.module.register_forward_hook(count)
-    labels = torch.tensor([0, 2, 1])
-    z = m.sample_latents(3, LATENT, labels=labels, guidance=2.0, steps=4)
+    kwargs = dict(labels=[0, 2, 1], guidance=2.0, steps=4, output="latent", progress=False)
+    z = m.pipeline().generate(**kwargs)
     assert z.shape == (3, *LATENT) and calls == [(3, [2.0, 2.0, 2.0])] * 4
     calls.clear()
-    plain = BaseDiffusionModule(backbone(), ema_decay=0.9, num_log_samples=0)
+    plain = BaseDiffusionModule(backbone(), tokenizer, ema_decay=0.9, num_log_samples=0)
     plain.ema.module.register_forward_hook(count)
-    plain.sample_latents(3, LATENT, labels=labels, guidance=2.0, steps=4)
+    plain.pipeline().generate(**kwargs)
     assert calls == [(6, None)] * 4  # classifier-free guidance: conditional and null passes batched
 
 
@@ -320,14 +349,19 @@ def test_rounds_chain_through_walt_fit_and_walt_sample_uses_the_distilled_studen
         "--trainer.default_root_dir",
         str(tmp_path / "steps4"),
     )
+    assert round2 == tmp_path / "steps4/checkpoints/last.ckpt"  # the stable path a cascade or export names
     keys = torch.load(round2, weights_only=True)["state_dict"]
     assert {k.split(".")[0] for k in keys} == {"backbone", "ema", "tokenizer", "student_initialized"}
     out = tmp_path / "samples"
-    args = ["sample", "--config", str(distill), "--checkpoint", str(round2), "--output", str(out)]
+    args = ["sample", "--model", str(round2), "--output", str(out)]  # the checkpoint describes the student
     with pytest.raises(SystemExit) as done:
-        main([*args, "--num-samples", "2", "--steps", "4", "--guidance", "2", "--device", "cpu"])
+        main([*args, "--num-samples", "2", "--guidance", "2", "--device", "cpu"])
     assert done.value.code == 0
-    assert [e["class"] for e in json.loads((out / "samples.json").read_text())] == [0, 1]
+    index = json.loads((out / "samples.json").read_text())
+    assert [e["class"] for e in index] == [0, 1]
+    assert all(
+        e["steps"] == 4 and e["guidance"] == 2.0 for e in index
+    )  # the student's own 4 steps by default
     assert read_video(out / "sample_000_class0.mp4").shape == (17, 32, 32, 3)
 
 

@@ -113,9 +113,8 @@ def test_ddp_on_two_processes_keeps_weights_and_ema_identical(tmp_path, accelera
     assert len(rank0["labels"]) == len(rank1["labels"]) == 2
     assert not torch.equal(rank0["draw"], rank1["draw"])  # each rank has its own random stream
 
-    checkpoint = torch.load(
-        tmp_path / "run/lightning_logs/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=True
-    )
+    # The stable checkpoint path (<default_root_dir>/checkpoints), the TensorBoard log in lightning_logs/version_0.
+    checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     weights = checkpoint["state_dict"]
     assert all(torch.equal(weights[f"backbone.{k}"], v) for k, v in rank0["backbone"].items())
     assert all(torch.equal(weights[f"ema.{k}"], v) for k, v in rank0["ema"].items())
@@ -132,12 +131,13 @@ def test_fsdp_on_two_gpus_checkpoints_the_gathered_weights_which_sample_on_one_g
     same; the EMA moved away from the live weights (its shards were updated against the matching live shards);
     and the checkpoint loads on one GPU, as `walt sample` loads it, sampling exactly what the gathered weights
     sample."""
-    from walt.lightning.sample import load_module
+    from walt.checkpoint import module_weights
+    from walt.pipeline import Pipeline
 
-    config = _fit_on_two_processes(tmp_path, "fsdp", "gpu", callback="SaveGatheredWeights")
+    _fit_on_two_processes(tmp_path, "fsdp", "gpu", callback="SaveGatheredWeights")
     rank0, rank1 = (torch.load(tmp_path / "ranks" / f"rank{r}.pt", map_location="cpu") for r in range(2))
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    path = tmp_path / "run/lightning_logs/version_0/checkpoints/last.ckpt"
+    path = tmp_path / "run/checkpoints/last.ckpt"
     weights = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     assert weights.keys() <= rank0.keys() and any(k.startswith("ema.module.") for k in weights)
     assert all(torch.equal(weights[k].cpu(), rank0[k]) for k in weights)
@@ -150,12 +150,12 @@ def test_fsdp_on_two_gpus_checkpoints_the_gathered_weights_which_sample_on_one_g
 
     videos = []
     for state in (None, {k: rank0[k] for k in weights}):
-        module, _ = load_module(config, path, device="cuda")
-        if state is not None:
-            module.load_state_dict(state)
-        generator = torch.Generator(device="cuda").manual_seed(0)
-        labels = torch.tensor([0, 1], device="cuda")
-        videos.append(module.sample(2, (4, 5, 4, 4), labels=labels, steps=3, generator=generator))
+        pipe = Pipeline.from_pretrained(path, device="cuda")  # as `walt sample --model` loads it: EMA weights
+        if state is not None:  # the weights gathered from the shards, in the same parts
+            pipe.backbone.load_state_dict(module_weights(state, "backbone.")[0])
+            pipe.tokenizer.load_state_dict(module_weights(state, "tokenizer.", use_ema=False)[0])
+        videos.append(pipe.generate(labels=[0, 1], seeds=[0, 1], steps=3, output="float", progress=False))
+    assert videos[0].shape == (2, 3, 17, 32, 32)
     assert torch.isfinite(videos[0]).all() and torch.equal(videos[0], videos[1])
 
 

@@ -17,7 +17,7 @@ from walt.conditioning import Conditioning, downsample_video, upsample_latent, u
 from walt.data import SyntheticVideos, VideoDataModule, read_video
 from walt.diffusion import expand_like
 from walt.lightning import BaseDiffusionModule, SuperResolutionModule
-from walt.lightning.cascade import read_cascade
+from walt.pipeline import ModelFileError, load_cascade
 from walt.tokenizer import CausalVAE, presets
 from walt.transformer import WALT
 
@@ -112,11 +112,15 @@ def test_the_augmentation_level_diffuses_the_low_res_latent_and_reaches_the_mode
     v = m.backbone(x_t, t, cond)
     v_other = m.backbone(x_t, t, Conditioning(lowres=cond.lowres, aug_level=torch.full((3,), 0.9)))
     assert (v - v_other).abs().mean() > 1e-3
-    # ... and the sampling-time level is honoured.
+    # ... and the sampling-time level is honoured (same seeds, another level, other latents).
     low = downsample_video(video[:2], 2, 1)
-    a = m.upsample_latents(low, aug_level=0.0, steps=2, generator=torch.Generator().manual_seed(0))
-    b = m.upsample_latents(low, aug_level=0.5, steps=2, generator=torch.Generator().manual_seed(0))
+    pipe = m.pipeline()
+    kwargs = dict(lowres=low, seeds=[0, 1], steps=2, output="latent", progress=False)
+    a, b = pipe.generate(aug_level=0.0, **kwargs), pipe.generate(aug_level=0.5, **kwargs)
     assert a.shape == (2, 4, 2, 4, 4) and not torch.allclose(a, b)
+    assert torch.equal(pipe.generate(aug_level=0.0, **kwargs), a)
+    with pytest.raises(ValueError, match="aug_level is a diffusion time in \\[0, 1\\]"):
+        pipe.generate(aug_level=1.5, **kwargs)
 
 
 def test_bad_setups_fail_with_clear_errors():
@@ -158,8 +162,11 @@ def test_temporal_super_resolution_doubles_the_frame_rate():
     video = clips(2, frames=17)
     loss = m._loss({"video": video}, train=True)
     assert torch.isfinite(loss)
-    z = m.upsample_latents(downsample_video(video, 1, 2), steps=2)  # 9 frames in
+    low = downsample_video(video, 1, 2)  # 9 frames in
+    z = m.pipeline().generate(lowres=low, steps=2, output="latent", progress=False)
     assert z.shape == (2, 4, 5, 4, 4) and m.tokenizer.decode(z).shape == (2, 3, 17, 32, 32)
+    videos = m.pipeline().generate(lowres=low, steps=2, output="float", progress=False)
+    assert videos.shape == (2, 3, 17, 32, 32)
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs/sr").glob("*.yaml")), ids=lambda p: p.name)
@@ -203,16 +210,10 @@ def test_every_sr_config_runs_a_fast_dev_run(config, tmp_path, monkeypatch):
 # ---- the cascade ------------------------------------------------------------------------------------------------
 
 
-def _stage(tmp_path: Path, name: str, module: BaseDiffusionModule, model_section: dict) -> dict:
-    """A config + checkpoint pair as `walt fit` would leave them."""
-    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"model": model_section}))
-    torch.save({"state_dict": module.state_dict()}, tmp_path / f"{name}.ckpt")
-    return {"config": str(tmp_path / f"{name}.yaml"), "checkpoint": str(tmp_path / f"{name}.ckpt")}
-
-
 def _tiny_cascade(tmp_path: Path) -> Path:
-    """Base 16x16 (class-conditional) -> SR x2 32x32 -> SR x2 64x64, random non-zero weights."""
-    vae = {"class_path": "walt.tokenizer.CausalVAE", "init_args": TINY_VAE}
+    """Base 16x16 (class-conditional) -> SR x2 32x32 -> SR x2 64x64, random non-zero weights: the base and the
+    first SR stage as the checkpoints `walt fit` writes (weights and model description), the second SR stage as
+    the model folder `walt export` writes; the cascade YAML names them."""
     stages = []
     for name, size, sr in (("base", 2, False), ("sr1", 4, True), ("sr2", 8, True)):
         backbone = dict(in_channels=4, depth=2, hidden_size=32, num_heads=2, input_size=[5, size, size])
@@ -220,23 +221,20 @@ def _tiny_cascade(tmp_path: Path) -> Path:
             backbone.update(patch_size=2, lowres=True, self_conditioning=True)
         else:
             backbone.update(num_classes=4)
-        section = {
-            "class_path": f"walt.lightning.{'SuperResolutionModule' if sr else 'BaseDiffusionModule'}",
-            "init_args": {
-                "backbone": {"class_path": "walt.transformer.WALT", "init_args": backbone},
-                "tokenizer": vae,
-                "ema_decay": None,
-                "num_log_samples": 0,
-            },
-        }
         torch.manual_seed(len(stages))
         cls = SuperResolutionModule if sr else BaseDiffusionModule
-        module = cls(WALT(**backbone), CausalVAE(**TINY_VAE), ema_decay=None)
+        # one latent frame per tokenizer chunk, as the old cascade YAML's decode_chunk_size: 1
+        module = cls(WALT(**backbone), CausalVAE(**TINY_VAE), ema_decay=None, tokenizer_chunk_size=1)
         randomize(module.backbone)
-        stages.append({**_stage(tmp_path, name, module, section), "steps": 2})
+        if name == "sr2":
+            model = module.pipeline().save_pretrained(tmp_path / name)
+        else:
+            model = tmp_path / f"{name}.ckpt"
+            torch.save({"state_dict": module.state_dict(), "walt_model": module.model_description()}, model)
+        stages.append({"model": str(model), "steps": 2})
     stages[1].update(aug_level=0.2, guidance=1.0)
     path = tmp_path / "cascade.yaml"
-    path.write_text(yaml.safe_dump({"stages": stages, "decode_chunk_size": 1}))
+    path.write_text(yaml.safe_dump({"stages": stages}))
     return path
 
 
@@ -256,18 +254,23 @@ def test_walt_sample_runs_the_cascade_deterministically(tmp_path):
     same = [int(np.abs(x.astype(int) - y).max()) for x, y in zip(a, b)]
     other = [int(np.abs(x.astype(int) - y).max()) for x, y in zip(a, c)]
     assert max(same) == 0 and min(other) > 50 and np.abs(a[0].astype(int) - a[1]).max() > 50, (same, other)
+    # Sample i has seed + i of its own: seed 1's first video is seed 0's second one.
+    assert int(np.abs(c[0].astype(int) - a[1]).max()) == 0
     with pytest.raises(SystemExit):
         main(["sample", "--cascade", str(cascade), "--steps", "3"])  # steps are per stage in the YAML
 
 
 def test_cascade_yaml_errors_name_the_stage(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"stages": [{"config": "a.yaml"}]}))
-    with pytest.raises(ValueError, match="stage 0 needs 'config' and 'checkpoint'"):
-        read_cascade(bad)
-    bad.write_text(yaml.safe_dump({"stages": [{"config": "a", "checkpoint": "b", "aug_level": 0.1}]}))
-    with pytest.raises(ValueError, match="aug_level belongs to super-resolution"):
-        read_cascade(bad)
-    bad.write_text(yaml.safe_dump({"stages": [{"config": "a", "checkpoint": "b", "stpes": 3}]}))
-    with pytest.raises(ValueError, match="unknown keys \\['stpes'\\]"):
-        read_cascade(bad)
+    bad.write_text(yaml.safe_dump({"stages": [{"checkpoint": "a.ckpt"}]}))
+    with pytest.raises(ModelFileError, match="stage 0 needs 'model'"):
+        load_cascade(bad)
+    bad.write_text(yaml.safe_dump({"stages": [{"model": "a.ckpt", "aug_level": 0.1}]}))
+    with pytest.raises(ModelFileError, match="aug_level belongs to super-resolution"):
+        load_cascade(bad)
+    bad.write_text(yaml.safe_dump({"stages": [{"model": "a.ckpt", "stpes": 3}]}))
+    with pytest.raises(ModelFileError, match="stage 0 has unknown keys \\['stpes'\\]"):
+        load_cascade(bad)
+    bad.write_text(yaml.safe_dump({"stages": [{"model": "a.ckpt"}], "decode_chunk_size": 1}))
+    with pytest.raises(ModelFileError, match="unknown keys \\['decode_chunk_size'\\]"):
+        load_cascade(bad)  # chunking is each model's own tokenizer_chunk_size now

@@ -19,6 +19,7 @@ from walt.data import LatentShards, SyntheticVideos, collate_items, read_video
 from walt.data.synthetic import read_colour_and_motion
 from walt.diffusion import concat_conditioning, guided, null_conditioning
 from walt.lightning import BaseDiffusionModule
+from walt.pipeline import Pipeline
 from walt.tokenizer import CausalVAE, presets
 from walt.transformer import WALT
 
@@ -53,9 +54,11 @@ def test_a_text_backbone_needs_a_matching_encoder(minilm, tiny_t5):
         BaseDiffusionModule(text_backbone(384), text_encoder=T5TextEncoder(str(tiny_t5)))
     with pytest.raises(ValueError, match="no text_dim"):
         BaseDiffusionModule(text_backbone(None, num_classes=3), text_encoder=minilm)
-    labels_only = BaseDiffusionModule(text_backbone(None, num_classes=3))
+    labels_only = BaseDiffusionModule(
+        text_backbone(None, num_classes=3), tokenizer=CausalVAE(**presets["tiny"])
+    )
     with pytest.raises(ValueError, match="not text-conditional"):
-        labels_only.sample_latents(1, (4, 2, 2, 2), prompts=["a red circle"], steps=1)
+        labels_only.pipeline().generate(prompts=["a red circle"], steps=1, progress=False)
 
 
 def test_captions_reach_the_backbone_and_dropout_gives_the_null_prompt(minilm):
@@ -81,7 +84,8 @@ def test_captions_reach_the_backbone_and_dropout_gives_the_null_prompt(minilm):
 
 @torch.no_grad()
 def test_the_null_prompt_is_the_guidance_null_condition_and_guidance_batches_both_passes(minilm):
-    m = randomised(BaseDiffusionModule(text_backbone(384), text_encoder=minilm, ema_decay=None))
+    tokenizer = CausalVAE(**presets["tiny"])  # only for the module's pipeline; nothing is decoded here
+    m = randomised(BaseDiffusionModule(text_backbone(384), tokenizer, text_encoder=minilm, ema_decay=None))
     x, t = torch.randn(2, 4, 2, 2, 2), torch.tensor([0.3, 0.8])
     tokens, mask = minilm.encode(["a red circle moving left", "a green square"])
     cond = Conditioning(text=tokens, text_mask=mask)
@@ -98,15 +102,18 @@ def test_the_null_prompt_is_the_guidance_null_condition_and_guidance_batches_bot
     w = 3.0
     expected = m.backbone(x, t, empty) + w * (m.backbone(x, t, cond) - m.backbone(x, t, empty))
     torch.testing.assert_close(guided(m.backbone, w)(x, t, cond), expected, rtol=0, atol=1e-5)
-    # Sampling with prompts: deterministic, and the prompt changes the result.
-    gen = lambda: torch.Generator().manual_seed(0)
+    # Sampling with prompts (through the module's pipeline): deterministic, and the prompt changes the result.
+    pipe = m.pipeline()
+    kwargs = dict(guidance=2.0, steps=3, seeds=[0, 1], output="latent", progress=False)
     prompts = ["a red circle moving left", "a green square"]
-    a = m.sample_latents(2, (4, 2, 2, 2), prompts=prompts, guidance=2.0, steps=3, generator=gen())
-    b = m.sample_latents(2, (4, 2, 2, 2), prompts=prompts, guidance=2.0, steps=3, generator=gen())
-    c = m.sample_latents(2, (4, 2, 2, 2), prompts=["", ""], guidance=2.0, steps=3, generator=gen())
-    assert torch.equal(a, b) and not torch.allclose(a, c, atol=1e-3)
-    with pytest.raises(ValueError, match="1 prompts were given for 2 samples"):
-        m.sample_latents(2, (4, 2, 2, 2), prompts=["a red circle"], steps=1)
+    a = pipe.generate(prompts=prompts, **kwargs)
+    b = pipe.generate(prompts=prompts, **kwargs)
+    c = pipe.generate(prompts=["", ""], **kwargs)
+    assert a.shape == (2, 4, 2, 2, 2) and torch.equal(a, b) and not torch.allclose(a, c, atol=1e-3)
+    with pytest.raises(ValueError, match="the sample counts disagree"):
+        pipe.generate(prompts=["a red circle"], seeds=[0, 1], steps=1, progress=False)
+    with pytest.raises(ValueError, match="the model is text-to-video: give prompts"):
+        pipe.generate(seeds=[0, 1], steps=1, progress=False)
 
 
 # ---- configs and the command line -------------------------------------------------------------------------
@@ -166,7 +173,7 @@ def test_text_quickstart_trains_and_walt_sample_writes_a_video_per_prompt(tmp_pa
     monkeypatch.setattr(sys, "argv", ["walt"])
     config = _runnable_here(ROOT / "configs/text/quickstart.yaml", tmp_path, tiny_t5)
     assert [LatentShards(tmp_path)[i]["caption"] for i in range(8)] == _captioned_latents(tmp_path)
-    cli = WaltCLI(
+    WaltCLI(
         args=[
             "fit",
             "--config",
@@ -177,11 +184,10 @@ def test_text_quickstart_trains_and_walt_sample_writes_a_video_per_prompt(tmp_pa
             "false",
         ]
     )
-    ckpt = tmp_path / "model.ckpt"
-    cli.trainer.save_checkpoint(ckpt)
+    ckpt = tmp_path / "run/checkpoints/last.ckpt"  # it records its text encoder: no YAML needed to sample
     (tmp_path / "prompts.txt").write_text("a green circle moving left\n\n  a blue circle moving right  \n")
     out = tmp_path / "samples"
-    common = ["sample", "--config", str(config), "--checkpoint", str(ckpt), "--steps", "2", "--device", "cpu"]
+    common = ["sample", "--model", str(ckpt), "--steps", "2", "--device", "cpu"]
     args = [
         *common,
         "--output",
@@ -205,6 +211,7 @@ def test_text_quickstart_trains_and_walt_sample_writes_a_video_per_prompt(tmp_pa
     ]
     assert sorted(p.name for p in out.glob("*.mp4")) == [f"sample_{i:03d}.mp4" for i in range(4)]
     assert read_video(out / "sample_003.mp4").shape == (17, 32, 32, 3) and (out / "grid.gif").is_file()
+    assert all(e["guidance"] == 3.0 and e["steps"] == 2 for e in index)
     with pytest.raises(SystemExit, match="the model is text-to-video: give --prompt"):
         main([*common, "--output", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="prompts file not found"):
@@ -275,14 +282,10 @@ def prompt_following(module: BaseDiffusionModule, guidance: float) -> dict[str, 
     """How many of 16 samples (2 per prompt) show the colour, the motion and both that their prompt asks for."""
     asked = [(c, m) for c in COLOURS for m in ("left", "right")] * 2
     prompts = [f"a {c} circle moving {m}" for c, m in asked]
-    z = module.sample_latents(
-        len(prompts),
-        (3, 5, 16, 16),
-        prompts=prompts,
-        guidance=guidance,
-        steps=10,
-        generator=torch.Generator().manual_seed(0),
-    )
+    # The clip is its own latent: a pipeline without a tokenizer, which output="latent" never calls.
+    pipe = Pipeline(module.sampling_backbone, None, module.schedule, module.text_encoder)
+    z = pipe.generate(prompts=prompts, guidance=guidance, steps=10, output="latent", progress=False)
+    assert z.shape == (len(prompts), 3, 5, 16, 16)
     seen = [read_colour_and_motion(video, COLOURS) for video in z]
     return {
         "colour": sum(s[0] == a[0] for s, a in zip(seen, asked)),

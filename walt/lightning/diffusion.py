@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -350,8 +351,14 @@ class BaseDiffusionModule(L.LightningModule):
         """The training data's class names (recorded in checkpoints, so they travel with the model)."""
         if not self._class_names and self._trainer is not None:
             data = getattr(self.trainer, "datamodule", None)
-            self._class_names = list(getattr(getattr(data, "train", None), "classes", None) or [])
+            self.set_class_names(getattr(getattr(data, "train", None), "classes", None) or [])
         return self._class_names
+
+    def set_class_names(self, names: Sequence[str]) -> None:
+        """Names for the backbone's class labels; kept only when there is one per class (a model may be built
+        for more classes than a dataset in use names, e.g. a MovingDigits split)."""
+        num_classes = self.backbone.num_classes
+        self._class_names = list(names) if num_classes is not None and len(names) == num_classes else []
 
     def model_description(self) -> dict:
         """What the model is, as JSON (walt.pipeline.describe_pipeline), plus how it was trained so far."""
@@ -394,7 +401,7 @@ class BaseDiffusionModule(L.LightningModule):
         pipe.backbone.requires_grad_(True).train()
         module = cls(**{**built, **kwargs})
         module.load_state_dict(checkpoint["state_dict"], strict=strict)
-        module._class_names = list(pipe.class_names)
+        module.set_class_names(pipe.class_names)
         return module.to(map_location) if map_location is not None else module
 
     # ---- checkpoints: exact resumption ----------------------------------------------------------------------
@@ -411,7 +418,7 @@ class BaseDiffusionModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._class_names = list((checkpoint.get("walt_model") or {}).get("class_names") or self._class_names)
+        self.set_class_names((checkpoint.get("walt_model") or {}).get("class_names") or self._class_names)
         states = checkpoint.get("rng_states")
         if states is None:
             return

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
+from walt.checkpoint import CheckpointError, module_weights, read_checkpoint
 from walt.conditioning import Conditioning, TextEncoder
 from walt.diffusion import (
     ConditionalModel,
@@ -51,7 +52,8 @@ GUIDANCE_KEYS = "guidance_embed."  # the weights a plain model lacks and a guida
 def teacher_weights(checkpoint: str | Path) -> dict[str, Tensor]:
     """The backbone weights of a diffusion-module checkpoint: its EMA weights when it has them.
 
-    Works for :class:`BaseDiffusionModule` checkpoints and for earlier distillation rounds alike.
+    Works for :class:`BaseDiffusionModule` checkpoints and for earlier distillation rounds alike. The file is read
+    without running any pickled code (:func:`walt.checkpoint.read_checkpoint`, which ``walt.pipeline`` uses too).
     """
     path = Path(checkpoint)
     if not path.is_file():
@@ -59,16 +61,15 @@ def teacher_weights(checkpoint: str | Path) -> dict[str, Tensor]:
             f"teacher checkpoint not found: {path}; give teacher_checkpoint the last.ckpt of the base model's run "
             "(first round) or of the previous distillation round"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    weights = state.get("state_dict", state)
-    for prefix in ("ema.module.", "backbone."):
-        found = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
-        if found:
-            return found
-    raise ValueError(
-        f"{path} holds no diffusion backbone (no 'ema.module.*' or 'backbone.*' weights); give the checkpoint "
-        "of a BaseDiffusionModule or DistillationModule run, not a tokenizer's"
-    )
+    state = read_checkpoint(path)["state_dict"]  # a CheckpointError (ValueError) for anything else
+    try:  # the EMA copy (ema.module.*) when there is one, else the trained weights (backbone.*)
+        weights, _ = module_weights(state, "backbone.", True, path)
+    except CheckpointError:
+        raise ValueError(
+            f"{path} holds no diffusion backbone (no 'ema.module.*' or 'backbone.*' weights); give the checkpoint "
+            "of a BaseDiffusionModule or DistillationModule run, not a tokenizer's"
+        ) from None
+    return weights
 
 
 def load_teacher_weights(model: WALT, weights: Mapping[str, Tensor]) -> None:

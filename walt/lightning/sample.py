@@ -66,8 +66,20 @@ def load_pipeline(
     """A pipeline from a model folder or a checkpoint; ``config`` only for a checkpoint without a description."""
     if config is None:
         return Pipeline.from_pretrained(model, device=device, weights=weights)
-    module, _ = load_module(config, model, device, compile=False)
+    module, config_dict = load_module(config, model, device, compile=False)
+    module.set_class_names(_data_class_names(config_dict))
     return module.pipeline()
+
+
+def _data_class_names(config: dict) -> list[str]:
+    """The class names of a training config's data, when the data is present here (else none)."""
+    try:
+        parser = jsonargparse.ArgumentParser(exit_on_error=False)
+        parser.add_argument("--data", type=L.LightningDataModule)
+        data = parser.instantiate_classes(parser.parse_object({"data": config["data"]})).data
+        return list(getattr(data.train, "classes", ()) or ())
+    except (OSError, ValueError, KeyError, TypeError, jsonargparse.ArgumentError):
+        return []  # the data need not be present where one samples; names are then unknown
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | Path | None) -> list[str]:
@@ -89,7 +101,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--config",
         help="the training config, only for a checkpoint written before models described themselves",
     )
-    p.add_argument("--cascade", help="a cascade folder (walt export with several checkpoints)")
+    p.add_argument(
+        "--cascade", help="a cascade folder (walt export with several checkpoints) or a cascade YAML"
+    )
     p.add_argument("--output", default="samples", help="folder for the MP4 files, grid.gif and samples.json")
     p.add_argument("--overwrite", action="store_true", help="replace an output folder that holds samples")
     p.add_argument("--class", dest="classes", action="append", default=[],
@@ -129,7 +143,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if (args.cascade is None) == (args.model is None):
         p.error("give --model (a model folder or checkpoint) or --cascade (a cascade folder)")
     if args.cascade is not None and (args.steps is not None or args.guidance != 1.0):
-        p.error("with --cascade, steps and guidance are set per stage in the cascade folder's cascade.json")
+        p.error("with --cascade, steps and guidance are set per stage (the cascade YAML or cascade.json)")
     if args.num_samples is not None and args.num_samples < 1:
         p.error(f"--num-samples must be >= 1, got {args.num_samples}")
     return args

@@ -351,6 +351,8 @@ class Pipeline:
             raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM noise), got {eta}")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if sampler == "dpmpp_2m" and eta != 0:
+            raise ValueError("dpmpp_2m is deterministic: leave eta at 0, or use sampler='ddim' with eta")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if output not in ("uint8", "float", "latent"):

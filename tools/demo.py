@@ -53,6 +53,12 @@ def walt(*args: str) -> None:
 
 
 def newest_checkpoint(root: Path) -> Path:
+    """The checkpoint of the `walt fit` run whose ``default_root_dir`` is ``root``: its stable
+    ``<root>/checkpoints/last.ckpt``, else (a run of an older walt, under ``lightning_logs/version_N/``) the
+    newest ``.ckpt`` in any ``checkpoints`` folder below ``root``."""
+    last = root / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
     found = sorted(root.glob("**/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise SystemExit(f"no checkpoint was written under {root}")
@@ -144,12 +150,11 @@ def text_stage(out: Path) -> dict[str, int]:
     samples = out / "text_samples"
     walt(
         "sample",
-        "--config",
-        "configs/text/quickstart.yaml",
-        "--checkpoint",
-        str(newest_checkpoint(out / "text")),
+        "--model",
+        str(newest_checkpoint(out / "text")),  # the checkpoint describes the model: no --config
         "--output",
         str(samples),
+        "--overwrite",  # a rerun of the demo replaces its earlier samples
         "--prompts-file",
         str(prompts),
         "--num-samples",
@@ -225,12 +230,11 @@ def main() -> None:
     samples = out / "samples"
     walt(
         "sample",
-        "--config",
-        "configs/base/quickstart.yaml",
-        "--checkpoint",
-        str(base_ckpt),
+        "--model",
+        str(base_ckpt),  # the checkpoint describes the model: no --config
         "--output",
         str(samples),
+        "--overwrite",  # a rerun of the demo replaces its earlier samples
         "--num-samples",
         "16",
         "--steps",

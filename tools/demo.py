@@ -6,7 +6,10 @@
 4. trains the quickstart base model on them (``configs/base/quickstart.yaml``);
 5. samples two videos per class and reads each back to measure whether it shows its class's colour and motion;
 6. with ``--text``: trains the text-to-video quickstart (``configs/text/quickstart.yaml``, MiniLM tokens of the
-   captions) on the same latents, samples two videos per prompt and measures the same way.
+   captions) on the same latents, samples two videos per prompt and measures the same way;
+7. with ``--cascade``: trains the tiny x2 super-resolution stage (``configs/sr/tiny.yaml``) with the same
+   tokenizer, runs the two-stage cascade (17x32x32 -> 17x64x64) and measures whether the high-res videos,
+   downsampled, stay close to the base stage's videos they were made from (``<out>/cascade.json``).
 
 Every stage is the same ``walt`` command a user runs; outputs go to ``--out`` (default ``demo_out/``).
 """
@@ -31,6 +34,7 @@ from walt.data import (
     write_video,
 )
 from walt.data.synthetic import read_colour_and_motion
+from walt.metrics import psnr
 
 DEMO_COLOURS = ["red", "green", "blue", "yellow"]
 
@@ -39,11 +43,6 @@ def grid(videos: list[torch.Tensor], columns: int) -> torch.Tensor:
     """(3, T, H, W) videos -> one (3, T, rows*H, columns*W) video, row-major."""
     rows = [torch.cat(videos[i : i + columns], dim=-1) for i in range(0, len(videos), columns)]
     return torch.cat(rows, dim=-2)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a - b).pow(2).mean().item()  # both in [-1, 1]: peak-to-peak 2
-    return 10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-12))).item()
 
 
 def walt(*args: str) -> None:
@@ -74,14 +73,19 @@ def data_stage(out: Path) -> None:
         for suffix in (".mp4", ".gif"):
             path = write_video(out / f"{name}{suffix}", to_uint8(video).numpy(), fps=8)
             back = to_float_video(read_video(path))
-            print(f"wrote {path}, read back at {psnr(back, video):.1f} dB PSNR")
+            print(f"wrote {path}, read back at {psnr(back[None], video[None]).item():.1f} dB PSNR")
+
+
+def demo_classes() -> list[str]:
+    """The class names of configs/data/synthetic_demo.yaml, in label order ("red circle moving left", ...)."""
+    return SyntheticVideos(
+        num_samples=1, shapes=["circle"], colors=DEMO_COLOURS, motions=["left", "right"]
+    ).classes
 
 
 def check_samples(folder: Path) -> dict[str, int]:
     """How many samples show their class's colour, motion, and both (classes of configs/data/synthetic_demo.yaml)."""
-    classes = SyntheticVideos(
-        num_samples=1, shapes=["circle"], colors=DEMO_COLOURS, motions=["left", "right"]
-    ).classes
+    classes = demo_classes()
     asked = {}
     for path in sorted(folder.glob("sample_*_class*.mp4")):
         asked[path] = classes[int(path.stem.rsplit("class", 1)[1])]  # "red circle moving left"
@@ -96,15 +100,24 @@ def check_prompt_samples(folder: Path) -> dict[str, int]:
 
 def count_following(asked: dict[Path, str]) -> dict[str, int]:
     """Reads each video back and counts how many show the asked "<colour> circle moving <motion>"."""
+    videos = [to_float_video(read_video(path)) for path in asked]
+    return count_following_videos(videos, list(asked.values()), [path.name for path in asked])
+
+
+def count_following_videos(
+    videos: list[torch.Tensor] | torch.Tensor, asked: list[str], names: list[str] | None = None
+) -> dict[str, int]:
+    """How many of the float videos (3, T, H, W) show their asked "<colour> circle moving <motion>"."""
     counts = {"colour": 0, "motion": 0, "both": 0, "samples": 0}
-    for path, wanted in asked.items():
+    for i, (video, wanted) in enumerate(zip(videos, asked)):
         colour, _, _, motion = wanted.split()
-        seen = read_colour_and_motion(to_float_video(read_video(path)), DEMO_COLOURS)
+        seen = read_colour_and_motion(video, DEMO_COLOURS)
         counts["colour"] += seen[0] == colour
         counts["motion"] += seen[1] == motion
         counts["both"] += seen == (colour, motion)
         counts["samples"] += 1
-        print(f"  {path.name}: asked '{wanted}', shows a {seen[0]} shape moving {seen[1]}")
+        name = names[i] if names else f"video {i}"
+        print(f"  {name}: asked '{wanted}', shows a {seen[0]} shape moving {seen[1]}")
     return counts
 
 
@@ -171,6 +184,60 @@ def text_stage(out: Path) -> dict[str, int]:
     return check_prompt_samples(samples)
 
 
+def cascade_stage(out: Path, base_ckpt: Path) -> dict:
+    """Trains the tiny SR stage on the demo's tokenizer, then measures the cascade (:func:`measure_cascade`)."""
+    walt(
+        "fit",
+        "--config",
+        "configs/sr/tiny.yaml",
+        "--trainer.default_root_dir",
+        str(out / "sr"),
+        "--model.init_args.tokenizer_weights",
+        str(out / "latents" / "vae.safetensors"),
+        "--trainer.enable_progress_bar",
+        "false",
+    )
+    return measure_cascade(out, base_ckpt, newest_checkpoint(out / "sr"))
+
+
+def measure_cascade(out: Path, base_ckpt: Path, sr_ckpt: Path, num_samples: int = 16) -> dict:
+    """The two-stage cascade's faithfulness to its base stage, in ``<out>/cascade.json`` (and ``cascade.gif``).
+
+    For sample i (class i mod 8, seed i): PSNR between the 64x64 cascade output, area-downsampled to 32x32 (the
+    filter the SR stage was trained to invert), and the 32x32 base video it was made from. Two references:
+    the floor, the tokenizer's own round trip at 64x64 of the upsampled base video, downsampled again (a perfect
+    SR stage cannot do better than the tokenizer that decodes it); and a mismatch, each downsampled output
+    against the base video of the next sample (another class). "Nearest" counts the outputs whose closest base
+    video, of all of them, is their own."""
+    from walt.conditioning import downsample_video, lowres_latent
+    from walt.pipeline import CascadePipeline, Pipeline
+
+    base = Pipeline.from_pretrained(base_ckpt)
+    sr = Pipeline.from_pretrained(sr_ckpt)
+    settings = [{"steps": 25, "guidance": 2.0}, {"steps": 25, "aug_level": 0.1}]
+    labels, seeds = [i % 8 for i in range(num_samples)], list(range(num_samples))
+    high = CascadePipeline([base, sr], settings).generate(labels=labels, seeds=seeds, output="float")
+    # The cascade's first stage, run on its own: the same labels, seeds and settings give the same videos.
+    low = base.generate(labels=labels, seeds=seeds, output="float", **settings[0])  # (N, 3, 17, 32, 32)
+    down = downsample_video(high, 2, 1)  # (N, 3, 17, 32, 32)
+    with torch.no_grad():
+        z = lowres_latent(sr.tokenizer, low, 2, 1, "pixel", sr.tokenizer_chunk_size)  # (N, C, 5, 8, 8)
+    floor = downsample_video(sr.decode(z), 2, 1)
+    mse = (down[:, None] - low[None]).pow(2).mean((2, 3, 4, 5))  # (N, N): output i against base video j
+    result = {
+        "samples": num_samples,
+        "stages": [{"model": str(p), **s} for p, s in zip((base_ckpt, sr_ckpt), settings)],
+        "psnr_db": psnr(down, low).mean().item(),
+        "floor_psnr_db": psnr(floor, low).mean().item(),
+        "mismatch_psnr_db": psnr(down, low.roll(1, 0)).mean().item(),
+        "nearest_is_own": int((mse.argmin(1) == torch.arange(num_samples)).sum()),
+        "high_res_following": count_following_videos(high, [demo_classes()[c] for c in labels]),
+    }
+    (out / "cascade.json").write_text(json.dumps(result, indent=1))
+    write_video(out / "cascade.gif", to_uint8(grid(list(high), columns=4)).numpy(), fps=8)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -180,6 +247,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--text", action="store_true", help="also train and sample the text-to-video quickstart"
+    )
+    parser.add_argument(
+        "--cascade",
+        action="store_true",
+        help="also train the tiny x2 super-resolution stage and measure the two-stage cascade",
     )
     args = parser.parse_args()
     out = args.out
@@ -256,6 +328,11 @@ def main() -> None:
         tic = time.perf_counter()
         text_counts = text_stage(out)
         times["text-to-video"] = time.perf_counter() - tic
+    cascade = None
+    if args.cascade:
+        tic = time.perf_counter()
+        cascade = cascade_stage(out, base_ckpt)
+        times["cascade"] = time.perf_counter() - tic
     total = time.perf_counter() - start
     print("\ntimes: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {total:.0f} s")
     report(counts, "class")
@@ -263,6 +340,14 @@ def main() -> None:
     if text_counts is not None:
         report(text_counts, "prompt")
         print(f"open {out / 'text_samples'}/grid.gif (row-major, prompt = sample index mod 8)")
+    if cascade is not None:
+        report(cascade["high_res_following"], "class (64x64 cascade output)")
+        print(
+            f"cascade output downsampled vs its base video: {cascade['psnr_db']:.1f} dB PSNR (tokenizer floor "
+            f"{cascade['floor_psnr_db']:.1f} dB, another sample's base video {cascade['mismatch_psnr_db']:.1f} dB); "
+            f"{cascade['nearest_is_own']} of {cascade['samples']} closest to their own base video; "
+            f"{out / 'cascade.gif'}"
+        )
 
 
 if __name__ == "__main__":

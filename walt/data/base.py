@@ -137,6 +137,10 @@ class ClipDataset(Dataset):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def label_of(self, index: int) -> int | None:
+        """The class of item ``index`` without decoding it (None where the data has no classes)."""
+        return self.samples[index].label
+
     @property
     def num_skipped(self) -> int:
         return self.skips.count

@@ -79,6 +79,12 @@ class SyntheticVideos(Dataset):
         video = torch.from_numpy(frames).permute(3, 0, 1, 2).div(127.5).sub(1.0)  # (3, T, H, W)
         return {"video": video, "label": label, "caption": f"a {self.classes[label]}"}
 
+    def label_of(self, index: int) -> int:
+        """The class of clip ``index`` without rendering it."""
+        if not 0 <= index < self.num_samples:
+            raise IndexError(index)
+        return index % self.num_classes
+
     def _render(self, rng: np.random.Generator, shape: str, rgb: np.ndarray, direction: tuple[float, float]):
         h, w, t = self.height, self.width, self.num_frames
         radius = rng.uniform(0.12, 0.2) * min(h, w)
@@ -199,10 +205,17 @@ class MovingDigits(Dataset):
                 region = canvas[t, y : y + self.digit_size, x : x + self.digit_size]
                 torch.maximum(region, sprite, out=region)
         video = canvas.mul(2.0).sub(1.0).unsqueeze(0).expand(3, -1, -1, -1).contiguous()  # (3, T, S, S)
-        label = digits[0] if len(self.classes) == 10 else 10 * digits[0] + digits[1]
+        label = self._label(digits)
         words = " and ".join(map(str, digits))
         caption = f"the digit{'s' if self.num_digits > 1 else ''} {words} bouncing"
         return {"video": video, "label": label, "caption": caption}
+
+    def label_of(self, index: int) -> int:
+        """The class of clip ``index`` (its first digit, or the pair) without rendering it."""
+        return self._label(self.digits_of(index))
+
+    def _label(self, digits: list[int]) -> int:
+        return digits[0] if len(self.classes) == 10 else 10 * digits[0] + digits[1]
 
     def digits_of(self, index: int) -> list[int]:
         """The digits shown in clip ``index``, first to last, without rendering it."""

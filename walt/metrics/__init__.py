@@ -5,7 +5,6 @@ from walt.metrics.evaluate import (
     compute_clip_stats,
     compute_dataset_stats,
     compute_folder_stats,
-    evaluate_checkpoint,
     evaluate_folders,
     evaluate_main,
 )
@@ -29,7 +28,6 @@ __all__ = [
     "compute_clip_stats",
     "compute_dataset_stats",
     "compute_folder_stats",
-    "evaluate_checkpoint",
     "evaluate_folders",
     "evaluate_main",
     "frechet_distance",

@@ -34,6 +34,7 @@ import yaml
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from walt.atomic import write_atomic
 from walt.data import to_uint8
 from walt.metrics.assets import resolve_asset
 from walt.metrics.protocols import PROTOCOLS, Protocol, get_protocol, real_stats_key
@@ -45,7 +46,6 @@ __all__ = [
     "compute_folder_stats",
     "dataset_identity",
     "default_cache_dir",
-    "evaluate_checkpoint",
     "evaluate_folders",
     "evaluate_main",
     "load_dataset_config",
@@ -99,10 +99,12 @@ def _folder_fingerprint(folder: Path, files: list[Path]) -> str:
 
 
 def _features_of_units(
-    protocol: Protocol, network, units: list, load: Callable, batch_size: int
+    protocol: Protocol, network, units: list, load: Callable, batch_size: int, batched: bool = False
 ) -> np.ndarray:
-    """Features of every sample of ``units`` (files or dataset indices), in order: (N, D) float32."""
-    samples = [s for unit in units for s in load(unit)]
+    """Features of every sample of ``units`` (files, dataset indices or sample numbers), in order: (N, D)
+    float32. ``load(unit)`` gives one unit's samples; with ``batched``, ``load(units)`` gives a list of them."""
+    loaded = load(units) if batched else [load(unit) for unit in units]
+    samples = [s for unit_samples in loaded for s in unit_samples]
     out = []
     start = 0
     while start < len(samples):  # batches of same-shaped samples (folders may mix resolutions)
@@ -142,9 +144,12 @@ def _fold_sharded(
     batch_size: int,
     progress: bool,
     desc: str,
+    batched: bool = False,
+    store=None,
 ) -> FeatureStats | None:
     """The sharding scheme: fixed batches of units, batch i on process i % world, folded in batch order on
-    process 0 (which returns the statistics; the others return None)."""
+    process 0 (which returns the statistics; the others return None). ``store`` (``get(i)``/``put(i, f)``)
+    keeps each batch's features, so a run started again reuses the batches it finished."""
     rank, world = _dist_info()
     per_batch = max(1, batch_size // protocol.samples_per_file)
     batches = [units[i : i + per_batch] for i in range(0, len(units), per_batch)]
@@ -155,7 +160,11 @@ def _fold_sharded(
         try:
             local = None
             if index < len(batches):
-                local = _features_of_units(protocol, network, batches[index], load, batch_size)
+                local = None if store is None else store.get(index)
+                if local is None:
+                    local = _features_of_units(protocol, network, batches[index], load, batch_size, batched)
+                    if store is not None:
+                        store.put(index, local)
         except Exception as err:  # report on every process instead of leaving the others waiting
             local = err
         gathered = _gather_to_first(local)  # process 0: one entry per process, in rank order
@@ -232,9 +241,9 @@ def compute_clip_stats(
 def dataset_identity(dataset: Dataset) -> str:
     """Cache identity of a dataset: its class and its plain settings (root, split, frames, resolution...)."""
     settings = {
-        k: v
+        k: str(v) if isinstance(v, Path) else v
         for k, v in sorted(vars(dataset).items())
-        if not k.startswith("_") and isinstance(v, str | int | float | bool | tuple)
+        if not k.startswith("_") and isinstance(v, str | int | float | bool | tuple | Path)
     }
     return f"{type(dataset).__module__}.{type(dataset).__qualname__}:{json.dumps(settings, default=str)}"
 
@@ -368,6 +377,8 @@ def evaluate_folders(
     if not all(isinstance(s, Path) and s.is_file() for s in (real, fake)):
         network = protocol.network(weights_path=weights_path).to(device)
     cache = Path(cache_dir) if cache_dir is not None else None
+    fake_count = None if isinstance(fake, Path) and fake.is_file() else num_fake or protocol.num_fake
+    count_warnings(protocol, real_stats_count(protocol, real, num_real), fake_count)
     args = (seed, network, batch_size, cache, progress)
     real_stats, real_info = _side_stats(protocol, real, num_real, *args, side="real")
     fake_stats, fake_info = _side_stats(protocol, fake, num_fake, *args, side="fake")
@@ -375,31 +386,68 @@ def evaluate_folders(
     if _dist_info()[0] == 0:
         if save_fake_stats is not None:
             fake_stats.save(save_fake_stats)
-        counts = {"real": real_stats.count, "fake": fake_stats.count}
-        result = {
-            "protocol": protocol.name,
-            "metric": protocol.metric,
-            "value": frechet_distance(real_stats, fake_stats),
-            "counts": counts,
-            "protocol_counts": {"real": protocol.num_real, "fake": protocol.num_fake},
-            "standard": counts == {"real": protocol.num_real, "fake": protocol.num_fake},
-            "preprocessing": protocol.preprocessing,
-            "selection_seed": seed,
-            "batch_size": batch_size,
-            "real": real_info,
-            "fake": fake_info,
-            "weights": _weights_identity(protocol, weights_path),
-            "versions": _versions(),
-        }
+        result = result_record(
+            protocol, real_stats, fake_stats, real_info, fake_info, seed, batch_size, weights_path
+        )
     return _broadcast_from_first(result)
 
 
-def evaluate_checkpoint(protocol: str | Protocol, checkpoint: str | os.PathLike, **kwargs) -> dict:
-    """Generate samples with a trained model and score them: not available yet."""
-    raise NotImplementedError(
-        "evaluating a checkpoint (generating the samples) is not implemented yet in this version of walt; "
-        "generate videos into a folder and run `walt evaluate PROTOCOL --real REAL_DIR --fake FAKE_DIR`"
-    )
+def result_record(
+    protocol: Protocol,
+    real_stats: FeatureStats,
+    fake_stats: FeatureStats,
+    real_info: dict,
+    fake_info: dict,
+    seed: int,
+    batch_size: int,
+    weights_path: str | os.PathLike | None = None,
+) -> dict:
+    """The JSON-ready result: the metric, the counts (standard or not, full-rank or not), where each side
+    came from, the feature network's weights and the software versions."""
+    counts = {"real": real_stats.count, "fake": fake_stats.count}
+    return {
+        "protocol": protocol.name,
+        "metric": protocol.metric,
+        "value": frechet_distance(real_stats, fake_stats),
+        "counts": counts,
+        "protocol_counts": {"real": protocol.num_real, "fake": protocol.num_fake},
+        "standard": counts == {"real": protocol.num_real, "fake": protocol.num_fake},
+        "full_rank": min(counts.values()) > protocol.feature_dim,
+        "warnings": count_warnings(protocol, counts["real"], counts["fake"], quiet=True),
+        "preprocessing": protocol.preprocessing,
+        "selection_seed": seed,
+        "batch_size": batch_size,
+        "real": real_info,
+        "fake": fake_info,
+        "weights": _weights_identity(protocol, weights_path),
+        "versions": _versions(),
+    }
+
+
+def count_warnings(protocol: Protocol, num_real: int | None, num_fake: int, quiet: bool = False) -> list[str]:
+    """Warnings about sample counts too small for a full-rank covariance (at most ``feature_dim`` samples):
+    the distance is then biased upward and comparable with nothing. Printed (unless ``quiet``) before any
+    feature is computed, and recorded in the result."""
+    notes = []
+    sides = (("real", num_real, protocol.num_real), ("generated", num_fake, protocol.num_fake))
+    for side, count, standard in sides:
+        if count is not None and count <= protocol.feature_dim:
+            notes.append(
+                f"{count} {side} samples are not more than the {protocol.feature_dim} feature dimensions of "
+                f"{protocol.name}: the covariance is rank-deficient and the {protocol.metric} is biased upward "
+                f"(the protocol uses {standard})"
+            )
+    if not quiet and _dist_info()[0] == 0:
+        for note in notes:
+            print(f"walt evaluate: warning: {note}", file=sys.stderr)
+    return notes
+
+
+def real_stats_count(protocol: Protocol, real, num_real: int | None) -> int | None:
+    """How many real samples a side will hold (None for saved statistics, known only once loaded)."""
+    if isinstance(real, Path) and real.is_file():
+        return None
+    return protocol.num_real if num_real is None else num_real
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -416,7 +464,12 @@ def _parser() -> argparse.ArgumentParser:
         "--real", required=True, type=Path, help="folder of real videos/images, or stats .npz"
     )
     parser.add_argument("--fake", type=Path, help="folder of generated videos/images, or stats .npz")
-    parser.add_argument("--checkpoint", type=Path, help="generate the samples with this checkpoint (not yet)")
+    parser.add_argument(
+        "--model",
+        "--checkpoint",
+        type=Path,
+        help="generate the samples with this model (folder or checkpoint) or cascade (folder or YAML)",
+    )
     parser.add_argument(
         "--num-real", type=int, help="real samples (default: the protocol's; fewer = non-standard)"
     )
@@ -434,7 +487,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", type=Path, help="write the JSON result here too")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen = parser.add_argument_group("generating with --model")
+    gen.add_argument("--steps", type=_positive, help="sampling steps (default: the model's own)")
+    gen.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    gen.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm", "dpmpp_2m"))
+    gen.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
+    gen.add_argument(
+        "--labels",
+        default="data",
+        choices=("data", "uniform"),
+        help="classes of a class-conditional model's samples: those of the real clips (data, the default; "
+        "needs --real as a dataset YAML) or k mod num_classes (uniform)",
+    )
+    gen.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the model (GPU)")
+    gen.add_argument(
+        "--work-dir",
+        type=Path,
+        help="keep finished batches' features here, so a run started again resumes "
+        "(default: OUTPUT.parts next to --output)",
+    )
+    gen.add_argument("--save-samples", type=int, default=0, help="also keep the first N samples as MP4s")
+    gen.add_argument("--samples-dir", type=Path, help="folder of --save-samples (default: OUTPUT_samples)")
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _init_distributed_from_env(device: str) -> str:
@@ -452,38 +533,18 @@ def _init_distributed_from_env(device: str) -> str:
 
 def evaluate_main(argv: Sequence[str]) -> int:
     """Entry point of ``walt evaluate``; returns the exit code."""
-    args = _parser().parse_args(list(argv))
-    if args.checkpoint is not None:
-        try:
-            evaluate_checkpoint(args.protocol, args.checkpoint)
-        except NotImplementedError as err:
-            print(f"walt evaluate: {err}", file=sys.stderr)
-            return 2
-    if args.fake is None:
-        print("walt evaluate: --fake is required (a folder of generated samples or a .npz)", file=sys.stderr)
-        return 2
+    parser = _parser()
+    args = parser.parse_args(list(argv))
+    if (args.fake is None) == (args.model is None):
+        parser.error("give --fake (generated samples: a folder or a .npz) or --model (generate them now)")
+    if args.model is None and (args.save_samples or args.work_dir):
+        parser.error("--save-samples and --work-dir belong to --model")
     joined = not dist.is_initialized()
     device = _init_distributed_from_env(args.device)
     joined = joined and dist.is_initialized()
     try:
-        real, fake = (
-            load_dataset_config(p) if p.suffix in (".yaml", ".yml") else p for p in (args.real, args.fake)
-        )
-        result = evaluate_folders(
-            args.protocol,
-            real,
-            fake,
-            num_real=args.num_real,
-            num_fake=args.num_fake,
-            batch_size=args.batch_size,
-            device=device,
-            seed=args.seed,
-            cache_dir=None if args.no_cache else args.cache_dir,
-            weights_path=args.weights,
-            save_fake_stats=args.save_fake_stats,
-            progress=not args.no_progress,
-        )
-    except (FileNotFoundError, ValueError, FeatureExtractionError) as err:
+        result = _run(args, device)
+    except (FileNotFoundError, ValueError, KeyError, FeatureExtractionError) as err:
         print(f"walt evaluate: {err}", file=sys.stderr)
         return 1
     finally:
@@ -493,6 +554,44 @@ def evaluate_main(argv: Sequence[str]) -> int:
         text = json.dumps(result, indent=2)
         print(text)
         if args.output is not None:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(text + "\n")
+            write_atomic(args.output, text + "\n")
     return 0
+
+
+def _run(args: argparse.Namespace, device: str) -> dict:
+    load = lambda p: load_dataset_config(p) if p is not None and p.suffix in (".yaml", ".yml") else p
+    common = dict(
+        num_real=args.num_real,
+        num_fake=args.num_fake,
+        batch_size=args.batch_size,
+        device=device,
+        cache_dir=None if args.no_cache else args.cache_dir,
+        weights_path=args.weights,
+        progress=not args.no_progress,
+    )
+    if args.model is None:
+        return evaluate_folders(
+            args.protocol,
+            load(args.real),
+            load(args.fake),
+            seed=args.seed,
+            save_fake_stats=args.save_fake_stats,
+            **common,
+        )
+    from walt.metrics.generated import GenerationSettings, evaluate_model
+
+    settings = GenerationSettings(args.steps, args.guidance, args.sampler, args.eta, args.seed, args.labels)
+    output = args.output
+    work_dir = args.work_dir or (None if output is None else output.with_name(output.name + ".parts"))
+    samples_dir = args.samples_dir or Path(f"{output.with_suffix('') if output else 'evaluate'}_samples")
+    return evaluate_model(
+        args.protocol,
+        args.model,
+        load(args.real),
+        settings=settings,
+        dtype=torch.bfloat16 if args.bf16 else None,
+        work_dir=work_dir,
+        save_samples=args.save_samples,
+        samples_dir=samples_dir,
+        **common,
+    )

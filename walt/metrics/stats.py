@@ -4,6 +4,7 @@ cached), the distance is a pure function of two sets of statistics.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -12,6 +13,8 @@ import numpy as np
 import scipy.linalg
 import torch
 from threadpoolctl import threadpool_limits
+
+from walt.atomic import write_atomic
 
 __all__ = ["FeatureStats", "frechet_distance", "frechet_distance_from_moments"]
 
@@ -76,13 +79,16 @@ class FeatureStats:
         return self.scatter / (self.count - 1)
 
     def save(self, path: str | os.PathLike) -> None:
+        """Writes the statistics as ``.npz``, atomically (a killed run leaves no truncated cache)."""
+        buffer = io.BytesIO()
         np.savez(
-            Path(path),
+            buffer,
             format_version=np.int64(_FORMAT_VERSION),
             count=np.int64(self.count),
             mean=self.mean,
             scatter=self.scatter,
         )
+        write_atomic(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:
@@ -107,7 +113,10 @@ def frechet_distance_from_moments(
 
     As in the reference FID code, a product whose square root is not finite (singular covariances, e.g. fewer
     samples than dimensions) is retried with ``eps`` added to both diagonals, and the negligible imaginary part
-    that round-off leaves in the square root is dropped; a large imaginary part is an error.
+    that round-off leaves in the square root is dropped. Where the square root keeps a large imaginary part
+    (rank-deficient covariances, far fewer samples than dimensions), the trace is taken from the eigenvalues
+    of ``sigma1^(1/2) sigma2 sigma1^(1/2)`` instead: they are those of ``sigma1 sigma2``, and real and
+    non-negative for covariances, so the distance stays defined (and biased, as any from so few samples).
 
     The linear algebra runs on one BLAS thread: multi-threaded BLAS rounds differently for each thread count,
     and the square root of a near-singular product amplifies that, so the same statistics would give
@@ -126,14 +135,23 @@ def frechet_distance_from_moments(
         if not np.isfinite(covmean).all():
             offset = np.eye(len(mu1)) * eps
             covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    trace = None
     if np.iscomplexobj(covmean):
         largest = np.abs(covmean.imag).max()
         if largest > 1e-3 * max(1.0, np.abs(covmean.real).max()):
-            raise ValueError(
-                f"matrix square root has a large imaginary part ({largest:.3g}); not a covariance?"
-            )
+            with threadpool_limits(limits=1, user_api="blas"):
+                trace = _trace_sqrt_product(sigma1, sigma2)
         covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    trace = np.trace(covmean) if trace is None else trace
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace)
+
+
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """``tr((sigma1 sigma2)^(1/2))`` for covariances, from symmetric eigendecompositions only."""
+    values, vectors = np.linalg.eigh(sigma1)
+    root = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T  # sigma1^(1/2)
+    middle = root @ sigma2 @ root
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum())
 
 
 def _moments(x: FeatureStats | np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,239 @@
+"""`walt evaluate PROTOCOL --model`: generating and scoring in one command, on a UCF-101-shaped tree of AVI
+files and a K600-shaped tree, with a tiny model (2-layer backbone, tiny tokenizer, random weights: the
+protocol's machinery is under test, not the model's quality)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from walt.data import Kinetics600, read_video, to_uint8
+from walt.metrics import evaluate_main, get_protocol
+from walt.metrics import generated as gen
+from walt.metrics.evaluate import select_units
+from walt.pipeline import Pipeline
+from walt.tokenizer import CausalVAE, presets
+from walt.transformer import WALT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_model(folder: Path, **backbone) -> Path:
+    torch.manual_seed(0)
+    vae = CausalVAE(**presets["tiny"], variational=False)
+    net = WALT(in_channels=4, depth=2, hidden_size=32, num_heads=2, input_size=(5, 4, 4), **backbone)
+    return Pipeline(net.eval(), vae.eval()).save_pretrained(folder)
+
+
+def _dataset_yaml(path: Path, class_path: str, **init_args) -> Path:
+    args = ", ".join(f"{k}: {v}" for k, v in init_args.items())
+    path.write_text(f"dataset:\n  class_path: {class_path}\n  init_args: {{{args}}}\n")
+    return path
+
+
+def _ucf_yaml(path: Path, ucf_root: Path) -> Path:
+    """The real side as configs/eval/ucf101_real.yaml gives it: 16 frames from the start, all splits."""
+    settings = dict(root=ucf_root, split="all", num_frames=16, resolution=32, offset="start")
+    return _dataset_yaml(path, "walt.data.UCF101", **settings)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, ucf_root) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evaluate_model")
+    return {
+        "model": _tiny_model(root / "model", num_classes=3),  # the UCF tree's 3 classes
+        "real": _ucf_yaml(root / "ucf.yaml", ucf_root),
+        "cache": root / "cache",
+        "root": root,
+    }
+
+
+def _args(setup, *extra: str, batch: int = 1, num_fake: int = 3) -> list[str]:
+    return [
+        "fvd2048_16f", "--model", str(setup["model"]), "--real", str(setup["real"]), "--num-real", "4",
+        "--num-fake", str(num_fake), "--batch-size", str(batch), "--steps", "2", "--cache-dir",
+        str(setup["cache"]), "--no-progress", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def _run(args: list[str], capsys) -> dict:
+    assert evaluate_main(args) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture
+def one_thread():
+    """Float results on a CPU depend on the thread count; the runs compared here all use one, as the
+    subprocesses (OMP_NUM_THREADS=1) do."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(setup) -> dict:
+    """One uninterrupted run in this process (batch size 1, 3 samples, one thread): the number to give."""
+    out = setup["root"] / "reference.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert evaluate_main(_args(setup, "--output", str(out))) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads(out.read_text())
+
+
+def test_a_model_is_scored_and_the_json_says_how(setup, tmp_path, capsys):
+    out = tmp_path / "fvd.json"
+    result = _run(_args(setup, "--output", str(out), "--save-samples", "2", batch=2), capsys)
+    assert json.loads(out.read_text()) == result
+    assert result["protocol"] == "fvd2048_16f" and np.isfinite(result["value"]) and result["value"] > 0
+    assert result["counts"] == {"real": 4, "fake": 3} and result["standard"] is False
+    assert result["full_rank"] is False and len(result["warnings"]) == 2  # 4 and 3 samples < 400 dims
+    generation = result["generation"]
+    assert generation["steps"] == 2 and generation["sampler"] == "ddim" and generation["guidance"] == 1.0
+    assert generation["labels"] == "data" and generation["seeds"] == "sample k has seed 0 + k"
+    identity = gen.model_identity(gen.load_generator(setup["model"]))
+    assert result["model"]["weights_sha256"] == identity and result["world_size"] == 1
+    assert str(setup["model"]) in result["model"]["path"] and result["seconds"] > 0
+    samples = Path(result["samples_dir"])
+    assert sorted(p.name for p in samples.iterdir()) == ["grid.gif", "sample_000000.mp4", "sample_000001.mp4"]
+    assert read_video(samples / "sample_000000.mp4").shape == (17, 32, 32, 3)
+    assert not (tmp_path / "fvd.json.parts").exists()  # the finished run leaves no partial features
+
+
+def test_the_same_command_twice_gives_the_same_number(setup, reference, capsys, one_thread):
+    assert _run(_args(setup), capsys)["value"] == reference["value"]
+
+
+def test_labels_follow_the_real_clips_of_the_seeded_selection(setup):
+    """--labels data: sample k has the class of the k-th real clip the protocol selects (cycling), so the
+    samples have the real split's class frequencies; --labels uniform: k mod num_classes."""
+    from walt.metrics.evaluate import load_dataset_config
+
+    real = load_dataset_config(setup["real"])
+    generator = gen.load_generator(setup["model"])
+    protocol = get_protocol("fvd2048_16f")
+    plan = gen._plan(protocol, generator, real, 30, gen.GenerationSettings(seed=5))
+    order = select_units(len(real), len(real), 5, "", "")
+    assert plan.labels == [real[order[k % len(real)]]["label"] for k in range(30)]
+    assert np.bincount(plan.labels[: len(real)]).tolist() == [4, 4, 4]  # the tree has 4 clips per class
+    uniform = gen._plan(protocol, generator, real, 7, gen.GenerationSettings(labels="uniform"))
+    assert uniform.labels == [0, 1, 2, 0, 1, 2, 0] and uniform.seeds == list(range(7))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+CODE = "import sys; from walt.metrics import evaluate_main; sys.exit(evaluate_main(sys.argv[1:]))"
+
+
+def test_two_processes_give_the_same_number(setup, reference, tmp_path):
+    """As under torchrun (2 CPU processes, gloo): each generates its own share; the number is identical."""
+    env = _env(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    args = _args(setup, "--output", str(tmp_path / "two.json"))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CODE, *args],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    result = json.loads((tmp_path / "two.json").read_text())
+    assert result["value"] == reference["value"] and result["world_size"] == 2  # exact
+
+
+def test_a_killed_evaluation_resumes_to_the_same_number(
+    setup, reference, tmp_path, capsys, monkeypatch, one_thread
+):
+    """kill -9 after the first batch's features are saved; started again, the run loads them, generates only
+    the rest, and gives the uninterrupted run's number."""
+    work = tmp_path / "work"
+    args = _args(setup, "--work-dir", str(work))
+    proc = subprocess.Popen([sys.executable, "-c", CODE, *args], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list(work.glob("batch-*.npy")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in work.glob("batch-*.npy"))
+    assert proc.returncode == -signal.SIGKILL and done, proc.stderr.read()
+    generated = []
+    real_generate = gen._generate
+    monkeypatch.setattr(gen, "_generate", lambda *a: generated.extend(a[3]) or real_generate(*a))
+    assert _run(args, capsys)["value"] == reference["value"]
+    assert len(generated) == 3 - len(done)  # batch size 1: one sample per saved batch was not regenerated
+    assert not work.exists()
+
+
+def test_a_work_dir_of_another_evaluation_is_refused(setup, tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "identity.json").write_text('{"protocol": "another"}')
+    assert evaluate_main(_args(setup, "--work-dir", str(work))) == 1
+    assert "holds the features of another evaluation" in capsys.readouterr().err
+
+
+def test_frame_prediction_continues_the_first_frames_of_each_real_clip(k600_root, tmp_path):
+    """fvd_k600_pred: sample k is given the first 5 frames of the k-th real clip of a seeded order; decoded,
+    its first 5 frames are the tokenizer's round trip of that context (the causal decoder's first frames
+    depend on the given latent frames only)."""
+    model = _tiny_model(tmp_path / "model", context_frames=True)
+    real = Kinetics600(k600_root, split="val", num_frames=16, resolution=32, offset="start")
+    generator = gen.load_generator(model)
+    protocol = get_protocol("fvd_k600_pred")
+    plan = gen._plan(protocol, generator, real, 2, gen.GenerationSettings(steps=2))
+    assert sorted(plan.context_units) == [0, 1]
+    clips = gen._generate(protocol, generator, plan, [0, 1], gen.GenerationSettings(steps=2), 2, None)
+    assert [c.shape for c in clips] == [(1, 16, 32, 32, 3)] * 2  # the protocol's 16-frame clip
+    for k, clip in enumerate(clips):
+        context = real[plan.context_units[k]]["video"][None, :, :5]  # (1, 3, 5, 32, 32)
+        with torch.no_grad():
+            round_trip = generator.tokenizer.decode(generator.tokenizer.encode(context))  # (1, 3, 5, 32, 32)
+        expected = to_uint8(round_trip[0]).numpy()  # (5, 32, 32, 3)
+        assert np.abs(clip[0, :5].astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_models_a_protocol_cannot_score_are_refused_before_any_work(setup, k600_root, tmp_path, capsys):
+    unconditional = _tiny_model(tmp_path / "plain")
+    k600 = _dataset_yaml(tmp_path / "k.yaml", "walt.data.Kinetics600", root=k600_root, split="val",
+                         num_frames=16, resolution=32, offset="start")  # fmt: skip
+    shapes = _dataset_yaml(tmp_path / "s.yaml", "walt.data.SyntheticVideos", num_samples=4, num_frames=16,
+                           resolution=32)  # fmt: skip
+    cases = [
+        (["fvd_k600_pred", "--model", str(unconditional), "--real", str(k600)], "not trained with context"),
+        ([*_args(setup)[:3], "--real", str(setup["root"])], "--labels uniform"),  # a folder has no classes
+        (
+            ["fvd2048_16f", "--model", str(setup["model"]), "--real", str(shapes)],
+            "has 48 classes and the model 3",
+        ),
+    ]
+    for args, message in cases:
+        assert evaluate_main([*args, "--num-real", "2", "--num-fake", "2", "--no-cache"]) == 1, args
+        assert message in capsys.readouterr().err

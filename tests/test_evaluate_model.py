@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from safetensors.torch import save_file
 
 from walt.data import Kinetics600, read_video, to_uint8
 from walt.metrics import evaluate_main, get_protocol
@@ -237,3 +239,37 @@ def test_models_a_protocol_cannot_score_are_refused_before_any_work(setup, k600_
     for args, message in cases:
         assert evaluate_main([*args, "--num-real", "2", "--num-fake", "2", "--no-cache"]) == 1, args
         assert message in capsys.readouterr().err
+
+
+def test_a_tokenizer_is_scored_on_reconstructions_of_the_real_clips(ucf_root, tmp_path, capsys):
+    """rfvd2048_16f: the real side is the protocol's selection of real clips, the generated side the
+    tokenizer's reconstructions of the same clips; PSNR and SSIM are those of the same clips."""
+    from walt.metrics.evaluate import load_dataset_config
+    from walt.metrics.pixel import psnr, ssim
+
+    torch.manual_seed(0)
+    vae = CausalVAE(**presets["tiny"], variational=False)  # what `walt encode` writes: weights + vae.yaml
+    folder = tmp_path / "latents"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / "vae.safetensors"))
+    (folder / "vae.yaml").write_text(
+        yaml.safe_dump({"class_path": "walt.tokenizer.CausalVAE", "init_args": vae.init_args})
+    )
+    settings = dict(root=ucf_root, split="all", num_frames=17, resolution=32, offset="start")
+    real = _dataset_yaml(tmp_path / "ucf17.yaml", "walt.data.UCF101", **settings)
+    args = ["rfvd2048_16f", "--model", str(folder), "--real", str(real), "--num-real", "3", "--batch-size", "2",
+            "--no-cache", "--no-progress", "--device", "cpu"]  # fmt: skip
+    result = _run(args, capsys)
+    assert result["counts"] == {"real": 3, "fake": 3} and np.isfinite(result["value"])
+    assert result["value"] > 0  # an untrained tokenizer does not reconstruct
+    dataset = load_dataset_config(real)
+    clips = torch.stack([dataset[i]["video"] for i in select_units(len(dataset), 3, 0, "", "")])
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(clips)).clamp(-1, 1)
+    pixel = result["pixel_metrics"]
+    assert pixel["clips"] == 3
+    assert pixel["psnr"] == pytest.approx(psnr(rec, clips).mean().item(), rel=1e-5)
+    assert pixel["ssim"] == pytest.approx(ssim(rec, clips).mean().item(), rel=1e-5)
+    sixteen = _dataset_yaml(tmp_path / "ucf16.yaml", "walt.data.UCF101", **{**settings, "num_frames": 16})
+    assert evaluate_main([*args[:4], str(sixteen), *args[5:]]) == 1
+    assert "num_frames 1 + 4k" in capsys.readouterr().err

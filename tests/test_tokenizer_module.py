@@ -113,6 +113,14 @@ def test_gan_starts_at_its_step_and_checkpoint_holds_ema(tmp_path):
     assert load_vae_weights(restored, tmp_path / "last.ckpt") == "ema"
     for a, b in zip(restored.state_dict().values(), module.ema.module.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # The checkpoint describes its autoencoder: it loads without its config (walt evaluate rfvd2048_16f).
+    from walt.pipeline import load_tokenizer
+    from walt.pipeline.parts import describe_part
+
+    described = load_tokenizer(tmp_path / "last.ckpt")
+    assert describe_part("tokenizer", described) == describe_part("tokenizer", module.vae)
+    for a, b in zip(described.state_dict().values(), module.ema.module.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_validation_logs_side_by_side_videos(tmp_path):

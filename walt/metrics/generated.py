@@ -113,6 +113,10 @@ def evaluate_model(
     and the wall time. Every process under ``torchrun`` calls it and gets the same result."""
     start = time.perf_counter()
     protocol = get_protocol(protocol)
+    if protocol.reconstruction:
+        raise ValueError(
+            f"{protocol.name} scores a tokenizer: use walt.metrics.reconstruction.evaluate_tokenizer"
+        )
     _check_arguments(settings, batch_size, save_samples, num_fake)
     real = real if isinstance(real, Dataset) else Path(real)
     generator = load_generator(model, device, dtype)

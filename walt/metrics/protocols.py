@@ -50,6 +50,7 @@ class Protocol:
     num_fake: int  # generated samples under the standard protocol
     samples_per_file: int = 1  # at most this many samples come out of one file
     context_frames: int = 0  # frames given to the model as condition (frame prediction)
+    reconstruction: bool = False  # the generated side is the tokenizer's reconstruction of the real side
 
 
 PROTOCOLS: dict[str, Protocol] = {}
@@ -204,5 +205,22 @@ register_protocol(
         num_real=50_000,
         num_fake=50_000,
         samples_per_file=16,
+    )
+)
+register_protocol(
+    Protocol(
+        name="rfvd2048_16f",
+        metric="FVD",
+        summary="reconstruction FVD of a tokenizer: 2048 real 16-frame clips vs their reconstructions, with "
+        "PSNR, SSIM and LPIPS of the same clips",
+        preprocessing=f"clip: first 16 frames of each video and of its reconstruction; {_I3D_PREP}",
+        network=I3D,
+        weights=I3D_KINETICS400,
+        feature_dim=400,
+        reader=FirstClip(16),
+        suffixes=VIDEO_SUFFIXES,
+        num_real=2048,
+        num_fake=2048,
+        reconstruction=True,
     )
 )

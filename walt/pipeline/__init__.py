@@ -5,6 +5,7 @@ from walt.pipeline.files import (
     describe_pipeline,
     load_cascade,
     load_model,
+    load_tokenizer,
     pipeline_from_description,
     read_checkpoint,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "describe_pipeline",
     "load_cascade",
     "load_model",
+    "load_tokenizer",
     "pipeline_from_description",
     "read_checkpoint",
 ]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -38,6 +39,7 @@ __all__ = [
     "describe_pipeline",
     "load_cascade",
     "load_model",
+    "load_tokenizer",
     "pipeline_from_description",
     "read_checkpoint",
     "save_cascade",
@@ -173,6 +175,30 @@ def pipeline_from_checkpoint(path: Path, weights: str = "ema", text_encoder=None
         text_encoder,
         str(path),
     )
+
+
+def load_tokenizer(path: str | Path, weights: str = "ema"):
+    """The tokenizer (a :class:`CausalVAE` with its latent normalization) of: a model folder or diffusion
+    checkpoint (its tokenizer), a tokenizer ``walt fit`` checkpoint (which describes its autoencoder), or what
+    `walt encode` writes (a folder holding ``vae.yaml`` and ``vae.safetensors``, or that ``vae.safetensors``)."""
+    path = Path(path)
+    if path.suffix == ".safetensors" or (path.is_dir() and (path / "vae.yaml").is_file()):
+        folder = path.parent if path.suffix == ".safetensors" else path
+        weights_file = path if path.suffix == ".safetensors" else folder / "vae.safetensors"
+        spec = folder / "vae.yaml"
+        if not spec.is_file():
+            raise ModelFileError(f"{spec} is missing: `walt encode` writes it beside vae.safetensors")
+        vae = _checked(build_part, "tokenizer", yaml.safe_load(spec.read_text()))
+        _load_state(vae, _load_tensors(weights_file, folder), "tokenizer", str(weights_file))
+        return vae.eval()
+    if path.is_file():
+        checkpoint = _read(path)
+        if isinstance(checkpoint.get("walt_tokenizer"), dict):
+            vae = _checked(build_part, "tokenizer", checkpoint["walt_tokenizer"])
+            state, _ = _checked(module_weights, checkpoint["state_dict"], "vae.", weights == "ema", path)
+            _load_state(vae, state, "tokenizer", str(path))
+            return vae.eval()
+    return load_model(path, weights).tokenizer
 
 
 # ---- cascades ----------------------------------------------------------------------------------------------

@@ -212,7 +212,8 @@ def test_frame_prediction_continues_the_first_frames_of_each_real_clip(k600_root
     protocol = get_protocol("fvd_k600_pred")
     plan = gen._plan(protocol, generator, real, 2, gen.GenerationSettings(steps=2))
     assert sorted(plan.context_units) == [0, 1]
-    clips = gen._generate(protocol, generator, plan, [0, 1], gen.GenerationSettings(steps=2), 2, None)
+    settings = gen.GenerationSettings(steps=2)
+    clips = gen._generate(protocol, generator, plan, [0, 1], settings, 2, [], gen._Timer("cpu"))
     assert [c.shape for c in clips] == [(1, 16, 32, 32, 3)] * 2  # the protocol's 16-frame clip
     for k, clip in enumerate(clips):
         context = real[plan.context_units[k]]["video"][None, :, :5]  # (1, 3, 5, 32, 32)

@@ -29,10 +29,11 @@ Stages (each resumable: a stage whose outputs exist is skipped unless --force):
 The training configs are copied into <out>/configs (with --smoke shrunk to CPU size) and run from there, so
 <out> records exactly what was run.
 
-Every video is generated through walt.pipeline.Pipeline (trained models: Pipeline.from_pretrained of their walt fit
-checkpoint, which describes itself). Seeds: the sample for test clip i (with that clip's label) has seed i, its own
-generator, whatever the model, sampler, step count or batch size, so every row is reproducible on its own and all
-rows see the same initial noise.
+Every sample row is scored through `walt evaluate` (walt.metrics.generated.evaluate_model: fvd2048_16f against the
+test clips, --labels data), on walt.pipeline.Pipeline (trained models: Pipeline.from_pretrained of their walt fit
+checkpoint, which describes itself). Seeds: sample k has seed k, its own generator, and the class of the k-th test
+clip of the protocol's seeded selection, whatever the model, sampler, step count or batch size, so every row is
+reproducible on its own and all rows see the same initial noise.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def _shrink(tok: dict, lat: dict, base: dict, distill: dict) -> None:
 
 START = time.perf_counter()
 # Every generated set has one sample per test clip: sample i gets clip i's label and seed i (see generate).
-SEEDS = "sample i (the label of test clip i) has seed i"
+SEEDS = "walt evaluate fvd2048_16f --labels data --seed 0: sample k has seed k and the class of test clip k of the seeded selection"
 
 
 def log(message: str) -> None:
@@ -318,11 +319,18 @@ class Reference:
 
     def __init__(self, args: argparse.Namespace, configs: dict[str, Path]) -> None:
         from walt.metrics import I3D, get_protocol
+        from walt.metrics.generated import GenerationSettings, sample_labels
 
         self.protocol = get_protocol("fvd2048_16f")
         self.i3d = I3D(args.i3d_weights).to(args.device)
-        self.videos, self.labels = clips(test_split(configs, args.num_samples), args.workers)
+        self.dataset = test_split(configs, args.num_samples)
+        self.videos, self.labels = clips(self.dataset, args.workers)
         self.stats = self.statistics(self.videos, "test")
+        # walt evaluate's --labels data: sample k has the class of the k-th test clip of its seeded selection
+        n = len(self.dataset)
+        self.sample_labels = torch.tensor(
+            sample_labels(self.protocol, 10, self.dataset, n, GenerationSettings(labels="data"))
+        )
 
     def statistics(self, videos: torch.Tensor, name: str):
         from walt.metrics import compute_clip_stats
@@ -369,20 +377,16 @@ def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
     untrained = module.pipeline()
     untrained.tokenizer = trained.tokenizer  # the same decoder: (c) isolates the diffusion model's training
     untrained.to(dev, trained.autocast_dtype)
-    labels = test_labels  # the test split's label distribution, one sample per test clip (seed i)
+    classifier = digit_classifier(args, res)
+    accuracy = {"real_test": top2_accuracy(classifier, test_videos, test_labels)}
     samples = {}
     for name, pipe in (("untrained", untrained), ("trained", trained)):
-        samples[name], seconds = timed_generate(pipe, labels, args, args.steps, args.sampler)
-        fvd[f"{name}_samples_vs_test"] = ref.fvd(samples[name], name)
-        fvd[f"{name}_sampling_seconds"] = seconds
-        log(f"{name} model: FVD {fvd[f'{name}_samples_vs_test']:.1f}, sampling {seconds:.1f} s")
-    classifier = digit_classifier(args, res)
-    accuracy = {
-        "real_test": top2_accuracy(classifier, test_videos, test_labels),
-        **{f"{k}_samples": top2_accuracy(classifier, v, labels) for k, v in samples.items()},
-    }
+        row, samples[name] = measure(pipe, ref, classifier, args, name, args.steps, args.sampler)
+        fvd[f"{name}_samples_vs_test"] = row["fvd2048_16f"]
+        fvd[f"{name}_sampling_seconds"] = row["seconds_per_video"] * len(samples[name])
+        accuracy[f"{name}_samples"] = row["digit_accuracy_top2"]
     log(f"digit accuracy: {accuracy}")
-    grid(samples["trained"], labels, args.out / "samples.png")
+    grid(samples["trained"], ref.sample_labels, args.out / "samples.png")
     grid(test_videos, test_labels, args.out / "real.png")
     return {
         "fvd2048_16f": fvd,
@@ -427,22 +431,6 @@ def generate(
     )
 
 
-def timed_generate(
-    pipe,
-    labels: torch.Tensor,
-    args: argparse.Namespace,
-    steps: int,
-    sampler: str = "ddim",
-    guidance: float = 1.0,
-) -> tuple[torch.Tensor, float]:
-    """:func:`generate` and its wall time in seconds, the GPU's queue drained at both ends."""
-    synchronize(args.device)
-    tic = time.perf_counter()
-    videos = generate(pipe, labels, args, steps, sampler, guidance)
-    synchronize(args.device)
-    return videos, time.perf_counter() - tic
-
-
 def measure(
     pipe,
     ref: Reference,
@@ -453,15 +441,37 @@ def measure(
     sampler: str = "ddim",
     guidance: float = 1.0,
 ) -> tuple[dict, torch.Tensor]:
-    """One sample per test clip, timed after a warm-up (kernels chosen outside the timing), and its scores:
-    FVD against the test clips, top-2 digit accuracy, sampling seconds per video (decoding included)."""
-    generate(pipe, ref.labels[: args.batch_size], args, 1, sampler, guidance)  # warm-up
-    videos, seconds = timed_generate(pipe, ref.labels, args, steps, sampler, guidance)
+    """FVD through `walt evaluate` (:func:`walt.metrics.generated.evaluate_model`: fvd2048_16f against the test
+    clips, --labels data, sample k with seed k), top-2 digit accuracy of the same samples, and the seconds per
+    video spent generating them (decoding included), after a warm-up batch (kernels chosen outside the
+    timing). Returns the row and the samples (N, 3, T, H, W) in [-1, 1]."""
+    from walt.metrics.generated import GenerationSettings, evaluate_model
+
+    generate(pipe, ref.sample_labels[: args.batch_size], args, 1, sampler, guidance)  # warm-up
+    batches: dict[int, np.ndarray] = {}
+    result = evaluate_model(
+        "fvd2048_16f",
+        pipe,
+        ref.dataset,
+        settings=GenerationSettings(steps=steps, guidance=guidance, sampler=sampler, labels="data"),
+        num_real=len(ref.dataset),
+        num_fake=len(ref.dataset),
+        batch_size=args.batch_size,
+        device=args.device,
+        cache_dir=args.out / "real_stats",
+        weights_path=args.i3d_weights,
+        on_batch=lambda units, videos: batches.update(zip(units, videos)),
+        progress=False,
+    )
+    frames = np.stack([batches[k] for k in sorted(batches)])  # (N, T, H, W, 3) uint8
+    videos = torch.from_numpy(frames).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)  # (N, 3, T, H, W)
     row = {
-        "fvd2048_16f": ref.fvd(videos, name),
-        "digit_accuracy_top2": top2_accuracy(classifier, videos, ref.labels),
-        "seconds_per_video": seconds / len(videos),
+        "fvd2048_16f": result["value"],
+        "digit_accuracy_top2": top2_accuracy(classifier, videos, ref.sample_labels),
+        "seconds_per_video": result["seconds_generating"] / len(videos),
+        "model_sha256": result["model"]["weights_sha256"],
     }
+    log(f"{name}: {row}")
     return row, videos
 
 
@@ -612,7 +622,7 @@ def distill_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict
         log(f"{name}: {rows[name]}")
         save_json(partial, {"guidance": w, "models": rows})
         if name == "student_8steps":
-            grid(videos, ref.labels, args.out / "distill_samples.png")
+            grid(videos, ref.sample_labels, args.out / "distill_samples.png")
     return {
         "guidance": w,
         "num_samples": len(ref.labels),

@@ -27,8 +27,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -48,7 +50,10 @@ from walt.metrics.evaluate import (
 )
 from walt.metrics.protocols import Protocol, get_protocol
 
-__all__ = ["GenerationSettings", "evaluate_model", "load_generator", "model_identity"]
+if TYPE_CHECKING:
+    from walt.pipeline import CascadePipeline, Pipeline
+
+__all__ = ["GenerationSettings", "evaluate_model", "load_generator", "model_identity", "sample_labels"]
 
 LABEL_POLICIES = ("data", "uniform")
 
@@ -91,7 +96,7 @@ def model_identity(generator) -> str:
 
 def evaluate_model(
     protocol: str | Protocol,
-    model: str | os.PathLike,
+    model: str | os.PathLike | Pipeline | CascadePipeline,
     real: str | os.PathLike | Dataset,
     *,
     settings: GenerationSettings = GenerationSettings(),
@@ -105,12 +110,17 @@ def evaluate_model(
     work_dir: str | os.PathLike | None = None,
     save_samples: int = 0,
     samples_dir: str | os.PathLike | None = None,
+    on_batch: Callable[[list[int], np.ndarray], None] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Generates ``num_fake`` samples with ``model`` (default: the protocol's count) and returns the protocol's
+    """Generates ``num_fake`` samples with ``model`` (a path as :func:`load_generator` takes, or a pipeline
+    already loaded; default count: the protocol's) and returns the protocol's
     metric against ``real`` (a walt dataset, a folder of videos/images, or a statistics ``.npz``), as the
     JSON-ready record of :func:`walt.metrics.evaluate.evaluate_folders` plus the model, the generation settings
-    and the wall time. Every process under ``torchrun`` calls it and gets the same result."""
+    and the wall time (``seconds``; ``seconds_generating``: this process's time inside the model, decoding
+    included). ``on_batch(sample_indices, videos)`` sees each batch this process generates (uint8
+    ``(b, T, H, W, 3)``), e.g. to score the samples another way. Every process under ``torchrun`` calls it
+    and gets the same result."""
     start = time.perf_counter()
     protocol = get_protocol(protocol)
     if protocol.reconstruction:
@@ -119,7 +129,7 @@ def evaluate_model(
         )
     _check_arguments(settings, batch_size, save_samples, num_fake)
     real = real if isinstance(real, Dataset) else Path(real)
-    generator = load_generator(model, device, dtype)
+    generator = model if hasattr(model, "generate") else load_generator(model, device, dtype)
     num = protocol.num_fake if num_fake is None else num_fake
     count = -(-num // protocol.samples_per_file)  # videos to generate
     plan = _plan(protocol, generator, real, count, settings)
@@ -138,8 +148,12 @@ def evaluate_model(
         "batch_size": batch_size,
     }
     store = None if work_dir is None else FeatureStore(Path(work_dir), identity)
+    consumers = [on_batch] if on_batch is not None else []
     samples = None if not save_samples else SampleWriter(Path(samples_dir), save_samples, generator.fps)
-    load = lambda units: _generate(protocol, generator, plan, units, settings, batch_size, samples)
+    if samples is not None:
+        consumers.append(samples.add)
+    timer = _Timer(device)
+    load = lambda units: _generate(protocol, generator, plan, units, settings, batch_size, consumers, timer)
     fake_stats = _fold_sharded(
         protocol,
         list(range(count)),
@@ -154,14 +168,16 @@ def evaluate_model(
     )
     result = None
     if _dist_info()[0] == 0:
-        fake_info = {"source": str(model), "kind": "model", "count": num}
+        where = "a pipeline in memory" if hasattr(model, "generate") else str(model)
+        fake_info = {"source": where, "kind": "model", "count": num}
         result = result_record(
             protocol, real_stats, fake_stats, real_info, fake_info, settings.seed, batch_size, weights_path
         )
-        result["model"] = {"path": str(model), "weights_sha256": identity["model"]}
+        result["model"] = {"path": where, "weights_sha256": identity["model"]}
         result["generation"] = {**asdict(settings), **plan.describe()}
         result["world_size"] = _dist_info()[1]
         result["seconds"] = time.perf_counter() - start
+        result["seconds_generating"] = timer.seconds
         if samples is not None:
             result["samples_dir"] = str(samples.finish())
         if store is not None:
@@ -214,7 +230,8 @@ def _plan(protocol: Protocol, generator, real, count: int, settings: GenerationS
             "(prompts are not part of the protocol)"
         )
     seeds = [settings.seed + k for k in range(count)]
-    labels, note = _labels(protocol, backbone.num_classes, real, count, settings), "none (unconditional)"
+    labels = sample_labels(protocol, backbone.num_classes, real, count, settings)
+    note = "none (unconditional)"
     if labels is not None:
         note = settings.labels
     context_units = None
@@ -233,7 +250,10 @@ def _plan(protocol: Protocol, generator, real, count: int, settings: GenerationS
     return _Plan(seeds, labels, context_units, dataset, protocol.context_frames, num_frames, note)
 
 
-def _labels(protocol: Protocol, num_classes: int | None, real, count: int, settings) -> list[int] | None:
+def sample_labels(
+    protocol: Protocol, num_classes: int | None, real, count: int, settings: GenerationSettings
+) -> list[int] | None:
+    """The class of each of ``count`` samples under ``settings.labels`` (None for an unconditional model)."""
     if num_classes is None:
         return None
     if settings.labels == "uniform":
@@ -269,7 +289,28 @@ def _frames_to_generate(protocol: Protocol, base) -> int:
 # ---- generation, a batch of samples at a time ------------------------------------------------------------
 
 
-def _generate(protocol, generator, plan: _Plan, units: list[int], settings, batch_size, samples) -> list:
+class _Timer:
+    """Wall time spent inside the model, the device's queue drained at both ends."""
+
+    def __init__(self, device) -> None:
+        self.device, self.seconds = torch.device(device), 0.0
+
+    def __call__(self, function, **kwargs):
+        self._sync()
+        tic = time.perf_counter()
+        out = function(**kwargs)
+        self._sync()
+        self.seconds += time.perf_counter() - tic
+        return out
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _generate(
+    protocol, generator, plan: _Plan, units: list[int], settings, batch_size, consumers, timer
+) -> list:
     kwargs = dict(
         labels=None if plan.labels is None else [plan.labels[k] for k in units],
         seeds=[plan.seeds[k] for k in units],
@@ -290,9 +331,9 @@ def _generate(protocol, generator, plan: _Plan, units: list[int], settings, batc
     if hasattr(generator, "stages"):  # per-stage settings come from the cascade itself
         for key in ("steps", "guidance", "sampler", "eta"):
             kwargs.pop(key)
-    videos = generator.generate(**kwargs).numpy()  # (b, T, H, W, 3) uint8
-    if samples is not None:
-        samples.add(units, videos)
+    videos = timer(generator.generate, **kwargs).numpy()  # (b, T, H, W, 3) uint8
+    for consume in consumers:
+        consume(units, videos)
     return [protocol.reader.from_frames(v) for v in videos]
 
 

@@ -53,6 +53,10 @@ def test_every_config_parses(config, capsys, monkeypatch):
     assert exit_info.value.code in (0, None), capsys.readouterr().err
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["class_path"].startswith("walt.")
+    # Every run checkpoints periodically (walt.lightning.PeriodicCheckpoint), and only it writes last.ckpt.
+    assert printed["checkpoint"]["every_n_train_steps"] or printed["checkpoint"]["train_time_interval"]
+    callbacks = printed["trainer"].get("callbacks") or []
+    assert not any(c.get("init_args", {}).get("save_last") for c in callbacks)
 
 
 def _check_cascade(config: Path, monkeypatch) -> None:

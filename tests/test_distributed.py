@@ -70,7 +70,7 @@ def _fit_on_two_processes(
     config = yaml.safe_load((ROOT / "configs/base/quickstart.yaml").read_text())
     config["model"]["init_args"].update(sample_steps=2, num_log_samples=2)
     config["trainer"].update(max_epochs=2, check_val_every_n_epoch=1, num_sanity_val_steps=0)
-    config["trainer"]["callbacks"].append(
+    config["trainer"].setdefault("callbacks", []).append(
         {"class_path": f"_rank_state.{callback}", "init_args": {"folder": str(tmp_path / "ranks")}}
     )
     path = cpu_sized_config(config, tmp_path, "base.yaml")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import walt
 
@@ -25,8 +25,26 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 class WaltCLI(LightningCLI):
     """LightningCLI with any LightningModule / LightningDataModule chosen by ``class_path`` in the config."""
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        from walt.lightning.checkpoint import PeriodicCheckpoint
+
+        # Every run gets one: a `checkpoint:` section in a config tunes it, none can leave it out by omission.
+        parser.add_lightning_class_args(PeriodicCheckpoint, "checkpoint")
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+        # LightningCLI's own (private) hook, where the config's callbacks and the `checkpoint:` one meet the
+        # trainer's settings: the public instantiate_trainer would have to copy its body.
+        from walt.lightning.checkpoint import PeriodicCheckpoint, install_atomic_io
+
+        if config.get("enable_checkpointing") is False:  # Lightning refuses a checkpoint callback then
+            callbacks = [c for c in callbacks if not isinstance(c, PeriodicCheckpoint)]
+        trainer = super()._instantiate_trainer(config, callbacks)
+        install_atomic_io(trainer)
+        return trainer
+
     def before_fit(self) -> None:
         _stable_checkpoint_folder(self.trainer)
+        _one_writer_of_last(self.trainer)
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -50,6 +68,25 @@ def _stable_checkpoint_folder(trainer: L.Trainer) -> None:
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+
+
+def _one_writer_of_last(trainer: L.Trainer) -> None:
+    """Two callbacks saving ``last.ckpt`` in one folder would make Lightning write ``last-v1.ckpt`` beside it,
+    and resuming from ``last.ckpt`` would silently go back to the older of the two."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from walt.lightning.checkpoint import PeriodicCheckpoint
+
+    periodic_folders = {c.dirpath for c in trainer.checkpoint_callbacks if isinstance(c, PeriodicCheckpoint)}
+    for callback in trainer.checkpoint_callbacks:
+        another = isinstance(callback, ModelCheckpoint) and not isinstance(callback, PeriodicCheckpoint)
+        if another and callback.save_last and callback.dirpath in periodic_folders:
+            raise ValueError(
+                f"trainer.callbacks has a ModelCheckpoint with save_last in {callback.dirpath}, where walt fit "
+                "already keeps last.ckpt (walt.lightning.PeriodicCheckpoint): remove save_last from that "
+                "callback (or the callback), and set the `checkpoint:` section instead, e.g. "
+                "checkpoint: {every_n_train_steps: 5000, save_top_k: -1}"
+            )
 
 
 def _sample(argv: Sequence[str]) -> int:

@@ -2,7 +2,13 @@
 
 from walt.data.base import ClipDataset, SkipCounter, VideoSample
 from walt.data.captions import CaptionedVideos, read_manifest
-from walt.data.datamodule import EpochShuffleSampler, MixedBatchSampler, VideoDataModule, collate_items
+from walt.data.datamodule import (
+    EpochShuffleSampler,
+    MixedBatchSampler,
+    ResumableDataLoader,
+    VideoDataModule,
+    collate_items,
+)
 from walt.data.images import ImageFolderVideos
 from walt.data.io import VideoInfo, VideoReadError, probe_video, read_video, write_video
 from walt.data.kinetics import Kinetics600
@@ -27,6 +33,7 @@ __all__ = [
     "LatentShards",
     "MixedBatchSampler",
     "MovingDigits",
+    "ResumableDataLoader",
     "ShortVideoError",
     "SkipCounter",
     "SyntheticVideos",

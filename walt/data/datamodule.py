@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -12,7 +14,13 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-__all__ = ["EpochShuffleSampler", "MixedBatchSampler", "VideoDataModule", "collate_items"]
+__all__ = [
+    "EpochShuffleSampler",
+    "MixedBatchSampler",
+    "ResumableDataLoader",
+    "VideoDataModule",
+    "collate_items",
+]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +129,81 @@ class EpochShuffleSampler(Sampler[int]):
         yield from np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist()
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that a checkpoint taken mid-epoch resumes exactly: the next batch is the one the interrupted run
+    would have trained on next.
+
+    Lightning saves a training loader's ``state_dict()`` in each checkpoint and, on resume, gives it back to
+    ``load_state_dict()`` before the epoch's first batch. The state is the epoch (the sampler's, which Lightning
+    sets every epoch) and how many of its batches were handed out; the resumed pass over that epoch draws the
+    same order and leaves out that many batches of indices before any item is read, so nothing is loaded twice.
+    Under DDP each rank's sampler yields its own shard and each rank skips within it. The count is exact because
+    Lightning takes a sized loader's batches one at a time, without fetching ahead.
+
+    The sampler's order must depend only on its seed and epoch (as :class:`EpochShuffleSampler`'s and
+    :class:`MixedBatchSampler`'s do). A loader whose batches per epoch changed (another batch size or GPU
+    count) cannot continue the old order: it starts the epoch afresh, with a warning.
+    """
+
+    _resume: dict[str, Any] | None = None  # a loaded state, applied when the next pass starts
+    _skip = 0  # batches the pass being started leaves out
+    _epoch: int | None = None
+    _handed_out = 0  # batches of this epoch handed out, counting those skipped on resuming
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = getattr(self.sampler, "epoch", None)
+        # A DataLoader iterator draws its workers' base seed when created: from torch's global stream, it would
+        # shift the training's random draws by one whenever a resumed run creates its iterator mid-epoch.
+        self.generator = torch.Generator().manual_seed(_seed(getattr(self.sampler, "seed", 0), epoch or 0))
+        self._skip = self._resume_point(epoch)
+        self._epoch, self._handed_out = epoch, self._skip
+        for batch in super().__iter__():
+            self._handed_out += 1
+            yield batch
+
+    @property
+    def _index_sampler(self):
+        # The loader's iterators draw their indices from here: the skip happens on indices, before any reading.
+        return _SkipFirst(super()._index_sampler, self)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "batches": self._handed_out, "batches_per_epoch": len(self)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = dict(state)
+
+    def _resume_point(self, epoch: int | None) -> int:
+        state, self._resume = self._resume, None
+        if state is None or epoch is None or state["epoch"] != epoch or state["batches"] >= len(self):
+            return 0  # no resume, or the checkpoint's epoch was finished: this pass is a new epoch
+        if state["batches_per_epoch"] != len(self):
+            log.warning(
+                "the checkpoint's epoch had %d batches and this loader's has %d (another batch size or GPU "
+                "count?): its data order cannot be continued, so epoch %d starts again from its first batch",
+                state["batches_per_epoch"],
+                len(self),
+                epoch,
+            )
+            return 0
+        return state["batches"]
+
+
+class _SkipFirst(Sampler):
+    """A loader's index sampler less the first ``loader._skip`` batches of a pass. The skip is taken (and reset)
+    when the first index is drawn, not on ``iter()``: a DataLoader iterator calls ``iter()`` twice while it
+    starts, and one that keeps its workers between epochs calls it again each epoch, which must not skip."""
+
+    def __init__(self, sampler: Sampler, loader: ResumableDataLoader) -> None:
+        self.sampler, self.loader = sampler, loader
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        skip, self.loader._skip = self.loader._skip, 0
+        yield from itertools.islice(iter(self.sampler), skip, None)
+
+
 class _Batches(Dataset):
     """Items fetched a batch at a time: ``batches[indices]`` is the list of ``dataset[i]``, for a loader whose
     sampler yields lists of indices (``batch_size=None``)."""
@@ -133,6 +216,10 @@ class _Batches(Dataset):
 
     def __getitem__(self, indices: list[int]) -> list[dict]:
         return [self.dataset[i] for i in indices]
+
+
+def _seed(*values: int) -> int:
+    return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _order(n: int, shuffle: bool, rng: np.random.Generator) -> np.ndarray:
@@ -191,7 +278,7 @@ class VideoDataModule(L.LightningDataModule):
         )
         if self.trainer is not None:
             sampler.set_epoch(self.trainer.current_epoch)
-        return DataLoader(
+        return ResumableDataLoader(
             _Batches(ConcatDataset([self.train, self.image_dataset])),
             sampler=sampler,
             batch_size=None,  # the sampler yields whole batches
@@ -219,7 +306,8 @@ class VideoDataModule(L.LightningDataModule):
                 )
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(
+        # The shuffled loader is the training one: it is the one a mid-epoch checkpoint must continue.
+        return (ResumableDataLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,

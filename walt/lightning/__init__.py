@@ -1,9 +1,18 @@
 """LightningModules and training utilities."""
 
+from walt.lightning.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
 from walt.lightning.diffusion import BaseDiffusionModule
 from walt.lightning.distillation import DistillationModule
 from walt.lightning.ema import EMA
 from walt.lightning.super_resolution import SuperResolutionModule
 from walt.lightning.tokenizer import TokenizerModule
 
-__all__ = ["EMA", "BaseDiffusionModule", "DistillationModule", "SuperResolutionModule", "TokenizerModule"]
+__all__ = [
+    "EMA",
+    "AtomicCheckpointIO",
+    "BaseDiffusionModule",
+    "DistillationModule",
+    "PeriodicCheckpoint",
+    "SuperResolutionModule",
+    "TokenizerModule",
+]

@@ -178,7 +178,11 @@ class BaseDiffusionModule(L.LightningModule):
             base = int(torch.randint(2**62, (1,)).item())
             torch.manual_seed(base + self.global_rank)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end, which Lightning calls after the callbacks' hooks: a checkpoint
+        # saved at a step's end would hold the average without that step's update and a resumed run would lack
+        # it for good. It also makes one update per optimizer step under gradient accumulation.
         if self.ema is not None:
             self.ema.update(self.backbone)
 

@@ -8,10 +8,6 @@ folder and renames it into place, so a kill during the write leaves the previous
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import os
-import secrets
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -23,49 +19,15 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "PeriodicCheckpoint", "atomic_torch_save"]
+from walt.atomic import write_atomic
 
-TEMP_SUFFIX = ".tmp"
+__all__ = ["AtomicCheckpointIO", "PeriodicCheckpoint", "atomic_torch_save"]
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj, path)`` that leaves ``path`` either as it was or complete, never truncated.
-
-    The bytes go to ``.<name>.<random>.tmp`` beside ``path`` (a rename is atomic only within one filesystem, which
-    a temporary folder such as ``$TMPDIR`` on tmpfs is not), are fsynced, and replace ``path`` in one rename; the
-    folder is fsynced too, so the rename itself survives a power cut. On any failure the temporary file is
-    removed; one orphaned by a kill is removed by the next save to the same path (:func:`remove_orphans`).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_orphans(path)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-    # os.open rather than mkstemp: mkstemp creates mode 0600, and a checkpoint should get the umask's permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_folder(path.parent)
-
-
-def remove_orphans(path: str | Path) -> list[Path]:
-    """Deletes the temporary files that writes of ``path`` left when their process was killed; returns them.
-
-    Only one process writes a given checkpoint path at a time (rank 0 of the run that owns the folder), so any
-    such file is a dead writer's."""
-    path = Path(path)
-    orphans = sorted(path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"))
-    for orphan in orphans:
-        with contextlib.suppress(FileNotFoundError):
-            orphan.unlink()
-    return orphans
+    """``torch.save(obj, path)`` that leaves ``path`` either as it was or complete, never truncated
+    (:func:`walt.atomic.write_atomic`)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -192,12 +154,3 @@ def install_atomic_io(trainer: L.Trainer) -> None:
         strategy.checkpoint_io = AtomicCheckpointIO()
     elif type(inner) is TorchCheckpointIO:
         io.checkpoint_io = AtomicCheckpointIO()
-
-
-def _fsync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform opens folders (Windows)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

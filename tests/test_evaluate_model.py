@@ -274,3 +274,17 @@ def test_a_tokenizer_is_scored_on_reconstructions_of_the_real_clips(ucf_root, tm
     sixteen = _dataset_yaml(tmp_path / "ucf16.yaml", "walt.data.UCF101", **{**settings, "num_frames": 16})
     assert evaluate_main([*args[:4], str(sixteen), *args[5:]]) == 1
     assert "num_frames 1 + 4k" in capsys.readouterr().err
+
+
+def test_fid_frames_scores_the_first_16_frames_of_each_generated_video(setup, capsys, monkeypatch):
+    """fid_frames with a model: 16 frames = the first 16 frames of one generated 17-frame video, against the 16
+    frames of one real clip."""
+    args = _args(setup, "--labels", "uniform", num_fake=16)
+    args[0] = "fid_frames"
+    args[args.index("--num-real") + 1] = "16"
+    seen = []
+    real_generate = gen._generate
+    monkeypatch.setattr(gen, "_generate", lambda *a: seen.extend(a[3]) or real_generate(*a))
+    result = _run(args, capsys)
+    assert result["counts"] == {"real": 16, "fake": 16} and result["metric"] == "FID"
+    assert seen == [0] and result["generation"]["num_frames"] == 17 and np.isfinite(result["value"])

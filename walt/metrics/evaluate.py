@@ -548,6 +548,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
     joined = not dist.is_initialized()
     device = _init_distributed_from_env(args.device)
     joined = joined and dist.is_initialized()
+    rank = _dist_info()[0]  # asked now: once the group is gone every process would answer 0
     try:
         result = _run(args, device)
     except (FileNotFoundError, ValueError, KeyError, FeatureExtractionError) as err:
@@ -556,7 +557,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
     finally:
         if joined:
             dist.destroy_process_group()
-    if _dist_info()[0] == 0:
+    if rank == 0:  # one writer of the result
         text = json.dumps(result, indent=2)
         print(text)
         if args.output is not None:

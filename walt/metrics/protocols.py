@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -207,20 +207,14 @@ register_protocol(
         samples_per_file=16,
     )
 )
+# The tokenizer's protocol is fvd2048_16f with reconstructions of the real clips as the generated side.
 register_protocol(
-    Protocol(
+    replace(
+        PROTOCOLS["fvd2048_16f"],
         name="rfvd2048_16f",
-        metric="FVD",
         summary="reconstruction FVD of a tokenizer: 2048 real 16-frame clips vs their reconstructions, with "
         "PSNR, SSIM and LPIPS of the same clips",
         preprocessing=f"clip: first 16 frames of each video and of its reconstruction; {_I3D_PREP}",
-        network=I3D,
-        weights=I3D_KINETICS400,
-        feature_dim=400,
-        reader=FirstClip(16),
-        suffixes=VIDEO_SUFFIXES,
-        num_real=2048,
-        num_fake=2048,
         reconstruction=True,
     )
 )

@@ -21,6 +21,11 @@ Stages (each resumable: a stage whose outputs exist is skipped unless --force):
              (decoding included), of the trained base model for every sampler of --samplers (default ddim and
              dpmpp_2m) at every step count of --sampler-steps (default 5, 10, 20, 50): <out>/samplers.json.
              Not part of `all`.
+  protocols  `walt evaluate fvd2048_16f` of the trained base model as a user runs it, next to this tool's own
+             figure (same model, seeds, labels), with its wall time and peak GPU memory: <out>/protocols.json.
+  prediction `walt evaluate fvd_k600_pred` with --k600-samples samples (default 10,000) of a frame-prediction
+             copy of the base model (context frames) trained --context-steps steps (default 500); wall time and
+             peak GPU memory: <out>/prediction.json. Neither is part of `all`.
   report     report.json (every figure and the commands), loss curves (curves.png), sample grid (samples.png).
 
   python tools/moving_digits.py all --out runs/moving_digits           # one H100: about 30 minutes
@@ -129,6 +134,16 @@ def _shrink(tok: dict, lat: dict, base: dict, distill: dict) -> None:
 # ---- helpers ----------------------------------------------------------------------------------------------
 
 START = time.perf_counter()
+STAGES = (
+    "tokenizer",
+    "base",
+    "evaluate",
+    "distill",
+    "distill-evaluate",
+    "samplers",
+    "protocols",
+    "prediction",
+)
 # Every generated set has one sample per test clip: sample i gets clip i's label and seed i (see generate).
 SEEDS = "walt evaluate fvd2048_16f --labels data --seed 0: sample k has seed k and the class of test clip k of the seeded selection"
 
@@ -467,7 +482,9 @@ def measure(
     videos = torch.from_numpy(frames).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)  # (N, 3, T, H, W)
     row = {
         "fvd2048_16f": result["value"],
-        "digit_accuracy_top2": top2_accuracy(classifier, videos, ref.sample_labels),
+        "digit_accuracy_top2": None
+        if classifier is None
+        else top2_accuracy(classifier, videos, ref.sample_labels),
         "seconds_per_video": result["seconds_generating"] / len(videos),
         "model_sha256": result["model"]["weights_sha256"],
     }
@@ -511,6 +528,102 @@ def compare_samplers(args: argparse.Namespace, configs: dict[str, Path]) -> dict
         "seeds": SEEDS,
         "rows": rows,
     }
+
+
+def stage_protocols(args: argparse.Namespace, configs: dict[str, Path]) -> None:
+    result = args.out / "protocols.json"
+    if already_done(args, result, "protocols"):
+        return
+    metrics = {"command": " ".join(sys.argv), **compare_with_cli(args, configs)}
+    save_json(result, metrics)
+    log("protocols: " + json.dumps(metrics))
+
+
+def compare_with_cli(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
+    """`walt evaluate fvd2048_16f` of the trained base model, as a user runs it, next to this tool's own figure
+    for the same model, seeds and labels."""
+    ref = Reference(args, configs)
+    checkpoint = newest_checkpoint(args.out / "base")
+    tool, _ = measure(load_pipeline(checkpoint, args), ref, None, args, "tool", args.steps)
+    real = real_config(args.out / "configs" / "test_real.yaml", args.num_samples)
+    cli = cli_evaluate(args, "fvd2048_16f", checkpoint, real, args.num_samples)
+    return {"tool_study_figure": tool["fvd2048_16f"], "walt_evaluate": cli}
+
+
+def stage_prediction(args: argparse.Namespace, configs: dict[str, Path]) -> None:
+    """`walt evaluate fvd_k600_pred` with --k600-samples samples of the frame-prediction model: the base
+    architecture with context frames, trained for --context-steps steps. Its wall time and memory are the
+    protocol's at this model size; its value is only that of a short training."""
+    result = args.out / "prediction.json"
+    if already_done(args, result, "prediction"):
+        return
+    model = train_context_model(args, configs)
+    real = real_config(args.out / "configs" / "k600_real.yaml", args.k600_samples)
+    metrics = {"command": " ".join(sys.argv), "context_steps": args.context_steps}
+    metrics["fvd_k600_pred"] = cli_evaluate(args, "fvd_k600_pred", model, real, args.k600_samples)
+    save_json(result, metrics)
+    log("prediction: " + json.dumps(metrics))
+
+
+def real_config(path: Path, num: int) -> Path:
+    """A dataset YAML of the first ``num`` test clips, for `walt evaluate --real`."""
+    res = yaml.safe_load(path.with_name("latents.yaml").read_text())["data"]["init_args"]["train"][
+        "init_args"
+    ]["resolution"]
+    init = {"split": "test", "num_samples": num, "num_frames": 17, "resolution": res, "label": "first"}
+    path.write_text(yaml.safe_dump({"dataset": {"class_path": "walt.data.MovingDigits", "init_args": init}}))
+    return path
+
+
+def cli_evaluate(args: argparse.Namespace, protocol: str, model: Path, real: Path, num: int) -> dict:
+    """One `walt evaluate PROTOCOL --model ... --real ...` run: its JSON's figures and the command's wall time."""
+    output = args.out / f"evaluate_{protocol}.json"
+    command = [
+        "evaluate", protocol, "--model", str(model), "--real", str(real), "--num-real", str(num),
+        "--num-fake", str(num), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+        "--device", args.device, "--output", str(output), "--cache-dir", str(args.out / "real_stats"),
+        "--no-progress",
+    ]  # fmt: skip
+    if args.device.startswith("cuda"):
+        command.append("--bf16")
+    if args.i3d_weights:
+        command += ["--weights", args.i3d_weights]
+    tic = time.perf_counter()
+    walt(*command)
+    wall = time.perf_counter() - tic
+    record = json.loads(output.read_text())
+    keep = (
+        "value",
+        "counts",
+        "standard",
+        "seconds",
+        "seconds_generating",
+        "peak_gpu_memory_gib",
+        "world_size",
+    )
+    return {
+        "command": "walt " + " ".join(command),
+        "wall_seconds": wall,
+        **{k: record[k] for k in keep if k in record},
+        "generation": record["generation"],
+        "model_sha256": record["model"]["weights_sha256"],
+    }
+
+
+def train_context_model(args: argparse.Namespace, configs: dict[str, Path]) -> Path:
+    """The base config with context frames (frame prediction on every example: 1 or 2 latent frames known),
+    trained for --context-steps steps, eager; returns its checkpoint."""
+    cfg = yaml.safe_load(configs["base"].read_text())
+    cfg["model"]["init_args"]["backbone"]["init_args"]["context_frames"] = True
+    cfg["model"]["init_args"].update(frame_prediction_prob=1.0, compile=False)
+    cfg["trainer"].update(
+        default_root_dir=str(args.out / "base_context"), max_steps=args.context_steps, max_time=None,
+        val_check_interval=None, limit_val_batches=0,
+    )  # fmt: skip
+    path = args.out / "configs" / "base_context.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    walt("fit", "--config", str(path), "--trainer.enable_progress_bar", "false")
+    return newest_checkpoint(args.out / "base_context")
 
 
 def grid(videos: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int = 4) -> None:
@@ -710,7 +823,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "stage",
-        choices=["tokenizer", "base", "evaluate", "distill", "distill-evaluate", "samplers", "report", "all"],
+        choices=[*STAGES, "report", "all"],
     )
     p.add_argument("--out", type=Path, default=Path("runs/moving_digits"))
     p.add_argument("--smoke", action="store_true", help="CPU-sized models and counts (checks the path)")
@@ -734,6 +847,18 @@ def main() -> None:
         help="step counts of the samplers stage, comma-separated (default 5,10,20,50; 2,5 with --smoke)",
     )
     p.add_argument("--batch-size", type=int, default=256, help="samples per sampling batch")
+    p.add_argument(
+        "--k600-samples",
+        type=int,
+        default=10_000,
+        help="fvd_k600_pred samples of the prediction stage",
+    )
+    p.add_argument(
+        "--context-steps",
+        type=int,
+        default=500,
+        help="training steps of the prediction stage's context model",
+    )
     p.add_argument("--classifier-clips", type=int, default=2048)
     p.add_argument("--classifier-steps", type=int, default=2000)
     p.add_argument("--workers", type=int, default=8)
@@ -768,6 +893,7 @@ def main() -> None:
         args.distill_seconds = None  # the shrunk config's step counts bound each round
         args.tokenizer_seconds = args.base_seconds = None
         args.sampler_steps = args.sampler_steps or [2, 5]
+        args.k600_samples, args.context_steps = min(args.k600_samples, 16), 5
     args.num_samples = args.num_samples or 2048
     args.sampler_steps = args.sampler_steps or [5, 10, 20, 50]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -785,6 +911,10 @@ def main() -> None:
         stage_distill_evaluate(args, configs)
     if args.stage == "samplers":
         stage_samplers(args, configs)
+    if args.stage == "protocols":
+        stage_protocols(args, configs)
+    if args.stage == "prediction":
+        stage_prediction(args, configs)
     if args.stage in ("report", "all"):
         stage_report(args)
 

@@ -118,10 +118,12 @@ def evaluate_model(
     metric against ``real`` (a walt dataset, a folder of videos/images, or a statistics ``.npz``), as the
     JSON-ready record of :func:`walt.metrics.evaluate.evaluate_folders` plus the model, the generation settings
     and the wall time (``seconds``; ``seconds_generating``: this process's time inside the model, decoding
-    included). ``on_batch(sample_indices, videos)`` sees each batch this process generates (uint8
+    included; on a GPU ``peak_gpu_memory_gib``, this process's peak allocation). ``on_batch(sample_indices, videos)`` sees each batch this process generates (uint8
     ``(b, T, H, W, 3)``), e.g. to score the samples another way. Every process under ``torchrun`` calls it
     and gets the same result."""
     start = time.perf_counter()
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     protocol = get_protocol(protocol)
     if protocol.reconstruction:
         raise ValueError(
@@ -178,6 +180,10 @@ def evaluate_model(
         result["world_size"] = _dist_info()[1]
         result["seconds"] = time.perf_counter() - start
         result["seconds_generating"] = timer.seconds
+        if (
+            torch.device(device).type == "cuda"
+        ):  # this process's peak, the model and the feature network together
+            result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if samples is not None:
             result["samples_dir"] = str(samples.finish())
         if store is not None:

@@ -43,17 +43,30 @@ class FrameGroupNorm(nn.Module):
         return x * self.weight[:, None, None, None] + self.bias[:, None, None, None]  # (B, C, T, H, W)
 
 
+MODULATION_UPSAMPLING = ("bilinear", "nearest")
+
+
 class AdaptiveFrameGroupNorm(nn.Module):
     """Per-frame GroupNorm whose scale and shift are predicted from the latent (MAGVIT-v2 decoder).
 
-    The latent reaches this layer already repeated causally in time to the layer's frame count; here it is
-    resized in space by nearest neighbour, which keeps every output position tied to one latent position.
+    The latent reaches this layer already repeated causally in time to the layer's frame count; here each frame
+    is resized in space to the layer's resolution. ``upsample="nearest"`` makes the modulation constant over
+    each latent cell, and the decoder then draws the cells' edges (an 8-pixel grid over every reconstruction of
+    real footage); ``"bilinear"`` (the default) varies it smoothly. Only space is resized, frame by frame, so
+    causality and chunked decoding are unaffected.
     """
 
-    def __init__(self, channels: int, latent_channels: int, num_groups: int) -> None:
+    def __init__(
+        self, channels: int, latent_channels: int, num_groups: int, upsample: str = "bilinear"
+    ) -> None:
         super().__init__()
         _check_groups(channels, num_groups)
+        if upsample not in MODULATION_UPSAMPLING:
+            raise ValueError(
+                f"modulation upsampling must be one of {', '.join(MODULATION_UPSAMPLING)}, got {upsample!r}"
+            )
         self.num_groups = num_groups
+        self.upsample = upsample
         self.to_scale_shift = nn.Conv3d(latent_channels, 2 * channels, kernel_size=1)
         # Start as a plain GroupNorm: the latent modulation is learned from zero.
         nn.init.zeros_(self.to_scale_shift.weight)
@@ -61,9 +74,22 @@ class AdaptiveFrameGroupNorm(nn.Module):
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
         """x: (B, C, T, H, W); z: (B, C_z, T, h, w), the latent at this layer's frame rate."""
-        z = F.interpolate(z, size=x.shape[2:], mode="nearest")  # (B, C_z, T, H, W)
-        scale, shift = self.to_scale_shift(z).chunk(2, dim=1)  # (B, C, T, H, W) each
+        scale, shift = self.to_scale_shift(self._resize(z, x.shape[-2:])).chunk(
+            2, dim=1
+        )  # (B, C, T, H, W) each
         return frame_group_norm(x, self.num_groups) * (1 + scale) + shift  # (B, C, T, H, W)
+
+    def _resize(self, z: Tensor, size: tuple[int, int]) -> Tensor:
+        if tuple(z.shape[-2:]) == tuple(size):
+            return z
+        frames = rearrange(z, "b c t h w -> (b t) c h w")  # (B*T, C_z, h, w)
+        if self.upsample == "nearest":
+            frames = F.interpolate(frames, size=size, mode="nearest")  # (B*T, C_z, H, W)
+        else:
+            frames = F.interpolate(
+                frames, size=size, mode="bilinear", align_corners=False
+            )  # (B*T, C_z, H, W)
+        return rearrange(frames, "(b t) c h w -> b c t h w", b=z.shape[0])  # (B, C_z, T, H, W)
 
 
 class ResBlock(nn.Module):
@@ -86,11 +112,18 @@ class ResBlock(nn.Module):
 class AdaptiveResBlock(nn.Module):
     """Residual block whose normalizations are conditioned on the latent (decoder)."""
 
-    def __init__(self, in_channels: int, out_channels: int, latent_channels: int, num_groups: int) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        latent_channels: int,
+        num_groups: int,
+        upsample: str = "bilinear",
+    ) -> None:
         super().__init__()
-        self.norm1 = AdaptiveFrameGroupNorm(in_channels, latent_channels, num_groups)
+        self.norm1 = AdaptiveFrameGroupNorm(in_channels, latent_channels, num_groups, upsample)
         self.conv1 = CausalConv3d(in_channels, out_channels, 3)
-        self.norm2 = AdaptiveFrameGroupNorm(out_channels, latent_channels, num_groups)
+        self.norm2 = AdaptiveFrameGroupNorm(out_channels, latent_channels, num_groups, upsample)
         self.conv2 = CausalConv3d(out_channels, out_channels, 3)
         self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
@@ -122,6 +155,19 @@ class DepthToSpaceUpsample(nn.Module):
         super().__init__()
         self.factor_t = 2 if temporal else 1
         self.conv = CausalConv3d(channels, channels * self.factor_t * 4, 3)
+        self._init_as_nearest(channels)
+
+    def _init_as_nearest(self, channels: int) -> None:
+        """ICNR (Aitken et al., 2017): every sub-pixel of an output channel starts with the same filter, so the
+        layer starts as a convolution followed by nearest-neighbour upsampling. Independent random filters per
+        sub-pixel start it with a 2-pixel checkerboard that training has to undo."""
+        conv = self.conv.conv
+        base = nn.Conv3d(channels, channels, conv.kernel_size, bias=conv.bias is not None)  # default init
+        repeats = self.factor_t * 4  # (c s p q) order: the sub-pixels of channel c are adjacent
+        with torch.no_grad():
+            conv.weight.copy_(base.weight.repeat_interleave(repeats, dim=0))
+            if conv.bias is not None:
+                conv.bias.copy_(base.bias.repeat_interleave(repeats, dim=0))
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         first_chunk = cache.first_visit(self)

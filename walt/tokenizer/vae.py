@@ -70,28 +70,28 @@ class Decoder(nn.Module):
         num_res_blocks: int,
         temporal_downsample: Sequence[bool],
         num_groups: int,
+        modulation_upsample: str = "bilinear",
     ) -> None:
         super().__init__()
         widths = [channels * m for m in multipliers]
+        adaptive = dict(latent_channels=latent_channels, num_groups=num_groups, upsample=modulation_upsample)
         # Frames per latent frame at each level (the encoder's temporal downsamplings at or below it): the
         # latent conditioning of a level is repeated causally to that frame rate.
         self.time_factors = [2 ** sum(temporal_downsample[level:]) for level in range(len(widths))]
         in_ch = widths[-1]
         self.conv_in = CausalConv3d(latent_channels, in_ch, 3)
-        self.mid = nn.ModuleList(
-            [AdaptiveResBlock(in_ch, in_ch, latent_channels, num_groups) for _ in range(2)]
-        )
+        self.mid = nn.ModuleList([AdaptiveResBlock(in_ch, in_ch, **adaptive) for _ in range(2)])
         self.levels = nn.ModuleList()  # deepest level first
         self.upsamples = nn.ModuleList()  # upsamples[i] follows levels[i]
         for level in reversed(range(len(widths))):
             blocks = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                blocks.append(AdaptiveResBlock(in_ch, widths[level], latent_channels, num_groups))
+                blocks.append(AdaptiveResBlock(in_ch, widths[level], **adaptive))
                 in_ch = widths[level]
             self.levels.append(blocks)
             if level > 0:
                 self.upsamples.append(DepthToSpaceUpsample(in_ch, temporal_downsample[level - 1]))
-        self.norm_out = AdaptiveFrameGroupNorm(in_ch, latent_channels, num_groups)
+        self.norm_out = AdaptiveFrameGroupNorm(in_ch, **adaptive)
         self.conv_out = CausalConv3d(in_ch, 3, 3)
 
     def forward(self, z: Tensor, cache: CausalCache) -> Tensor:
@@ -127,6 +127,10 @@ class CausalVAE(nn.Module):
         temporal_downsample: after which level transitions time is halved as well (two -> 4x).
         num_groups: GroupNorm groups; must divide every level's width.
         variational: predict a log-variance too (needed for a KL term and posterior sampling).
+        modulation_upsample: how the decoder resizes the latent that modulates its normalizations to each
+            level's resolution: "bilinear" (default) or "nearest", which draws an 8-pixel grid on real footage
+            (benchmarks/RESULTS.md); "nearest" is the behaviour of walt's tokenizers before the change, for
+            checkpoints trained with it.
     """
 
     @records_init_args
@@ -139,6 +143,7 @@ class CausalVAE(nn.Module):
         temporal_downsample: Sequence[bool] = (True, True, False),
         num_groups: int = 32,
         variational: bool = True,
+        modulation_upsample: str = "bilinear",
     ) -> None:
         super().__init__()
         if len(temporal_downsample) != len(multipliers) - 1:
@@ -158,7 +163,7 @@ class CausalVAE(nn.Module):
             num_groups=num_groups,
         )
         self.encoder = Encoder(latent_channels * (2 if variational else 1), **arch)
-        self.decoder = Decoder(latent_channels, **arch)
+        self.decoder = Decoder(latent_channels, **arch, modulation_upsample=modulation_upsample)
         self.register_buffer("latent_shift", torch.zeros(latent_channels))
         self.register_buffer("latent_scale", torch.ones(latent_channels))
 

@@ -25,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from walt.data import to_uint8
-from walt.metrics import psnr
+from walt.metrics import chroma_error, grid_ratio, psnr
 from walt.tokenizer import CausalVAE, presets
 from walt.tokenizer.losses import frames_as_images
 
@@ -164,7 +164,9 @@ def quality(args: argparse.Namespace, device: torch.device) -> list[dict]:
     test = held_out_clips(videos, t, size)
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
-    vae = CausalVAE(**presets[preset] | {"variational": False}).to(device)
+    vae = CausalVAE(
+        **presets[preset] | {"variational": False, "modulation_upsample": args.modulation_upsample}
+    ).to(device)
     lpips_cls, ssim_fn = optional_metric("LPIPS"), optional_metric("ssim")
     use_lpips = lpips_cls is not None and args.perceptual_weight > 0
     lpips = lpips_cls().to(device).eval().requires_grad_(False) if use_lpips else None
@@ -212,6 +214,7 @@ def quality(args: argparse.Namespace, device: torch.device) -> list[dict]:
         "train_seconds": train_s,
         "num_test_clips": test.shape[0],
         "perceptual_weight": args.perceptual_weight if use_lpips else 0.0,
+        "modulation_upsample": args.modulation_upsample,
         **{k: (float(np.mean(v)) if v else None) for k, v in values.items()},
     }
     print(json.dumps(row), flush=True)
@@ -221,17 +224,23 @@ def quality(args: argparse.Namespace, device: torch.device) -> list[dict]:
 def score_clips(
     original: torch.Tensor, reconstruction: torch.Tensor, lpips_cls, ssim_fn
 ) -> dict[str, list[float]]:
-    """PSNR / SSIM / LPIPS of (N, 3, T, H, W) reconstructions in [-1, 1], per pair of clips, on the CPU."""
+    """PSNR / SSIM / LPIPS, grid ratio (reconstruction and original) and chroma error of (N, 3, T, H, W)
+    reconstructions in [-1, 1], per pair of clips, on the CPU."""
     lpips = None
     if lpips_cls is not None:
         try:
             lpips = lpips_cls().eval().requires_grad_(False)
         except FileNotFoundError as err:  # weights not installed here: score later with `score --recon`
             print(json.dumps({"lpips": f"skipped: {err}"}), flush=True)
-    values: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
+    values: dict[str, list[float]] = {
+        "psnr": [], "ssim": [], "lpips": [], "grid_ratio": [], "grid_ratio_original": [], "chroma_error": []
+    }  # fmt: skip
     with torch.no_grad():
         for x, x_rec in zip(original.split(2), reconstruction.split(2)):
             values["psnr"] += psnr(x_rec, x).tolist()
+            values["grid_ratio"] += grid_ratio(x_rec).tolist()  # block artefacts: about 1 without them
+            values["grid_ratio_original"] += grid_ratio(x).tolist()  # the footage's own (its codec's blocks)
+            values["chroma_error"] += chroma_error(x_rec, x).tolist()
             if ssim_fn is not None:
                 values["ssim"].append(float(ssim_fn(frames_as_images(x_rec), frames_as_images(x)).mean()))
             if lpips is not None:
@@ -292,6 +301,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="quality: training steps")
     parser.add_argument("--batch-size", type=int, default=4, help="quality: clips per step")
     parser.add_argument("--lr", type=float, default=2e-4, help="quality: Adam learning rate")
+    parser.add_argument(
+        "--modulation-upsample",
+        default="bilinear",
+        choices=["bilinear", "nearest"],
+        help="quality: the decoder's modulation resizing (nearest: walt before the grid fix)",
+    )
     parser.add_argument(
         "--perceptual-weight", type=float, default=1.0, help="quality: LPIPS weight (0 = L1 only)"
     )

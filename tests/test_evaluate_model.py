@@ -5,9 +5,7 @@ protocol's machinery is under test, not the model's quality)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _gloo import EVALUATE, run_two_processes, subprocess_env
 from safetensors.torch import save_file
 
 from walt.data import Kinetics600, read_video, to_uint8
@@ -26,8 +25,6 @@ from walt.metrics.evaluate import select_units
 from walt.pipeline import Pipeline
 from walt.tokenizer import CausalVAE, presets
 from walt.transformer import WALT
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny_model(folder: Path, **backbone) -> Path:
@@ -135,37 +132,9 @@ def test_labels_follow_the_real_clips_of_the_seeded_selection(setup):
     assert uniform.labels == [0, 1, 2, 0, 1, 2, 0] and uniform.seeds == list(range(7))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
-CODE = "import sys; from walt.metrics import evaluate_main; sys.exit(evaluate_main(sys.argv[1:]))"
-
-
 def test_two_processes_give_the_same_number(setup, reference, tmp_path):
     """As under torchrun (2 CPU processes, gloo): each generates its own share; the number is identical."""
-    env = _env(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    args = _args(setup, "--output", str(tmp_path / "two.json"))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", CODE, *args],
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], logs
+    run_two_processes(EVALUATE, _args(setup, "--output", str(tmp_path / "two.json")))
     result = json.loads((tmp_path / "two.json").read_text())
     assert result["value"] == reference["value"] and result["world_size"] == 2  # exact
 
@@ -177,7 +146,7 @@ def test_a_killed_evaluation_resumes_to_the_same_number(
     the rest, and gives the uninterrupted run's number."""
     work = tmp_path / "work"
     args = _args(setup, "--work-dir", str(work))
-    proc = subprocess.Popen([sys.executable, "-c", CODE, *args], env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-c", EVALUATE, *args], env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 300
     while not list(work.glob("batch-*.npy")) and proc.poll() is None and time.monotonic() < deadline:

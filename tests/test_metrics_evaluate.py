@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import skimage.data
 import torch
+from _gloo import EVALUATE, run_two_processes
 from PIL import Image
 
 from walt.data import MovingDigits, SyntheticVideos, read_video, to_uint8, write_video
@@ -28,7 +25,6 @@ from walt.metrics import (
 from walt.metrics.evaluate import compute_folder_stats, list_files
 from walt.metrics.protocols import FirstFrames
 
-ROOT = Path(__file__).parents[1]
 NUM_CLIPS = 3  # per folder: the smallest count that exercises uneven sharding with batch size 2
 
 
@@ -100,32 +96,11 @@ def test_cached_real_statistics_and_a_sane_ordering(folders, single_process):
     assert other["value"] > single_process["result"]["value"]  # digits vs shapes > digits train vs test
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_give_the_identical_result(folders, single_process, tmp_path):
     """Run as under torchrun (2 CPU processes, gloo): statistics and FVD bit-identical to one process."""
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = "1"
     args = _args(folders, "test", "--batch-size", "2", "--no-cache", "--no-progress", "--device", "cpu")
     args += ["--output", str(tmp_path / "result.json"), "--save-fake-stats", str(tmp_path / "fake.npz")]
-    code = "import sys; from walt.metrics import evaluate_main; sys.exit(evaluate_main(sys.argv[1:]))"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, *args],
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], logs
+    run_two_processes(EVALUATE, args, timeout=300)
     two, one = FeatureStats.load(tmp_path / "fake.npz"), FeatureStats.load(single_process["fake"])
     assert np.array_equal(two.mean, one.mean) and np.array_equal(two.scatter, one.scatter)
     result = json.loads((tmp_path / "result.json").read_text())

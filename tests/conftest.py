@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from walt.checkpoint import write_weights
 from walt.data import SyntheticVideos, write_video
 from walt.tokenizer import CausalVAE, presets
 
@@ -54,7 +55,7 @@ def cpu_sized_config(config: dict, latents: Path, name: str, **backbone) -> Path
 def write_tiny_latents(folder: Path) -> None:
     """A `walt encode`-style folder: tiny-tokenizer latents of 17x32x32 synthetic circles, and its weights."""
     vae = CausalVAE(**presets["tiny"], variational=False)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / "vae.safetensors"))
+    write_weights(vae.state_dict(), folder / "vae.safetensors", {"role": "tokenizer"})  # as walt encode does
     videos = SyntheticVideos(
         num_samples=8, num_frames=17, resolution=32, shapes=["circle"], motions=["left", "right"]
     )

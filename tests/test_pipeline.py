@@ -176,8 +176,9 @@ def test_walt_sample_from_a_model_records_how_each_file_was_made(trained, tmp_pa
     # bad values are refused with the fix
     with pytest.raises(SystemExit, match="unknown class 'purple'"):
         main([*args[:-1], "cpu", "--overwrite", "--class", "purple"])
-    with pytest.raises(SystemExit, match="guidance must be a finite number"):
-        main([*args, "--overwrite", "--guidance", "nan"])
+    capsys.readouterr()
+    assert main_exit([*args, "--overwrite", "--guidance", "nan"]) == 2  # refused while parsing
+    assert "argument --guidance: must be a finite number, got 'nan'" in capsys.readouterr().err
 
 
 def test_the_cli_lists_what_works(capsys):

@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader
 
+from walt.checkpoint import weights_sha256
 from walt.data import SyntheticVideos, collate_items
 from walt.lightning import EMA, TokenizerModule
 from walt.metrics import psnr
@@ -121,6 +122,13 @@ def test_gan_starts_at_its_step_and_checkpoint_holds_ema(tmp_path):
     assert describe_part("tokenizer", described) == describe_part("tokenizer", module.vae)
     for a, b in zip(described.state_dict().values(), module.ema.module.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # Lightning's load_from_checkpoint works too, through walt's checked reading (weights_only, hash)
+    loaded = TokenizerModule.load_from_checkpoint(
+        tmp_path / "last.ckpt", vae=CausalVAE(**presets["tiny"]), loss=TokenizerLoss(), ema_decay=0.5,
+        discriminator=Discriminator3D(channels=4, multipliers=(2,)),
+    )  # fmt: skip
+    for a, b in zip(loaded.state_dict().values(), module.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_validation_logs_side_by_side_videos(tmp_path):
@@ -224,4 +232,8 @@ def test_encode_command_writes_normalized_latents(tmp_path):
     saved = CausalVAE(**presets["tiny"])
     assert load_vae_weights(saved, out / "vae.safetensors") == "file"
     torch.testing.assert_close(saved.latent_shift, torch.tensor(index["latent_shift"]))
+    with safe_open(
+        str(out / "vae.safetensors"), "pt"
+    ) as f:  # the hash loading checks (tests/test_integrity.py)
+        assert f.metadata()["weights_sha256"] == weights_sha256(saved.state_dict())
     assert yaml.safe_load((out / "vae.yaml").read_text()) == json.loads(json.dumps(vae_config))

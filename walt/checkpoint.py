@@ -1,27 +1,96 @@
-"""Reading ``walt fit`` checkpoints safely, and picking one module's weights out of them.
+"""Reading and writing walt's weight files safely: ``walt fit`` checkpoints and safetensors files.
 
-A checkpoint is read with ``torch.load(weights_only=True)``: PyTorch's restricted unpickler accepts tensors and
+A checkpoint is read with ``torch.load(weights_only=True)``, passed explicitly, so that neither PyTorch's default
+nor ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` can turn it off: PyTorch's restricted unpickler accepts tensors and
 plain containers only, so a malicious file posing as a checkpoint is refused before any of its code can run.
+
+Every weight file walt writes carries :func:`weights_sha256` of its tensors, written with them: a checkpoint
+under ``walt_integrity`` (written by the training modules), a safetensors file in its header's metadata. Reading
+recomputes it and refuses a file whose weights changed since (a flipped bit, a bad disk or copy), and refuses
+NaN or infinite weights whether or not a hash was recorded. Files from an older walt, without a hash, are read
+with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 
-__all__ = ["CheckpointError", "module_weights", "read_checkpoint"]
+from walt.atomic import write_atomic
+
+__all__ = [
+    "INTEGRITY_KEY",
+    "CheckpointError",
+    "check_checkpoint",
+    "check_weights",
+    "module_weights",
+    "nonfinite_weights",
+    "read_checkpoint",
+    "read_weights",
+    "weights_sha256",
+    "write_weights",
+]
+
+INTEGRITY_KEY = "walt_integrity"  # in a checkpoint: {"weights_sha256": ...} of its state_dict
+SHA256_METADATA = "weights_sha256"  # in a safetensors header: the same hash of the file's tensors
 
 
 class CheckpointError(ValueError):
     """A file is not the checkpoint or model file it claims to be."""
 
 
+def weights_sha256(state: Mapping[str, Any]) -> str:
+    """sha256 over a state dict's tensors in name order: each one's name, dtype, shape and bytes (its values as
+    laid out in memory, whatever device or storage it lives in). Entries that are not tensors are left out."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name]
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_weights(state: Mapping[str, Any], recorded: str | None, source: object) -> None:
+    """Raises :class:`CheckpointError` naming ``source`` when the weights differ from the hash ``recorded`` with
+    them, or hold NaN or infinite values; ``recorded`` None (a file from an older walt) skips the hash, with a
+    warning."""
+    if recorded is None:
+        warnings.warn(
+            f"{source} carries no weights hash (written by an older walt): read unverified", stacklevel=2
+        )
+    elif weights_sha256(state) != recorded:
+        raise CheckpointError(
+            f"{source} is corrupt: its weights do not match the hash written with them (the file changed after "
+            "it was written: a bad disk, copy or download); use an earlier checkpoint or a fresh copy"
+        )
+    bad = nonfinite_weights(state)
+    if bad:
+        raise CheckpointError(
+            f"{source}: {len(bad)} of its weight tensors hold NaN or infinite values ({', '.join(bad[:3])}, ...): "
+            "the training had diverged when it was written; use an earlier checkpoint"
+        )
+
+
+def nonfinite_weights(state: Mapping[str, Any]) -> list[str]:
+    """The names of the floating-point tensors of ``state`` that hold a NaN or an infinity."""
+    return [
+        k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()
+    ]
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's dict, read without running any pickled code."""
+    """A checkpoint's dict, read without running any pickled code, its weights checked (:func:`check_weights`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -29,12 +98,44 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
         raise CheckpointError(
-            f"{path} is not a readable walt checkpoint: {str(err).splitlines()[0][:300]} (a checkpoint holds "
-            "only tensors and plain containers; anything else is refused unread)"
+            f"{path} is not a readable walt checkpoint: {_reason(err)} (a checkpoint holds only tensors and "
+            "plain containers; anything else is refused unread)"
         ) from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointError(f"{path} is not a walt fit checkpoint (no state_dict)")
+    check_checkpoint(checkpoint, path)
     return checkpoint
+
+
+def check_checkpoint(checkpoint: object, source: object) -> None:
+    """Raises :class:`CheckpointError` naming ``source`` unless ``checkpoint`` is a ``walt fit`` checkpoint's
+    dict whose weights pass :func:`check_weights` against the hash it carries."""
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"{source} is not a walt fit checkpoint (no state_dict)")
+    integrity = checkpoint.get(INTEGRITY_KEY)
+    recorded = integrity.get("weights_sha256") if isinstance(integrity, dict) else None
+    check_weights(checkpoint["state_dict"], recorded, source)
+
+
+def write_weights(state: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str]) -> Path:
+    """Writes ``state`` as a safetensors file (atomically: :func:`walt.atomic.write_atomic`) whose metadata holds
+    ``metadata`` and the tensors' :func:`weights_sha256`."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    header = {**metadata, SHA256_METADATA: weights_sha256(tensors)}
+    return write_atomic(path, safetensors_bytes(tensors, metadata=header))
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, checked against the hash in its metadata (:func:`check_weights`)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get(SHA256_METADATA)
+            state = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is not a safetensors file ({err}); weights are read only from safetensors"
+        ) from None
+    check_weights(state, recorded, path)
+    return state
 
 
 def module_weights(
@@ -51,3 +152,11 @@ def module_weights(
     if not weights:
         raise CheckpointError(f"{source} holds no '{prefix}*' weights: is it the right kind of checkpoint?")
     return weights, "ema" if prefix == "ema.module." else "live"
+
+
+def _reason(err: Exception) -> str:
+    """The line of a loading error that says what is wrong: for a refused pickle, the unpickler's (PyTorch's
+    first line only suggests loading the file with weights_only=False, which walt never does)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    refused = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+    return (refused or lines)[0].removeprefix("WeightsUnpickler error: ").split(". Please use")[0][:300]

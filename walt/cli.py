@@ -7,6 +7,8 @@ parsing, before anything is built or trained.
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import walt
 
-__all__ = ["WaltCLI", "main"]
+__all__ = ["WaltCLI", "finite_float", "main"]
 
 # `predict` is left out: generation goes through `walt sample` (the pipeline), not a predict loop.
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -87,6 +89,15 @@ def _one_writer_of_last(trainer: L.Trainer) -> None:
                 "callback (or the callback), and set the `checkpoint:` section instead, e.g. "
                 "checkpoint: {every_n_train_steps: 5000, save_top_k: -1}"
             )
+
+
+def finite_float(text: str) -> float:
+    """argparse type of walt's sampling settings: a finite number. ``float`` alone takes "nan" and "inf", which
+    would reach the sampler and come out as black or garbage videos."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _sample(argv: Sequence[str]) -> int:

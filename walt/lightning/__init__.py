@@ -4,6 +4,7 @@ from walt.lightning.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
 from walt.lightning.diffusion import BaseDiffusionModule
 from walt.lightning.distillation import DistillationModule
 from walt.lightning.ema import EMA
+from walt.lightning.module import WaltModule
 from walt.lightning.super_resolution import SuperResolutionModule
 from walt.lightning.tokenizer import TokenizerModule
 
@@ -15,4 +16,5 @@ __all__ = [
     "PeriodicCheckpoint",
     "SuperResolutionModule",
     "TokenizerModule",
+    "WaltModule",
 ]

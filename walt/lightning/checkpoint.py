@@ -2,7 +2,8 @@
 
 :class:`PeriodicCheckpoint` keeps ``last.ckpt`` fresh by steps and by time, so a run killed at any moment loses
 at most one interval; :class:`AtomicCheckpointIO` writes each file under a temporary name in the destination's own
-folder and renames it into place, so a kill during the write leaves the previous checkpoint whole. `walt fit`
+folder and renames it into place, so a kill during the write leaves the previous checkpoint whole, and reads the
+checkpoint a run resumes from as :func:`walt.checkpoint.read_checkpoint` does. `walt fit`
 (:class:`walt.cli.WaltCLI`) installs both in every run.
 """
 
@@ -20,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from walt.atomic import write_atomic
+from walt.checkpoint import check_checkpoint, read_checkpoint
 
 __all__ = ["AtomicCheckpointIO", "PeriodicCheckpoint", "atomic_torch_save"]
 
@@ -45,6 +47,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """What ``walt fit/validate/test --ckpt_path`` read, as walt's loaders read it: with ``weights_only=True``
+        passed explicitly (Lightning leaves it unset, which ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns into a
+        full unpickling that runs whatever code the file holds), its weights checked against their hash."""
+        if _is_local_file_protocol(path):
+            return read_checkpoint(path)
+        checkpoint = super().load_checkpoint(path, map_location, weights_only=True)
+        check_checkpoint(checkpoint, path)
+        return checkpoint
 
 
 class PeriodicCheckpoint(ModelCheckpoint):

@@ -6,7 +6,6 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -28,6 +27,7 @@ from walt.diffusion import (
     x0_from_v,
 )
 from walt.lightning.ema import EMA
+from walt.lightning.module import WaltModule
 from walt.lightning.video_logging import add_video
 from walt.pipeline import Pipeline, SuperResolution, describe_pipeline
 from walt.tokenizer import CausalVAE
@@ -42,7 +42,7 @@ def adamw_for_diffusion(params) -> Optimizer:
     return torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.99), weight_decay=0.0)
 
 
-class BaseDiffusionModule(L.LightningModule):
+class BaseDiffusionModule(WaltModule):
     """Trains ``backbone`` to predict v on latents, conditioned on what the backbone was built for.
 
     Batches hold either pixels (``video`` (B, 3, T, H, W), encoded by the frozen ``tokenizer``) or latents
@@ -151,12 +151,7 @@ class BaseDiffusionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss = self._loss(batch, train=True)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite diffusion loss ({loss.item()}) at step {self.global_step}; the run stops here and the "
-                "last checkpoint is untouched. Lower the learning rate or check the data and latent statistics."
-            )
+        loss = self._loss(batch, train=True)  # a non-finite one stops the run (WaltModule.on_before_backward)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
         return loss
 
@@ -411,6 +406,7 @@ class BaseDiffusionModule(L.LightningModule):
     # ---- checkpoints: exact resumption ----------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)  # refuses diverged weights, records the weights' hash
         if self.tokenizer is not None:  # the model describes itself: it loads without its training YAML
             checkpoint["walt_model"] = self.model_description()
         # Lightning restores weights, optimizer and loop state; the random stream that draws t, noise and

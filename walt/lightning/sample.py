@@ -17,6 +17,7 @@ import torch
 import yaml
 
 import walt
+from walt.cli import finite_float
 from walt.data import write_video
 from walt.diffusion import SAMPLERS
 from walt.lightning.diffusion import BaseDiffusionModule
@@ -126,15 +127,19 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--steps", type=int, help="sampling steps (default: the model's own: 50, or K for a K-step student)"
     )
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="ddim (default), ddpm, or dpmpp_2m")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic, 1 = ancestral")
+    p.add_argument(
+        "--guidance", type=finite_float, default=1.0, help="classifier-free guidance scale (1 = none)"
+    )
+    p.add_argument(
+        "--eta", type=finite_float, default=0.0, help="DDIM noise: 0 = deterministic, 1 = ancestral"
+    )
     p.add_argument("--seed", type=int, default=0, help="sample i gets seed + i (its own generator)")
     p.add_argument(
         "--weights", default="ema", choices=["ema", "live"], help="a checkpoint's EMA or trained weights"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (GPU, many samples)")
     p.add_argument("--bf16", action="store_true", help="run the networks under bfloat16 autocast (GPU)")
-    p.add_argument("--fps", type=float, help="frame rate of the files (default: the model's)")
+    p.add_argument("--fps", type=finite_float, help="frame rate of the files (default: the model's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(list(argv))
     if args.model and args.checkpoint:
@@ -146,6 +151,10 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error("with --cascade, steps and guidance are set per stage (the cascade YAML or cascade.json)")
     if args.num_samples is not None and args.num_samples < 1:
         p.error(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.eta < 0:
+        p.error(f"--eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM noise), got {args.eta}")
+    if args.fps is not None and args.fps <= 0:
+        p.error(f"--fps must be > 0, got {args.fps}")
     return args
 
 

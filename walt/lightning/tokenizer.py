@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -13,6 +12,7 @@ from torch.optim import Optimizer
 
 from walt.data.transforms import to_uint8
 from walt.lightning.ema import EMA
+from walt.lightning.module import WaltModule
 from walt.lightning.video_logging import add_video
 from walt.metrics.pixel import SSIM_WINDOW, psnr, ssim
 from walt.tokenizer.losses import TokenizerLoss, frames_as_images
@@ -24,12 +24,13 @@ def adam_for_gan(params: Iterable) -> Optimizer:
     return torch.optim.Adam(params, lr=1e-4, betas=(0.5, 0.9))
 
 
-class TokenizerModule(L.LightningModule):
+class TokenizerModule(WaltModule):
     """Trains a `CausalVAE` with reconstruction/perceptual/KL losses and, optionally, a 3D discriminator.
 
     Manual optimization: each batch takes one autoencoder step, then (once the loss's `gan_start_step` is
     reached) one discriminator step. `train_steps` counts batches and is what `gan_start_step` refers to
-    (Lightning's `global_step` counts optimizer steps, two per batch once the GAN is on).
+    (Lightning's `global_step` counts optimizer steps, two per batch once the GAN is on). A non-finite loss of
+    either network stops the run, and diverged weights are never saved (:class:`walt.lightning.WaltModule`).
 
     Args:
         vae: the autoencoder being trained.
@@ -77,6 +78,7 @@ class TokenizerModule(L.LightningModule):
         """The checkpoint describes its autoencoder, so `walt evaluate` and the pipeline can rebuild it."""
         from walt.pipeline.parts import describe_part
 
+        super().on_save_checkpoint(checkpoint)
         checkpoint["walt_tokenizer"] = describe_part("tokenizer", self.vae)
 
     @property

@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from walt.atomic import write_atomic
+from walt.cli import finite_float
 from walt.data import to_uint8
 from walt.metrics.assets import resolve_asset
 from walt.metrics.protocols import PROTOCOLS, Protocol, get_protocol, real_stats_key
@@ -490,9 +491,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen = parser.add_argument_group("generating with --model")
     gen.add_argument("--steps", type=_positive, help="sampling steps (default: the model's own)")
-    gen.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    gen.add_argument(
+        "--guidance", type=finite_float, default=1.0, help="classifier-free guidance scale (1 = none)"
+    )
     gen.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm", "dpmpp_2m"))
-    gen.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
+    gen.add_argument("--eta", type=finite_float, default=0.0, help="DDIM noise (0 = deterministic)")
     gen.add_argument(
         "--labels",
         default="data",

@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from walt.atomic import write_atomic
+from walt.checkpoint import weights_sha256
 from walt.data import to_uint8, write_video
 from walt.metrics.evaluate import (
     _broadcast_from_first,
@@ -83,15 +84,14 @@ def load_generator(model: str | os.PathLike, device: str | torch.device = "cpu",
 
 
 def model_identity(generator) -> str:
-    """sha256 of every stage's weights (backbone and tokenizer, in name order): the same for a checkpoint and
-    the folder `walt export` makes of it, different for any other weights."""
-    digest = hashlib.sha256()
-    for stage in getattr(generator, "stages", [generator]):
-        for part in (stage.backbone, stage.tokenizer):
-            for name, tensor in sorted(part.state_dict().items()):
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """sha256 of every stage's backbone and tokenizer weights (each part's :func:`walt.checkpoint.weights_sha256`):
+    the same for a checkpoint and the folder `walt export` makes of it, different for any other weights."""
+    parts = [
+        weights_sha256(part.state_dict())
+        for stage in getattr(generator, "stages", [generator])
+        for part in (stage.backbone, stage.tokenizer)
+    ]
+    return hashlib.sha256(" ".join(parts).encode()).hexdigest()
 
 
 def evaluate_model(

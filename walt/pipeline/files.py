@@ -12,6 +12,9 @@ A cascade folder holds ``cascade.json`` (the stages' folder names and sampler se
 stage. A ``walt fit`` checkpoint carries the same description under ``walt_model`` (written by the diffusion
 modules), so it loads without the YAML it was trained from; it is read with ``torch.load(weights_only=True)``,
 which refuses any pickled object that is not a tensor or a plain container.
+
+Both kinds of file carry the sha256 of their weights, written with them (:mod:`walt.checkpoint`): loading
+refuses a file whose weights changed since, or hold NaN or infinite values, naming the file.
 """
 
 from __future__ import annotations
@@ -25,11 +28,9 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 import walt
-from walt.checkpoint import CheckpointError, module_weights, read_checkpoint
+from walt.checkpoint import CheckpointError, module_weights, read_checkpoint, read_weights, write_weights
 from walt.pipeline.card import model_card
 from walt.pipeline.parts import ModelFileError, build_part, describe_part
 from walt.pipeline.pipeline import CascadePipeline, Pipeline, SuperResolution
@@ -156,7 +157,7 @@ def load_model(path: str | Path, weights: str = "ema", text_encoder=None) -> Pip
 
 
 def pipeline_from_checkpoint(path: Path, weights: str = "ema", text_encoder=None) -> Pipeline:
-    checkpoint = _read(path)
+    checkpoint = _checked(read_checkpoint, path)
     description = checkpoint.get("walt_model")
     if not isinstance(description, dict):
         raise ModelFileError(
@@ -192,7 +193,7 @@ def load_tokenizer(path: str | Path, weights: str = "ema"):
         _load_state(vae, _load_tensors(weights_file, folder), "tokenizer", str(weights_file))
         return vae.eval()
     if path.is_file():
-        checkpoint = _read(path)
+        checkpoint = _checked(read_checkpoint, path)
         if isinstance(checkpoint.get("walt_tokenizer"), dict):
             vae = _checked(build_part, "tokenizer", checkpoint["walt_tokenizer"])
             state, _ = _checked(module_weights, checkpoint["state_dict"], "vae.", weights == "ema", path)
@@ -331,19 +332,13 @@ class _atomic_folder:
 
 
 def _save_tensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(tensors, str(path), metadata={"format": FORMAT, **metadata})
+    write_weights(state, path, {"format": FORMAT, **metadata})
 
 
 def _load_tensors(path: Path, source: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelFileError(f"{source} has no {path.name}: not a complete walt model folder")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ModelFileError(
-            f"{path} is not a safetensors file ({err}); model folders hold only safetensors"
-        ) from None
+    return _checked(read_weights, path)
 
 
 def _read_json(path: Path, source: Path) -> dict[str, Any]:
@@ -370,13 +365,6 @@ def _check_format(data: dict[str, Any], expected: str, source: str) -> None:
         )
 
 
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        return read_checkpoint(path)
-    except CheckpointError as err:
-        raise ModelFileError(str(err)) from None
-
-
 def _checked(function, *args):
     try:
         return function(*args)
@@ -395,8 +383,3 @@ def _load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], role: s
         module.load_state_dict(state)
     except RuntimeError as err:
         raise ModelFileError(f"{source}: the {role} weights do not fit its description: {err}") from None
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ModelFileError(
-            f"{source}: the {role} weights hold NaN or infinite values ({', '.join(bad[:3])}, ...)"
-        )

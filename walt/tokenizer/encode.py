@@ -8,7 +8,8 @@ Output folder:
   shard-00000.safetensors ...  "latents" (N, C, 1+k, h, w), "labels" (N,) when the data has labels;
                                metadata "captions" (JSON list) when it has captions
   index.json                   shard names and sizes, latent shape, the statistics, the source config
-  vae.safetensors, vae.yaml    tokenizer weights including the statistics, and its class_path/init_args
+  vae.safetensors, vae.yaml    tokenizer weights including the statistics (and their sha256, checked when they
+                               are loaded), and its class_path/init_args
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from walt.checkpoint import module_weights, read_checkpoint
+from walt.checkpoint import module_weights, read_checkpoint, read_weights, write_weights
 from walt.tokenizer.vae import CausalVAE
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -150,9 +151,7 @@ def load_vae_weights(vae: CausalVAE, checkpoint: str | Path, use_ema: bool = Tru
     """
     checkpoint = Path(checkpoint)
     if checkpoint.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        vae.load_state_dict(load_file(str(checkpoint)))
+        vae.load_state_dict(read_weights(checkpoint))
         return "file"
     state = read_checkpoint(checkpoint)["state_dict"]
     weights, which = module_weights(state, "vae.", use_ema, checkpoint)
@@ -228,9 +227,7 @@ def encode_main(argv: Sequence[str]) -> int:
         if args.stats_samples > 0:
             mean, std = latent_statistics(vae, loader, args.stats_samples, args.chunk_size)
             vae.set_latent_stats(mean.to(args.device), std.to(args.device))
-        save_file(
-            {k: v.contiguous().cpu() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors")
-        )
+        write_weights(vae.state_dict(), out / "vae.safetensors", {"role": "tokenizer"})
         (out / "vae.yaml").write_text(yaml.safe_dump(section, sort_keys=False))
         shards = []
         if not args.stats_only:

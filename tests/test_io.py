@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
+import walt.data.io
 from tests.conftest import moving_bar
+from walt.atomic import atomic_path, write_atomic
 from walt.data import (
     ShortVideoError,
     VideoReadError,
@@ -21,6 +27,8 @@ from walt.data import (
     to_uint8,
     write_video,
 )
+
+_SUFFIXES = (".mp4", ".avi", ".gif")
 
 
 @pytest.mark.parametrize(("suffix", "max_mean_error"), [(".mp4", 5.0), (".avi", 6.0), (".gif", 6.0)])
@@ -53,6 +61,34 @@ def test_write_is_atomic_and_leaves_no_temporary_files(tmp_path):
     with pytest.raises(ValueError, match="even height and width"):
         write_video(tmp_path / "odd.mp4", np.zeros((2, 15, 16, 3), np.uint8))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4"]
+
+
+def test_a_failed_write_removes_its_temporary_file(tmp_path, monkeypatch):
+    def encode_then_fail(tmp, *args):
+        Path(tmp).write_bytes(b"half a video")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(walt.data.io, "_encode", encode_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_video(tmp_path / "a.mp4", moving_bar(4, 16, 16, (9, 9, 9)))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_umasks_mode(tmp_path, umask):
+    """As a plain open() gives them, whatever the writer library does (mkstemp and safetensors make 0600)."""
+    old = os.umask(umask)
+    try:
+        files = [
+            write_video(tmp_path / f"v{suffix}", moving_bar(3, 16, 16, (9, 9, 9))) for suffix in _SUFFIXES
+        ]
+        files.append(write_atomic(tmp_path / "a.json", "{}"))
+        with atomic_path(tmp_path / "t.safetensors") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp))
+        files.append(tmp_path / "t.safetensors")
+    finally:
+        os.umask(old)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o666 & ~umask for p in files}
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,20 @@ def test_export_then_load_gives_bit_identical_samples(trained, tmp_path):
     # saved again from the loaded pipeline: the same files' content
     again = Pipeline.from_pretrained(out).save_pretrained(tmp_path / "again")
     assert json.loads((again / "model.json").read_text()) == json.loads((out / "model.json").read_text())
+
+
+def test_an_exported_folder_and_its_files_get_the_umasks_mode(trained, tmp_path):
+    """Not mkdtemp's 0700 and safetensors' 0600: a model folder others on the machine may read, as mkdir and open
+    would make it."""
+    old = os.umask(0o022)
+    try:
+        out = Pipeline.from_pretrained(trained["ckpt"]).save_pretrained(tmp_path / "model")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
+        p.name: 0o644 for p in out.iterdir()
+    }
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import walt
+from walt.atomic import atomic_path
 from walt.checkpoint import CheckpointError, module_weights, read_checkpoint
 from walt.pipeline.card import model_card
 from walt.pipeline.parts import ModelFileError, build_part, describe_part
@@ -304,7 +305,9 @@ class _atomic_folder:
 
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        # Not mkdtemp, which makes the folder 0700: the model folder gets the umask's mode, as mkdir gives it.
+        self.tmp = self.path.parent / f".{self.path.name}.{secrets.token_hex(4)}"
+        self.tmp.mkdir()
         return self.tmp
 
     def __exit__(self, kind, value, traceback) -> None:
@@ -332,7 +335,8 @@ class _atomic_folder:
 
 def _save_tensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(tensors, str(path), metadata={"format": FORMAT, **metadata})
+    with atomic_path(path) as tmp:  # for the file's mode: safetensors alone writes 0600
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, **metadata})
 
 
 def _load_tensors(path: Path, source: Path) -> dict[str, torch.Tensor]:

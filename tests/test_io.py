@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,9 @@ from walt.data import (
     to_uint8,
     write_video,
 )
+from walt.metrics.evaluate import list_files
 
+ROOT = Path(__file__).resolve().parents[1]
 _SUFFIXES = (".mp4", ".avi", ".gif")
 
 
@@ -72,6 +75,35 @@ def test_a_failed_write_removes_its_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         write_video(tmp_path / "a.mp4", moving_bar(4, 16, 16, (9, 9, 9)))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_write_leaves_only_a_hidden_file_that_listings_skip_and_the_next_write_removes(tmp_path):
+    """SIGKILL while a long clip is being encoded (as when `walt sample` is killed): no sample_000.mp4, only a
+    hidden temporary file beside it, which walt evaluate's listing leaves out; the next write of the same file
+    removes it."""
+    code = (
+        "import sys, numpy as np\n"
+        "from walt.data import write_video\n"
+        "frames = np.random.default_rng(0).integers(0, 256, (600, 256, 256, 3), dtype=np.uint8)\n"
+        "write_video(sys.argv[1], frames)\n"
+    )
+    target = tmp_path / "sample_000.mp4"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-c", code, str(target)], env=env)
+    deadline = time.monotonic() + 120
+    while not any(p.stat().st_size > 0 for p in tmp_path.glob(".sample_000.mp4.*.tmp")):
+        assert process.poll() is None, "the writer ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.kill()  # SIGKILL: no handler, no cleanup
+    process.wait()
+    assert not target.exists()
+    [orphan] = list(tmp_path.iterdir())
+    assert orphan.name.startswith(".sample_000.mp4.")
+    write_video(tmp_path / "sample_001.mp4", moving_bar(4, 16, 16, (9, 9, 9)))
+    assert list_files(tmp_path, (".mp4",)) == [tmp_path / "sample_001.mp4"]
+    write_video(target, moving_bar(4, 16, 16, (9, 9, 9)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_000.mp4", "sample_001.mp4"]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])

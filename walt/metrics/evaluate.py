@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -67,10 +68,20 @@ def _dist_info() -> tuple[int, int]:
 
 
 def list_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
-    """Files under ``folder`` (recursive) with one of ``suffixes``, sorted by relative path."""
+    """Files under ``folder`` (recursive) with one of ``suffixes``, sorted by relative path.
+
+    Hidden names (starting with ``.``, in the file's name or a folder's under ``folder``) are left out: they are
+    writers' temporary files (a ``walt sample`` killed mid-write leaves one), editor and OS droppings
+    (``.DS_Store``, ``._clip.mp4``) or tool state (``.ipynb_checkpoints``), never samples."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder (expected a folder of videos/images or a .npz)")
-    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes]
+    files = [
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in suffixes
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.is_file()
+    ]
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
@@ -301,15 +312,30 @@ def _side_stats(
         key = real_stats_key(protocol, identity, split="", num_samples=num, selection_seed=seed)
         cache_file = cache_dir / f"{protocol.name}-{key[:20]}.npz"
         info["cache_key"] = key
-        if _broadcast_from_first(cache_file.is_file()):  # one decision for all processes
+        cached = _read_cache(cache_file) if rank == 0 else None
+        if _broadcast_from_first(cached is not None):  # one decision for all processes
             info["cached"] = True
-            return FeatureStats.load(cache_file), info
+            return cached if rank == 0 else FeatureStats.load(cache_file), info
     stats = compute()
     if rank == 0 and cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         stats.save(cache_file)
         info["cached"] = False
     return stats, info
+
+
+def _read_cache(path: Path) -> FeatureStats | None:
+    """Cached statistics, or None when there are none or the file is unusable: a cache written by another
+    version, or damaged outside walt (writes are atomic), is deleted with a warning and recomputed rather than
+    failing every later evaluation."""
+    if not path.is_file():
+        return None
+    try:
+        return FeatureStats.load(path)
+    except ValueError as err:
+        warnings.warn(f"{err}; deleting this cached file and computing the statistics again", stacklevel=2)
+        path.unlink(missing_ok=True)
+        return None
 
 
 def load_dataset_config(path: Path) -> Dataset:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import walt.data.io
@@ -121,6 +122,18 @@ def test_written_files_get_the_umasks_mode(tmp_path, umask):
     finally:
         os.umask(old)
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o666 & ~umask for p in files}
+
+
+def test_a_still_image_under_a_video_name_is_unreadable(tmp_path):
+    """FFmpeg opens a PNG renamed .avi as a one-frame video; as a clip it would be that frame looped."""
+    Image.fromarray(moving_bar(1, 32, 32, (9, 9, 9))[0]).save(tmp_path / "still.png")
+    (tmp_path / "still.png").rename(tmp_path / "clip.avi")
+    with pytest.raises(VideoReadError, match=r"clip\.avi is a still image \(png data\), not a video"):
+        read_video(tmp_path / "clip.avi")
+    with pytest.raises(VideoReadError, match="still image"):
+        probe_video(tmp_path / "clip.avi")
+    one = write_video(tmp_path / "one.mp4", moving_bar(1, 32, 32, (9, 9, 9)))  # a real one-frame video reads
+    assert read_video(one).shape == (1, 32, 32, 3)
 
 
 @pytest.mark.parametrize(

@@ -296,12 +296,15 @@ class VideoDataModule(L.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         for name in ("train", "val", "test", "image_dataset"):
-            skipped = getattr(getattr(self, name), "num_skipped", 0)
+            dataset = getattr(self, name)
+            skipped = getattr(dataset, "num_skipped", 0)  # distinct files, not skip events
             if skipped:
+                total = getattr(getattr(dataset, "skips", None), "num_files", len(dataset))
                 log.warning(
-                    "%s data: %d unreadable files were skipped during %s (warnings above name them)",
+                    "%s data: %d of %d files were unreadable and skipped during %s (warnings above name them)",
                     name,
                     skipped,
+                    total,
                     stage,
                 )
 

@@ -121,6 +121,12 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0) -
 def _video_stream(container: av.container.InputContainer, path: str | os.PathLike) -> av.VideoStream:
     if not container.streams.video:
         raise VideoReadError(f"{path} has no video stream")
+    # FFmpeg opens a still image under any name (a PNG renamed .avi) as a one-frame "video" through its image
+    # demuxers; as a clip it would be one frame looped, with nothing in the data to tell. (A real one-frame
+    # video, e.g. an MP4 of an image-to-video context, comes through a video container and is kept.)
+    demuxer = container.format.name
+    if demuxer.startswith("image2") or demuxer.endswith("_pipe"):
+        raise VideoReadError(f"{path} is a still image ({demuxer.removesuffix('_pipe')} data), not a video")
     return container.streams.video[0]
 
 

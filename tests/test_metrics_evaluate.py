@@ -149,6 +149,20 @@ def test_a_statistics_file_that_is_not_one_is_named(folders, tmp_path, capsys):
     assert f"{tmp_path / 'real.npz'} is not a readable statistics file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--num-real", "0", "argument --num-real: must be >= 1, got 0"),
+        ("--batch-size", "-2", "argument --batch-size: must be >= 1, got -2"),
+        ("--save-samples", "-1", "argument --save-samples: must be >= 0, got -1"),
+    ],
+)
+def test_out_of_range_counts_fail_while_parsing(folders, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([*_args(folders, "test"), option, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -42,6 +42,16 @@ class WaltCLI(LightningCLI):
         install_atomic_io(trainer)
         return trainer
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            # jsonargparse wraps a constructor's ValueError (an out-of-range setting: "label_dropout must be a
+            # probability in [0, 1], got 3.0") in an error that prints the whole parsed config; the innermost
+            # one says what to fix.
+            command = f"walt {self.subcommand}" if self.subcommand else "walt"
+            raise SystemExit(f"{command}: {_innermost_value_error(err)}") from None
+
     def before_fit(self) -> None:
         _stable_checkpoint_folder(self.trainer)
         _one_writer_of_last(self.trainer)
@@ -58,6 +68,16 @@ class WaltCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+
+def _innermost_value_error(err: ValueError) -> ValueError:
+    """The first ValueError in ``err``'s chain of causes, counting from the innermost."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return next(e for e in reversed(chain) if isinstance(e, ValueError))
 
 
 def _stable_checkpoint_folder(trainer: L.Trainer) -> None:

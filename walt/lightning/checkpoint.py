@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from walt.atomic import write_atomic
+from walt.checkpoint import check_checkpoint_file
 
 __all__ = ["AtomicCheckpointIO", "PeriodicCheckpoint", "atomic_torch_save"]
 
@@ -45,6 +46,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: str | Path, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if _is_local_file_protocol(path):
+            check_checkpoint_file(path)  # an empty or foreign file is named, not a bare EOFError
+        return super().load_checkpoint(path, *args, **kwargs)
 
 
 class PeriodicCheckpoint(ModelCheckpoint):

@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 import yaml
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.callbacks import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import cpu_sized_config, write_tiny_latents
 from tests.test_base_module import module, trainer
@@ -111,6 +113,37 @@ def test_a_file_that_is_not_a_checkpoint_is_named_with_what_is_wrong(
     assert exit_info.value.code == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert re.match(f"walt fit: {path}.*{message}", line) and not (tmp_path / "run").exists()
+
+
+def test_a_resumed_run_logs_on_in_its_own_version_folder_without_the_eval_mode_warning(tmp_path, monkeypatch):
+    """Each resume used to start lightning_logs/version_N+1; it continues the checkpoint's version. And the
+    frozen tokenizer and EMA copy, in eval mode on purpose, no longer raise Lightning's "Found N module(s) in
+    eval mode" at every fit."""
+    write_tiny_latents(tmp_path)
+    config = _quickstart(tmp_path, max_steps=2, log_every_n_steps=1)
+    config["trainer"]["logger"] = True  # Lightning's default TensorBoard logger
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _cli(monkeypatch, tmp_path, config, run=True)
+        last = tmp_path / "run/checkpoints/last.ckpt"
+        _cli(
+            monkeypatch,
+            tmp_path,
+            {**config, "trainer": {**config["trainer"], "max_steps": 4}},
+            "--ckpt_path",
+            str(last),
+            run=True,
+        )
+    assert not [w for w in caught if "in eval mode" in str(w.message)]
+    logs = tmp_path / "run/lightning_logs"
+    assert [p.name for p in logs.iterdir()] == ["version_0"]
+    steps = sorted(
+        event.step
+        for events in (logs / "version_0").glob("events.out.tfevents.*")
+        for event in EventAccumulator(str(events)).Reload().Scalars("train/loss")
+    )
+    assert steps == [0, 1, 2, 3]  # logged as global_step - 1: both runs' steps, in one folder
+    assert read_checkpoint(last)["walt_log_versions"] == [0]
 
 
 # ---- when checkpoints are written ---------------------------------------------------------------------------------

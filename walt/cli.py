@@ -8,11 +8,13 @@ parsing, before anything is built or trained.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 import walt
 
@@ -64,8 +66,18 @@ class WaltCLI(LightningCLI):
             raise SystemExit(f"{command}: {_innermost_value_error(err)}") from None
 
     def before_fit(self) -> None:
+        from walt.lightning.checkpoint import continue_log_versions
+
         _stable_checkpoint_folder(self.trainer)
         _one_writer_of_last(self.trainer)
+        continue_log_versions(self.trainer, self.config.get(f"{self.subcommand}.ckpt_path"))
+        if type(self.model).__module__.startswith("walt."):
+            # walt's modules keep their frozen parts in eval mode on purpose (the tokenizer, the EMA copy, a
+            # distillation teacher, a perceptual network), which Lightning reports at every fit as "Found 267
+            # module(s) in eval mode"; the warning stays on for other modules.
+            warnings.filterwarnings(
+                "ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning
+            )
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})

@@ -195,6 +195,94 @@ def test_walt_sample_from_a_model_records_how_each_file_was_made(trained, tmp_pa
         main([*args, "--overwrite", "--guidance", "nan"])
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--fps", "0"], "argument --fps: must be a finite number > 0, got 0"),
+        (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (["--num-samples", "-3"], "argument --num-samples: must be >= 1, got -3"),
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["--extend", "-1"], "argument --extend: must be >= 0, got -1"),
+        (["--context", "missing.mp4"], "--context missing.mp4: no such file"),
+    ],
+)
+def test_walt_sample_refuses_out_of_range_values_while_parsing(tmp_path, capsys, extra, message):
+    """Before the model is even looked for (it does not exist here), let alone sampled from: --fps 0 used to
+    fail only once the videos were generated, and --steps 0 was recorded as the model's default."""
+    args = ["sample", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "out"), *extra]
+    assert main_exit(args) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_walt_sample_refuses_context_for_a_model_without_context_frames_before_sampling(trained, tmp_path):
+    context = tmp_path / "context.mp4"
+    context.write_bytes(b"never read")
+    args = [
+        "sample",
+        "--model",
+        str(trained["ckpt"]),
+        "--output",
+        str(tmp_path / "out"),
+        "--context",
+        str(context),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert (
+        exit_info.value.code
+        == "walt sample: --context given but the model was not trained with context frames"
+    )
+
+
+def test_walt_sample_overwrites_what_a_killed_run_left_but_nothing_else(trained, tmp_path):
+    """A killed run leaves videos and a hidden temporary file but no samples.json: --overwrite replaces them
+    (it used to refuse that folder as "not walt samples"); a folder with a file of another kind stays refused."""
+    out = tmp_path / "samples"
+    out.mkdir()
+    (out / "sample_000_class0.mp4").write_bytes(b"a finished video")
+    (out / ".sample_001_class1.mp4.0badc0de.tmp").write_bytes(b"half a video")
+    args = [
+        "sample",
+        "--model",
+        str(trained["ckpt"]),
+        "--output",
+        str(out),
+        "--num-samples",
+        "1",
+        "--steps",
+        "1",
+    ]
+    assert main_exit([*args, "--device", "cpu", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.gif", "sample_000_class0.mp4", "samples.json"]
+    (out / "samples.json").unlink()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds files that are not walt samples"):
+        main([*args, "--device", "cpu", "--overwrite"])
+
+
+def test_walt_sample_errors_are_one_line_without_a_traceback(trained, tmp_path):
+    """As the command runs, in its own process: a class the model does not have."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [
+        "--model",
+        str(trained["ckpt"]),
+        "--output",
+        str(tmp_path / "out"),
+        "--class",
+        "purple",
+        "--device",
+        "cpu",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "walt", "sample", *args], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    [line] = [
+        ln for ln in done.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln
+    ]
+    assert line.startswith("walt sample: unknown class 'purple'; known classes: red circle moving left")
+
+
 def test_the_cli_lists_what_works(capsys):
     assert main_exit(["--version"]) == 0 and capsys.readouterr().out.startswith("walt ")
     assert main_exit(["--help"]) == 0

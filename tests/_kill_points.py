@@ -1,6 +1,6 @@
-"""Callbacks for the kill tests (tests/test_checkpointing.py), loaded by ``walt fit`` in a subprocess by class_path:
-a record of every step, a pause where the test kills the process, and ballast that makes a checkpoint slow to
-write."""
+"""Callbacks and data for the kill tests (tests/test_checkpointing.py, tests/test_tokenizer_module.py), loaded by
+``walt fit`` / ``walt encode`` in a subprocess by class_path: a record of every step, a pause where the test kills
+the process, ballast that makes a checkpoint slow to write, and a dataset that pauses at an item."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+
+from walt.data import SyntheticVideos
 
 
 class RecordSteps(L.Callback):
@@ -50,3 +52,18 @@ class Ballast(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         checkpoint["ballast"] = torch.zeros(self.megabytes * 2**18)  # float32: 4 bytes each
+
+
+class PausingVideos(SyntheticVideos):
+    """Synthetic clips that, the first time item ``pause_at`` is read (while ``flag`` does not exist), write
+    ``flag`` and wait, for the test to kill the reading process (`walt encode`) there."""
+
+    def __init__(self, pause_at: int, flag: str, num_samples: int, num_frames: int, resolution: int) -> None:
+        super().__init__(num_samples=num_samples, num_frames=num_frames, resolution=resolution)
+        self.pause_at, self.flag = pause_at, Path(flag)
+
+    def __getitem__(self, index: int) -> dict:
+        if index == self.pause_at and not self.flag.exists():
+            self.flag.write_text(str(index))
+            time.sleep(120)
+        return super().__getitem__(index)

@@ -343,3 +343,66 @@ def test_compile_under_fsdp_is_refused_before_training_with_the_fix():
                 module.setup("fit")
         else:
             module.setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: module(label_dropout=3.0), r"label_dropout must be a probability in \[0, 1\], got 3.0"),
+        (
+            lambda: module(self_condition_prob=2),
+            r"self_condition_prob must be a probability in \[0, 1\], got 2",
+        ),
+        (lambda: module(warmup_steps=-5), "warmup_steps must be an integer >= 0, got -5"),
+        (lambda: module(sample_steps=0), "sample_steps must be an integer >= 1, got 0"),
+        (lambda: backbone(in_channels=None), "in_channels must be an integer >= 1, got None"),
+        (lambda: data(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+        (lambda: data(batch_size=-4), "batch_size must be an integer >= 1, got -4"),
+    ],
+)
+def test_out_of_range_settings_fail_at_construction_naming_the_setting_and_its_range(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def _set(section: str, **values):
+    def edit(config: dict) -> None:
+        node = config
+        for key in section.split("."):
+            node = node[key]
+        node.update(values)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            _set("model.init_args", label_dropout=3.0),
+            "label_dropout must be a probability in [0, 1], got 3.0",
+        ),
+        (_set("model.init_args", warmup_steps=-5), "warmup_steps must be an integer >= 0, got -5"),
+        (
+            _set("model.init_args.backbone.init_args", in_channels=None),
+            "in_channels must be an integer >= 1, got None",
+        ),
+        (_set("data.init_args", batch_size=0), "batch_size must be an integer >= 1, got 0"),
+    ],
+)
+def test_walt_fit_reports_an_out_of_range_setting_in_one_line_before_training(
+    tmp_path, monkeypatch, edit, message
+):
+    """jsonargparse wraps the constructor's error in one that prints the whole parsed config; walt fit shows the
+    constructor's message alone, and nothing is trained or written."""
+    write_tiny_latents(tmp_path)
+    config = yaml.safe_load((ROOT / "configs/base/quickstart.yaml").read_text())
+    path = cpu_sized_config(config, tmp_path, "base.yaml")
+    edited = yaml.safe_load(path.read_text())
+    edit(edited)
+    path.write_text(yaml.safe_dump(edited))
+    monkeypatch.setattr(sys, "argv", ["walt"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path)])
+    assert str(exit_info.value.code) == f"walt fit: {message}"
+    assert not (tmp_path / "run").exists()

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
 import subprocess
 import sys
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,11 +26,13 @@ import torch
 import yaml
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.callbacks import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import cpu_sized_config, write_tiny_latents
 from tests.test_base_module import module, trainer
-from walt.checkpoint import read_checkpoint
+from walt.checkpoint import CheckpointError, read_checkpoint
 from walt.cli import WaltCLI
+from walt.cli import main as walt_main
 from walt.data import EpochShuffleSampler, ResumableDataLoader, SyntheticVideos, VideoDataModule
 from walt.lightning import AtomicCheckpointIO, PeriodicCheckpoint
 from walt.lightning.checkpoint import atomic_torch_save, parse_interval
@@ -73,6 +77,73 @@ def test_the_next_save_removes_a_killed_writers_temporary_file(tmp_path):
     atomic_torch_save({"step": torch.tensor(7)}, tmp_path / "last.ckpt")
     assert not orphan.exists() and other.exists()
     assert int(torch.load(tmp_path / "last.ckpt", weights_only=True)["step"]) == 7
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", r"is an empty file \(0 bytes\), not a checkpoint"),
+        (
+            bytes(range(256)) * 20,
+            "is not a checkpoint: its 5120 bytes are neither a PyTorch archive nor a pickle",
+        ),
+        ("half", "is not a checkpoint: its .* bytes are neither a PyTorch archive nor a pickle"),
+    ],
+    ids=["empty", "random-bytes", "truncated"],
+)
+def test_a_file_that_is_not_a_checkpoint_is_named_with_what_is_wrong(
+    tmp_path, monkeypatch, capsys, content, message
+):
+    """torch.load says a bare EOFError for an empty file and "unsafe pickle" for random bytes; the reader and
+    `walt fit --ckpt_path` name the file and the problem, in one line, before anything is built."""
+    path = tmp_path / "last.ckpt"
+    if content == "half":
+        atomic_torch_save({"state_dict": {"w": torch.ones(1000)}}, path)
+        content = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"{path}.*{message}"):
+        read_checkpoint(path)
+    with pytest.raises(CheckpointError, match=message):
+        AtomicCheckpointIO().load_checkpoint(path)
+    write_tiny_latents(tmp_path)
+    config = cpu_sized_config(_quickstart(tmp_path), tmp_path, "base.yaml")
+    monkeypatch.setattr(sys, "argv", ["walt"])
+    with pytest.raises(SystemExit) as exit_info:
+        walt_main(["fit", "--config", str(config), "--ckpt_path", str(path)])
+    assert exit_info.value.code == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert re.match(f"walt fit: {path}.*{message}", line) and not (tmp_path / "run").exists()
+
+
+def test_a_resumed_run_logs_on_in_its_own_version_folder_without_the_eval_mode_warning(tmp_path, monkeypatch):
+    """Each resume used to start lightning_logs/version_N+1; it continues the checkpoint's version. And the
+    frozen tokenizer and EMA copy, in eval mode on purpose, no longer raise Lightning's "Found N module(s) in
+    eval mode" at every fit."""
+    write_tiny_latents(tmp_path)
+    config = _quickstart(tmp_path, max_steps=2, log_every_n_steps=1)
+    config["trainer"]["logger"] = True  # Lightning's default TensorBoard logger
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _cli(monkeypatch, tmp_path, config, run=True)
+        last = tmp_path / "run/checkpoints/last.ckpt"
+        _cli(
+            monkeypatch,
+            tmp_path,
+            {**config, "trainer": {**config["trainer"], "max_steps": 4}},
+            "--ckpt_path",
+            str(last),
+            run=True,
+        )
+    assert not [w for w in caught if "in eval mode" in str(w.message)]
+    logs = tmp_path / "run/lightning_logs"
+    assert [p.name for p in logs.iterdir()] == ["version_0"]
+    steps = sorted(
+        event.step
+        for events in (logs / "version_0").glob("events.out.tfevents.*")
+        for event in EventAccumulator(str(events)).Reload().Scalars("train/loss")
+    )
+    assert steps == [0, 1, 2, 3]  # logged as global_step - 1: both runs' steps, in one folder
+    assert read_checkpoint(last)["walt_log_versions"] == [0]
 
 
 # ---- when checkpoints are written ---------------------------------------------------------------------------------

@@ -9,7 +9,15 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from tests.conftest import UCF_CLASSES, moving_bar
-from walt.data import UCF101, ImageFolderVideos, Kinetics600, MovingDigits, SyntheticVideos, write_video
+from walt.data import (
+    UCF101,
+    ImageFolderVideos,
+    Kinetics600,
+    MovingDigits,
+    SyntheticVideos,
+    VideoReadError,
+    write_video,
+)
 from walt.data.synthetic import COLORS
 
 
@@ -66,6 +74,30 @@ def test_corrupt_video_is_skipped_and_counted(tmp_path, ucf_root):
     ds2 = UCF101(root, split="train", num_frames=4, resolution=16)
     seen = sum(len(b["label"]) for b in DataLoader(ds2, batch_size=2, num_workers=2, collate_fn=_collate))
     assert seen == len(ds2) and ds2.num_skipped == 1
+
+
+def test_the_skip_count_is_of_files_not_of_skip_events(tmp_path, ucf_root):
+    """Two bad files side by side (one a PNG renamed .avi, which FFmpeg would read as a one-frame video), read
+    over three epochs through two workers: each bad file is met many times (by its own index, by its
+    neighbour's fallback, every epoch) and counted once."""
+    import shutil
+
+    root = tmp_path / "ucf"
+    shutil.copytree(ucf_root, root)
+    first = root / "UCF-101" / "Basketball" / "v_Basketball_g08_c01.avi"
+    second = root / "UCF-101" / "Basketball" / "v_Basketball_g08_c02.avi"
+    first.write_bytes(b"RIFF not really an avi")
+    Image.fromarray(moving_bar(1, 32, 32, (9, 9, 9))[0]).save(second.with_suffix(".png"))
+    second.with_suffix(".png").rename(second)
+    ds = UCF101(root, split="train", num_frames=4, resolution=16)
+    for _ in range(3):
+        assert (
+            sum(len(b["label"]) for b in DataLoader(ds, batch_size=2, num_workers=2, collate_fn=_collate))
+            == 6
+        )
+    assert ds.num_skipped == 2 and ds.skips.num_files == 6
+    with pytest.raises(VideoReadError, match="still image"):
+        ds.load(next(s for s in ds.samples if s.path == second))
 
 
 def test_too_short_video_follows_the_policy(tmp_path):

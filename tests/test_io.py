@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import save_file
 
+import walt.data.io
 from tests.conftest import moving_bar
+from walt.atomic import atomic_path, write_atomic
 from walt.data import (
     ShortVideoError,
     VideoReadError,
@@ -21,6 +29,10 @@ from walt.data import (
     to_uint8,
     write_video,
 )
+from walt.metrics.evaluate import list_files
+
+ROOT = Path(__file__).resolve().parents[1]
+_SUFFIXES = (".mp4", ".avi", ".gif")
 
 
 @pytest.mark.parametrize(("suffix", "max_mean_error"), [(".mp4", 5.0), (".avi", 6.0), (".gif", 6.0)])
@@ -53,6 +65,75 @@ def test_write_is_atomic_and_leaves_no_temporary_files(tmp_path):
     with pytest.raises(ValueError, match="even height and width"):
         write_video(tmp_path / "odd.mp4", np.zeros((2, 15, 16, 3), np.uint8))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4"]
+
+
+def test_a_failed_write_removes_its_temporary_file(tmp_path, monkeypatch):
+    def encode_then_fail(tmp, *args):
+        Path(tmp).write_bytes(b"half a video")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(walt.data.io, "_encode", encode_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_video(tmp_path / "a.mp4", moving_bar(4, 16, 16, (9, 9, 9)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_write_leaves_only_a_hidden_file_that_listings_skip_and_the_next_write_removes(tmp_path):
+    """SIGKILL while a long clip is being encoded (as when `walt sample` is killed): no sample_000.mp4, only a
+    hidden temporary file beside it, which walt evaluate's listing leaves out; the next write of the same file
+    removes it."""
+    code = (
+        "import sys, numpy as np\n"
+        "from walt.data import write_video\n"
+        "frames = np.random.default_rng(0).integers(0, 256, (600, 256, 256, 3), dtype=np.uint8)\n"
+        "write_video(sys.argv[1], frames)\n"
+    )
+    target = tmp_path / "sample_000.mp4"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-c", code, str(target)], env=env)
+    deadline = time.monotonic() + 120
+    while not any(p.stat().st_size > 0 for p in tmp_path.glob(".sample_000.mp4.*.tmp")):
+        assert process.poll() is None, "the writer ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.kill()  # SIGKILL: no handler, no cleanup
+    process.wait()
+    assert not target.exists()
+    [orphan] = list(tmp_path.iterdir())
+    assert orphan.name.startswith(".sample_000.mp4.")
+    write_video(tmp_path / "sample_001.mp4", moving_bar(4, 16, 16, (9, 9, 9)))
+    assert list_files(tmp_path, (".mp4",)) == [tmp_path / "sample_001.mp4"]
+    write_video(target, moving_bar(4, 16, 16, (9, 9, 9)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_000.mp4", "sample_001.mp4"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_umasks_mode(tmp_path, umask):
+    """As a plain open() gives them, whatever the writer library does (mkstemp and safetensors make 0600)."""
+    old = os.umask(umask)
+    try:
+        files = [
+            write_video(tmp_path / f"v{suffix}", moving_bar(3, 16, 16, (9, 9, 9))) for suffix in _SUFFIXES
+        ]
+        files.append(write_atomic(tmp_path / "a.json", "{}"))
+        with atomic_path(tmp_path / "t.safetensors") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp))
+        files.append(tmp_path / "t.safetensors")
+    finally:
+        os.umask(old)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o666 & ~umask for p in files}
+
+
+def test_a_still_image_under_a_video_name_is_unreadable(tmp_path):
+    """FFmpeg opens a PNG renamed .avi as a one-frame video; as a clip it would be that frame looped."""
+    Image.fromarray(moving_bar(1, 32, 32, (9, 9, 9))[0]).save(tmp_path / "still.png")
+    (tmp_path / "still.png").rename(tmp_path / "clip.avi")
+    with pytest.raises(VideoReadError, match=r"clip\.avi is a still image \(png data\), not a video"):
+        read_video(tmp_path / "clip.avi")
+    with pytest.raises(VideoReadError, match="still image"):
+        probe_video(tmp_path / "clip.avi")
+    one = write_video(tmp_path / "one.mp4", moving_bar(1, 32, 32, (9, 9, 9)))  # a real one-frame video reads
+    assert read_video(one).shape == (1, 32, 32, 3)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,68 @@ def test_cached_real_statistics_and_a_sane_ordering(folders, single_process):
     assert other["real"]["cached"] is True
     assert other["real"]["cache_key"] == single_process["result"]["real"]["cache_key"]
     assert other["value"] > single_process["result"]["value"]  # digits vs shapes > digits train vs test
+
+
+def test_a_damaged_cache_file_is_recomputed_with_a_warning(folders, single_process, tmp_path):
+    """A 0-byte statistics file in the cache (as an interrupted write left before writes were atomic) used to
+    fail every later evaluation until deleted by hand: it is now deleted with a warning and recomputed."""
+    shutil.copytree(single_process["dir"] / "cache", tmp_path / "cache")
+    [cached] = list((tmp_path / "cache").iterdir())
+    cached.write_bytes(b"")
+    args = _args(
+        folders, "test", "--batch-size", "2", "--cache-dir", str(tmp_path / "cache"), "--no-progress"
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as single_process: the same statistics, bit for bit
+    try:
+        with pytest.warns(
+            UserWarning, match=r"is not a readable statistics file.*computing the statistics again"
+        ):
+            assert evaluate_main([*args, "--output", str(tmp_path / "result.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["real"]["cached"] is False and result["value"] == single_process["result"]["value"]
+    assert FeatureStats.load(cached).count == NUM_CLIPS  # whole again
+
+
+def test_hidden_and_temporary_files_are_not_samples(folders, tmp_path, capsys):
+    """What a killed `walt sample` leaves (a hidden temporary video, here an empty one that no decoder can
+    open) and hidden folders are left out of the listing, so the evaluation runs on the samples."""
+    fake = tmp_path / "fake"
+    shutil.copytree(folders["test"], fake)
+    (fake / ".clip_003.mp4.1a2b3c4d.tmp").write_bytes(b"")
+    (fake / ".sample_004.x1y2.tmp.mp4").write_bytes(b"")  # the name an earlier walt gave its temporary files
+    (fake / ".ipynb_checkpoints").mkdir()
+    (fake / ".ipynb_checkpoints/clip_000.mp4").write_bytes(b"")
+    assert (
+        list_files(fake, (".mp4",)) == sorted(fake.glob("clip_*.mp4"))
+        and len(list_files(fake, (".mp4",))) == NUM_CLIPS
+    )
+    args = ["fvd2048_16f", "--real", str(folders["train"]), "--fake", str(fake), "--num-real", str(NUM_CLIPS)]
+    assert evaluate_main([*args, "--num-fake", str(NUM_CLIPS), "--no-cache", "--no-progress"]) == 0
+    assert np.isfinite(json.loads(capsys.readouterr().out)["value"])
+
+
+def test_a_statistics_file_that_is_not_one_is_named(folders, tmp_path, capsys):
+    (tmp_path / "real.npz").write_bytes(b"PK\x03\x04 cut short")
+    args = ["fvd2048_16f", "--real", str(tmp_path / "real.npz"), "--fake", str(folders["test"])]
+    assert evaluate_main([*args, "--num-fake", str(NUM_CLIPS), "--no-progress"]) == 1
+    assert f"{tmp_path / 'real.npz'} is not a readable statistics file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--num-real", "0", "argument --num-real: must be >= 1, got 0"),
+        ("--batch-size", "-2", "argument --batch-size: must be >= 1, got -2"),
+        ("--save-samples", "-1", "argument --save-samples: must be >= 0, got -1"),
+    ],
+)
+def test_out_of_range_counts_fail_while_parsing(folders, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([*_args(folders, "test"), option, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_two_processes_give_the_identical_result(folders, single_process, tmp_path):

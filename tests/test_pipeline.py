@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,20 @@ def test_export_then_load_gives_bit_identical_samples(trained, tmp_path):
     # saved again from the loaded pipeline: the same files' content
     again = Pipeline.from_pretrained(out).save_pretrained(tmp_path / "again")
     assert json.loads((again / "model.json").read_text()) == json.loads((out / "model.json").read_text())
+
+
+def test_an_exported_folder_and_its_files_get_the_umasks_mode(trained, tmp_path):
+    """Not mkdtemp's 0700 and safetensors' 0600: a model folder others on the machine may read, as mkdir and open
+    would make it."""
+    old = os.umask(0o022)
+    try:
+        out = Pipeline.from_pretrained(trained["ckpt"]).save_pretrained(tmp_path / "model")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
+        p.name: 0o644 for p in out.iterdir()
+    }
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
@@ -179,6 +194,94 @@ def test_walt_sample_from_a_model_records_how_each_file_was_made(trained, tmp_pa
     capsys.readouterr()
     assert main_exit([*args, "--overwrite", "--guidance", "nan"]) == 2  # refused while parsing
     assert "argument --guidance: must be a finite number, got 'nan'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--fps", "0"], "argument --fps: must be a finite number > 0, got 0"),
+        (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (["--num-samples", "-3"], "argument --num-samples: must be >= 1, got -3"),
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["--extend", "-1"], "argument --extend: must be >= 0, got -1"),
+        (["--context", "missing.mp4"], "--context missing.mp4: no such file"),
+    ],
+)
+def test_walt_sample_refuses_out_of_range_values_while_parsing(tmp_path, capsys, extra, message):
+    """Before the model is even looked for (it does not exist here), let alone sampled from: --fps 0 used to
+    fail only once the videos were generated, and --steps 0 was recorded as the model's default."""
+    args = ["sample", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "out"), *extra]
+    assert main_exit(args) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_walt_sample_refuses_context_for_a_model_without_context_frames_before_sampling(trained, tmp_path):
+    context = tmp_path / "context.mp4"
+    context.write_bytes(b"never read")
+    args = [
+        "sample",
+        "--model",
+        str(trained["ckpt"]),
+        "--output",
+        str(tmp_path / "out"),
+        "--context",
+        str(context),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert (
+        exit_info.value.code
+        == "walt sample: --context given but the model was not trained with context frames"
+    )
+
+
+def test_walt_sample_overwrites_what_a_killed_run_left_but_nothing_else(trained, tmp_path):
+    """A killed run leaves videos and a hidden temporary file but no samples.json: --overwrite replaces them
+    (it used to refuse that folder as "not walt samples"); a folder with a file of another kind stays refused."""
+    out = tmp_path / "samples"
+    out.mkdir()
+    (out / "sample_000_class0.mp4").write_bytes(b"a finished video")
+    (out / ".sample_001_class1.mp4.0badc0de.tmp").write_bytes(b"half a video")
+    args = [
+        "sample",
+        "--model",
+        str(trained["ckpt"]),
+        "--output",
+        str(out),
+        "--num-samples",
+        "1",
+        "--steps",
+        "1",
+    ]
+    assert main_exit([*args, "--device", "cpu", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.gif", "sample_000_class0.mp4", "samples.json"]
+    (out / "samples.json").unlink()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds files that are not walt samples"):
+        main([*args, "--device", "cpu", "--overwrite"])
+
+
+def test_walt_sample_errors_are_one_line_without_a_traceback(trained, tmp_path):
+    """As the command runs, in its own process: a class the model does not have."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [
+        "--model",
+        str(trained["ckpt"]),
+        "--output",
+        str(tmp_path / "out"),
+        "--class",
+        "purple",
+        "--device",
+        "cpu",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "walt", "sample", *args], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    [line] = [
+        ln for ln in done.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln
+    ]
+    assert line.startswith("walt sample: unknown class 'purple'; known classes: red circle moving left")
 
 
 def test_the_cli_lists_what_works(capsys):

@@ -1,12 +1,20 @@
 """TokenizerModule training/validation, the EMA, and `walt encode` (shards and latent statistics)."""
 
 import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -14,13 +22,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from walt.checkpoint import weights_sha256
-from walt.data import SyntheticVideos, collate_items
+from walt.data import UCF101, LatentShards, SyntheticVideos, collate_items
 from walt.lightning import EMA, TokenizerModule
 from walt.metrics import psnr
 from walt.tokenizer import CausalVAE, presets
 from walt.tokenizer.discriminator import Discriminator3D
 from walt.tokenizer.encode import encode_main, encode_to_shards, latent_statistics, load_vae_weights
 from walt.tokenizer.losses import TokenizerLoss
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def loader(num_samples: int, batch_size: int, seed: int = 0, frames: int = 5, size: int = 16) -> DataLoader:
@@ -201,25 +211,26 @@ def test_shards_hold_every_clip_in_order(tmp_path):
     assert captions == [it["caption"] for it in items]
 
 
-def test_encode_command_writes_normalized_latents(tmp_path):
+VAE_CONFIG = {"class_path": "walt.tokenizer.CausalVAE", "init_args": presets["tiny"]}
+SYNTHETIC = {
+    "class_path": "walt.data.SyntheticVideos",
+    "init_args": {"num_samples": 6, "num_frames": 5, "resolution": 16},
+}
+
+
+def encode_args(folder: Path, train: dict = SYNTHETIC, out: str = "latents") -> list[str]:
+    """`walt encode` arguments for a random tiny tokenizer's checkpoint and a config whose data is ``train``."""
+    data = {"class_path": "walt.data.VideoDataModule", "init_args": {"train": train, "batch_size": 2}}
+    config = folder / "tokenizer.yaml"
+    config.write_text(yaml.safe_dump({"model": {"init_args": {"vae": VAE_CONFIG}}, "data": data}))
     vae = random_vae()
-    vae_config = {"class_path": "walt.tokenizer.CausalVAE", "init_args": presets["tiny"]}
-    data = {
-        "class_path": "walt.data.VideoDataModule",
-        "init_args": {
-            "train": {
-                "class_path": "walt.data.SyntheticVideos",
-                "init_args": {"num_samples": 6, "num_frames": 5, "resolution": 16},
-            },
-            "batch_size": 2,
-            "num_workers": 0,
-        },
-    }
-    config = tmp_path / "tokenizer.yaml"
-    config.write_text(yaml.safe_dump({"model": {"init_args": {"vae": vae_config}}, "data": data}))
-    torch.save({"state_dict": {f"vae.{k}": v for k, v in vae.state_dict().items()}}, tmp_path / "t.ckpt")
+    torch.save({"state_dict": {f"vae.{k}": v for k, v in vae.state_dict().items()}}, folder / "t.ckpt")
+    return ["--config", str(config), "--checkpoint", str(folder / "t.ckpt"), "--output", str(folder / out)]
+
+
+def test_encode_command_writes_normalized_latents(tmp_path):
+    args = encode_args(tmp_path)
     out = tmp_path / "latents"
-    args = ["--config", str(config), "--checkpoint", str(tmp_path / "t.ckpt"), "--output", str(out)]
     assert encode_main([*args, "--batch-size", "4", "--shard-size", "4", "--num-workers", "0"]) == 0
 
     index = json.loads((out / "index.json").read_text())
@@ -236,4 +247,166 @@ def test_encode_command_writes_normalized_latents(tmp_path):
         str(out / "vae.safetensors"), "pt"
     ) as f:  # the hash loading checks (tests/test_integrity.py)
         assert f.metadata()["weights_sha256"] == weights_sha256(saved.state_dict())
-    assert yaml.safe_load((out / "vae.yaml").read_text()) == json.loads(json.dumps(vae_config))
+    assert yaml.safe_load((out / "vae.yaml").read_text()) == json.loads(json.dumps(VAE_CONFIG))
+
+
+def test_encode_skips_unreadable_files_and_keeps_every_clip_with_its_own_label(tmp_path, ucf_root, capsys):
+    """Training hands over the next file in place of an unreadable one; encoding must not, or the shards would
+    hold a neighbour's clip (and, in class-sorted data, its class) in the skipped file's place. Two bad files
+    (a corrupt AVI, a PNG renamed .avi): the shards hold the 4 readable clips with their own labels, and the
+    summary names the 2 skipped files, counted once though read twice (statistics, then shards). Every file
+    gets the umask's mode."""
+    root = tmp_path / "ucf"
+    shutil.copytree(ucf_root, root)
+    corrupt = root / "UCF-101/Basketball/v_Basketball_g08_c01.avi"
+    still = root / "UCF-101/HandstandPushups/v_HandStandPushups_g08_c02.avi"
+    corrupt.write_bytes(b"RIFF not really an avi")
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(still.with_suffix(".png"))
+    still.with_suffix(".png").rename(still)
+    ucf = {
+        "class_path": "walt.data.UCF101",
+        "init_args": {"root": str(root), "num_frames": 5, "resolution": 16},
+    }
+    old_umask = os.umask(0o022)
+    try:
+        assert encode_main([*encode_args(tmp_path, ucf), "--num-workers", "2"]) == 0
+    finally:
+        os.umask(old_umask)
+
+    out = tmp_path / "latents"
+    index = json.loads((out / "index.json").read_text())
+    dataset = UCF101(root, split="train", num_frames=5, resolution=16)
+    readable = [s for s in dataset.samples if s.path not in (corrupt, still)]
+    labels = torch.cat([load_file(str(out / s["file"]))["labels"] for s in index["shards"]])
+    assert labels.tolist() == [s.label for s in readable] == [0, 0, 1, 2]
+    assert index["num_samples"] == 4 and index["num_files"] == 6
+    assert [s["file"] for s in index["skipped"]] == [str(corrupt), str(still)]
+    assert "still image" in index["skipped"][1]["reason"]
+    printed = capsys.readouterr().out
+    assert (
+        "walt encode: skipped 2 of 6 files (unreadable): v_Basketball_g08_c01.avi, v_HandStandPushups_g08_c02.avi"
+        in printed
+    )
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
+        p.name: 0o644 for p in out.iterdir()
+    }
+
+
+def test_encode_refuses_an_earlier_runs_folder_and_overwrite_replaces_every_file(tmp_path, capsys):
+    args = [*encode_args(tmp_path), "--num-workers", "0", "--stats-samples", "2"]
+    out = tmp_path / "latents"
+    assert encode_main([*args, "--shard-size", "1"]) == 0  # 6 shards
+    first = (out / "index.json").read_bytes()
+    assert encode_main([*args, "--shard-size", "4"]) == 1
+    assert (
+        "holds the outputs of an earlier walt encode (6 shard(s)); choose a new --output or pass --overwrite"
+        in capsys.readouterr().err
+    )
+    assert (out / "index.json").read_bytes() == first  # untouched
+    (out / "notes.txt").write_text("mine")
+    assert encode_main([*args, "--shard-size", "4", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "index.json", "notes.txt", "shard-00000.safetensors", "shard-00001.safetensors", "vae.safetensors", "vae.yaml",
+    ]  # fmt: skip
+    assert len(LatentShards(out)) == 6
+
+
+def test_a_killed_encode_leaves_a_folder_that_latent_shards_refuses(tmp_path):
+    """SIGKILL after two shards are written: no index.json (written last), so the folder is refused as
+    incomplete rather than read as a dataset of some of the clips (or, overwriting, of two runs' clips); a new
+    run into it is refused too, and --overwrite completes it."""
+    flag = tmp_path / "paused"
+    pausing = {
+        "class_path": "tests._kill_points.PausingVideos",
+        "init_args": {"pause_at": 5, "flag": str(flag), "num_samples": 6, "num_frames": 5, "resolution": 16},
+    }
+    args = [
+        *encode_args(tmp_path, pausing),
+        "--num-workers",
+        "0",
+        "--stats-samples",
+        "2",
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "2",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+    }
+    process = subprocess.Popen([sys.executable, "-m", "walt", "encode", *args], env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not flag.exists():
+        assert process.poll() is None and time.monotonic() < deadline, "walt encode never reached item 5"
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    out = tmp_path / "latents"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "shard-00000.safetensors", "shard-00001.safetensors", "vae.safetensors", "vae.yaml",
+    ]  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"is incomplete: no index\.json; re-run walt encode"):
+        LatentShards(out)
+    assert encode_main(args) == 1
+    assert encode_main([*args, "--overwrite"]) == 0  # the flag is there: no pause this time
+    assert len(LatentShards(out)) == 6
+
+
+def test_stats_samples_0_keeps_the_statistics_of_an_encoded_tokenizer_and_refuses_a_checkpoint_without(
+    tmp_path, capsys
+):
+    """0 clips would give no statistics: 0 means "keep the checkpoint's", which only a tokenizer written by
+    walt encode (vae.safetensors) has; a training checkpoint's are the identity, and would leave the latents
+    unnormalized without a word."""
+    args = [*encode_args(tmp_path), "--num-workers", "0"]
+    assert encode_main([*args, "--stats-samples", "0", "--output", str(tmp_path / "none")]) == 1
+    assert "--stats-samples 0 keeps the latent statistics of the checkpoint, but" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    assert encode_main(args) == 0
+    again = [
+        *args,
+        "--checkpoint",
+        str(tmp_path / "latents/vae.safetensors"),
+        "--output",
+        str(tmp_path / "again"),
+    ]
+    assert encode_main([*again, "--stats-samples", "0"]) == 0
+    first, second = (json.loads((tmp_path / d / "index.json").read_text()) for d in ("latents", "again"))
+    assert first["latent_scale"] == second["latent_scale"]
+    latents = [
+        load_file(str(tmp_path / d / "shard-00000.safetensors"))["latents"] for d in ("latents", "again")
+    ]
+    assert torch.isfinite(latents[0]).all() and torch.equal(latents[0], latents[1])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["--shard-size", "-1"], "argument --shard-size: must be >= 1, got -1"),
+        (["--stats-samples", "-1"], "argument --stats-samples: must be >= 0, got -1"),
+        (["--num-workers", "two"], "argument --num-workers: expected an integer >= 0, got 'two'"),
+        (["--checkpoint", "missing.ckpt"], "--checkpoint missing.ckpt: no such file"),
+    ],
+)
+def test_encode_refuses_bad_arguments_before_any_work(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        encode_main([*encode_args(tmp_path), *extra])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "latents").exists()
+
+
+def test_encode_errors_are_one_line_without_a_traceback(tmp_path):
+    """As the command runs: an empty checkpoint is named, in one line."""
+    args = encode_args(tmp_path)
+    (tmp_path / "t.ckpt").write_bytes(b"")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "walt", "encode", *args], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"walt encode: {tmp_path / 't.ckpt'} is an empty file (0 bytes), not a checkpoint: was its copy or write cut short?"
+    ]

@@ -284,6 +284,7 @@ def main() -> None:
         str(tokenizer_ckpt),
         "--output",
         str(out / "latents"),
+        "--overwrite",  # a rerun of the demo replaces its earlier latents
         "--data",
         "configs/data/synthetic_demo.yaml",
         "--batch-size",

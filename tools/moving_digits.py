@@ -240,7 +240,7 @@ def stage_tokenizer(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     walt(
         "encode", "--config", str(configs["tokenizer"]), "--data", str(configs["latents"]),
         "--checkpoint", str(newest_checkpoint(out / "tokenizer")), "--output", str(out / "tokenizer_export"),
-        "--stats-only", "--stats-samples", str(min(1024, args.num_samples * 8)), "--device", args.device,
+        "--overwrite", "--stats-only", "--stats-samples", str(min(1024, args.num_samples * 8)), "--device", args.device,
         "--batch-size", "64", "--num-workers", str(args.workers),
     )  # fmt: skip
     vae = load_vae(configs["tokenizer"], out / "tokenizer_export" / "vae.safetensors", args.device)
@@ -302,7 +302,7 @@ def stage_base(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     tic = time.perf_counter()
     walt(
         "encode", "--config", str(configs["tokenizer"]), "--data", str(configs["latents"]),
-        "--checkpoint", str(weights), "--output", str(out / "latents"), "--stats-samples", "0",
+        "--checkpoint", str(weights), "--output", str(out / "latents"), "--overwrite", "--stats-samples", "0",
         "--device", args.device, "--batch-size", "128", "--num-workers", str(args.workers), "--dtype", "float16",
     )  # fmt: skip
     encode_s = time.perf_counter() - tic

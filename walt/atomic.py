@@ -6,44 +6,59 @@ import contextlib
 import glob
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["TEMP_SUFFIX", "remove_orphans", "write_atomic"]
+__all__ = ["TEMP_SUFFIX", "atomic_path", "remove_orphans", "write_atomic"]
 
 TEMP_SUFFIX = ".tmp"
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None]) -> Path:
-    """Writes ``data`` (bytes, text, or a function that writes to the open binary file, e.g. ``torch.save``) to
-    ``path`` so that a reader, or a run killed midway, sees the old file or the new one, never a part.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, sole_writer: bool = True) -> Iterator[Path]:
+    """A temporary file name beside ``path`` for a writer that takes a file name (PyAV, safetensors): when the
+    block ends the file is synced and renamed over ``path``, so a reader, or a run killed midway, sees the old
+    file or the new one, never a part. If the block fails the temporary file is removed; one orphaned by a kill
+    is removed by the next write of the same path (:func:`remove_orphans`).
 
-    The bytes go to ``.<name>.<random>.tmp`` beside ``path`` (a rename is atomic only within one filesystem, which
-    a temporary folder such as ``$TMPDIR`` on tmpfs is not), are fsynced, and replace ``path`` in one rename; the
-    folder is fsynced too, so the rename itself survives a power cut. On any failure the temporary file is
-    removed; one orphaned by a kill is removed by the next write of the same path (:func:`remove_orphans`).
-    The file gets the umask's permissions, as a plain ``open`` would give it.
+    The name is ``.<name>.<random>.tmp``: hidden, and in ``path``'s own folder (a rename is atomic only within
+    one filesystem, which a temporary folder such as ``$TMPDIR`` on tmpfs is not). The folder is fsynced too,
+    so the rename itself survives a power cut. The file ends with the mode a plain ``open`` gives (``0o666``
+    less the umask), whatever the writer did: safetensors, like ``tempfile.mkstemp``, makes files ``0o600``.
+
+    ``sole_writer=False`` is for paths that several processes may write at once with the same content (a shared
+    cache): the other writers' temporary files are then left alone, so a killed writer's stays behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_orphans(path)
+    if sole_writer:
+        remove_orphans(path)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # not mkstemp: that makes mode 0600
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # reserves the name, with the umask
+    mode = tmp.stat().st_mode & 0o777  # read back rather than computed: reading the umask means changing it
     try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        os.chmod(tmp, mode)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _fsync_folder(path.parent)
+    with contextlib.suppress(OSError):  # not every platform opens folders (Windows)
+        _fsync(path.parent)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None]) -> Path:
+    """Writes ``data`` (bytes, text, or a function that writes to the open binary file, e.g. ``torch.save``) to
+    ``path`` whole or not at all (:func:`atomic_path`)."""
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        if callable(data):
+            data(f)
+        else:
+            f.write(data.encode() if isinstance(data, str) else data)
     return path
 
 
@@ -60,10 +75,9 @@ def remove_orphans(path: str | os.PathLike) -> list[Path]:
     return orphans
 
 
-def _fsync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform opens folders (Windows)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

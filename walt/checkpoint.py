@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "INTEGRITY_KEY",
     "CheckpointError",
     "check_checkpoint",
+    "check_checkpoint_file",
     "check_weights",
     "module_weights",
     "nonfinite_weights",
@@ -42,9 +44,33 @@ __all__ = [
 INTEGRITY_KEY = "walt_integrity"  # in a checkpoint: {"weights_sha256": ...} of its state_dict
 SHA256_METADATA = "weights_sha256"  # in a safetensors header: the same hash of the file's tensors
 
+_PICKLE_START = b"\x80"  # the PROTO opcode that starts a pickle (torch's format before its zip archive)
+
 
 class CheckpointError(ValueError):
     """A file is not the checkpoint or model file it claims to be."""
+
+
+def check_checkpoint_file(path: str | Path) -> Path:
+    """Refuses, naming the file, what cannot be a checkpoint before ``torch.load`` reads it: torch's own errors
+    for these name neither the file nor the problem (a bare ``EOFError`` for an empty file; random bytes are
+    called an unsafe pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(
+            f"{path} is an empty file (0 bytes), not a checkpoint: was its copy or write cut short?"
+        )
+    with path.open("rb") as f:
+        first = f.read(1)
+    if first != _PICKLE_START and not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is not a checkpoint: its {size} bytes are neither a PyTorch archive nor a pickle "
+            "(a truncated copy, or another kind of file?)"
+        )
+    return path
 
 
 def weights_sha256(state: Mapping[str, Any]) -> str:
@@ -91,9 +117,7 @@ def nonfinite_weights(state: Mapping[str, Any]) -> list[str]:
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint's dict, read without running any pickled code, its weights checked (:func:`check_weights`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    path = check_checkpoint_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:

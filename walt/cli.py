@@ -7,18 +7,18 @@ parsing, before anything is built or trained.
 
 from __future__ import annotations
 
-import argparse
-import math
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 import walt
 
-__all__ = ["WaltCLI", "finite_float", "main"]
+__all__ = ["WaltCLI", "main"]
 
 # `predict` is left out: generation goes through `walt sample` (the pipeline), not a predict loop.
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -44,9 +44,40 @@ class WaltCLI(LightningCLI):
         install_atomic_io(trainer)
         return trainer
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
+        super().parse_arguments(parser, args)
+        # Lightning reads --ckpt_path right after parsing (for its hyperparameters), where an empty file would
+        # fail as a bare EOFError: checked first, so the error names the file and what is wrong with it.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            from walt.checkpoint import check_checkpoint_file
+
+            check_checkpoint_file(ckpt_path)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            # jsonargparse wraps a constructor's ValueError (an out-of-range setting: "label_dropout must be a
+            # probability in [0, 1], got 3.0") in an error that prints the whole parsed config; the innermost
+            # one says what to fix.
+            command = f"walt {self.subcommand}" if self.subcommand else "walt"
+            raise SystemExit(f"{command}: {_innermost_value_error(err)}") from None
+
     def before_fit(self) -> None:
+        from walt.lightning.checkpoint import continue_log_versions
+
         _stable_checkpoint_folder(self.trainer)
         _one_writer_of_last(self.trainer)
+        continue_log_versions(self.trainer, self.config.get(f"{self.subcommand}.ckpt_path"))
+        if type(self.model).__module__.startswith("walt."):
+            # walt's modules keep their frozen parts in eval mode on purpose (the tokenizer, the EMA copy, a
+            # distillation teacher, a perceptual network), which Lightning reports at every fit as "Found 267
+            # module(s) in eval mode"; the warning stays on for other modules.
+            warnings.filterwarnings(
+                "ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning
+            )
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -60,6 +91,16 @@ class WaltCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+
+def _innermost_value_error(err: ValueError) -> ValueError:
+    """The first ValueError in ``err``'s chain of causes, counting from the innermost."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return next(e for e in reversed(chain) if isinstance(e, ValueError))
 
 
 def _stable_checkpoint_folder(trainer: L.Trainer) -> None:
@@ -89,15 +130,6 @@ def _one_writer_of_last(trainer: L.Trainer) -> None:
                 "callback (or the callback), and set the `checkpoint:` section instead, e.g. "
                 "checkpoint: {every_n_train_steps: 5000, save_top_k: -1}"
             )
-
-
-def finite_float(text: str) -> float:
-    """argparse type of walt's sampling settings: a finite number. ``float`` alone takes "nan" and "inf", which
-    would reach the sampler and come out as black or garbage videos."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
 
 
 def _sample(argv: Sequence[str]) -> int:
@@ -171,4 +203,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         known = ", ".join((*LIGHTNING_COMMANDS, *EXTRA_COMMANDS))
         print(f"walt: unknown command {argv[0]!r}; choose one of: {known}", file=sys.stderr)
         sys.exit(2)
-    WaltCLI(args=None if from_shell else argv)
+    from walt.checkpoint import CheckpointError
+
+    try:
+        WaltCLI(args=None if from_shell else argv)
+    except CheckpointError as err:  # --ckpt_path names an empty or foreign file: its name and the problem
+        print(f"walt {argv[0]}: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from walt.atomic import atomic_path
 from walt.config import records_init_args
 
 __all__ = ["MiniLMTextEncoder", "T5TextEncoder", "TextEncoder", "TransformersTextEncoder", "pad_tokens"]
@@ -137,11 +138,10 @@ class TextEncoder:
         path = self._path(key)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written beside, then renamed: data-loader workers and other ranks never read half a file.
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        save_file({"tokens": states}, str(partial), metadata={"text": text, "encoder": self.identity})
-        os.replace(partial, path)
+        # Written beside, then renamed: data-loader workers and other ranks never read half a file; several of
+        # them may write the same text at once.
+        with atomic_path(path, sole_writer=False) as tmp:
+            save_file({"tokens": states}, str(tmp), metadata={"text": text, "encoder": self.identity})
 
     def _remember(self, key: str, states: Tensor) -> None:
         if self.memory_items <= 0:

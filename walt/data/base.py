@@ -22,9 +22,21 @@ from walt.data.transforms import (
     to_float_video,
 )
 
-__all__ = ["ClipDataset", "SkipCounter", "VideoSample", "make_item", "resolution_hw", "segment_frames"]
+__all__ = [
+    "UNREADABLE",
+    "ClipDataset",
+    "SkipCounter",
+    "VideoSample",
+    "make_item",
+    "resolution_hw",
+    "segment_frames",
+]
 
 log = logging.getLogger(__name__)
+
+# What makes a file unusable as a clip (skipped and counted, never fatal): it cannot be decoded, or it is
+# shorter than a clip under short_policy="skip".
+UNREADABLE = (VideoReadError, ShortVideoError)
 
 
 @dataclass(frozen=True)
@@ -79,26 +91,35 @@ def segment_frames(sample: VideoSample, fps: float, num_frames: int) -> tuple[in
 
 
 class SkipCounter:
-    """Counts files skipped as unreadable, across data-loader worker processes.
+    """Counts the distinct files skipped as unreadable, across data-loader worker processes and epochs.
 
-    The count lives in shared memory so the main process sees what its workers skipped; each process warns
-    once per bad path with the reason.
+    One flag per file lives in shared memory, so the main process sees what its workers skipped, and a file
+    skipped again (every epoch, or when its neighbour's fallback reaches it) counts once: the count is of files,
+    not of skip events. Each process warns once per file with the reason.
     """
 
-    def __init__(self) -> None:
-        self._count = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self._seen: set[str] = set()
+    def __init__(self, paths: Sequence[os.PathLike | str]) -> None:
+        self._ids: dict[str, int] = {}
+        for path in paths:
+            self._ids.setdefault(str(path), len(self._ids))
+        self._flags = torch.zeros(max(len(self._ids), 1), dtype=torch.bool).share_memory_()
+        self._warned: set[str] = set()
 
     def record(self, path: os.PathLike | str, reason: Exception) -> None:
-        self._count += 1
         key = str(path)
-        if key not in self._seen:
-            self._seen.add(key)
+        self._flags[self._ids[key]] = True
+        if key not in self._warned:
+            self._warned.add(key)
             log.warning("skipping unreadable video %s: %s", key, reason)
 
     @property
     def count(self) -> int:
-        return int(self._count.item())
+        return int(self._flags.sum().item())
+
+    @property
+    def num_files(self) -> int:
+        """The distinct files the counter covers."""
+        return len(self._ids)
 
 
 class ClipDataset(Dataset):
@@ -126,7 +147,7 @@ class ClipDataset(Dataset):
         self.resolution = resolution_hw(resolution)
         self.offset: Offset = offset
         self.short_policy: ShortPolicy = short_policy
-        self.skips = SkipCounter()
+        self.skips = SkipCounter([s.path for s in self.samples])
 
     classes: Sequence[str] = ()  # class names in label order, where the data has classes
 
@@ -150,7 +171,7 @@ class ClipDataset(Dataset):
             sample = self.samples[(index + attempt) % len(self.samples)]
             try:
                 return self.load(sample)
-            except (VideoReadError, ShortVideoError) as err:
+            except UNREADABLE as err:
                 self.skips.record(sample.path, err)
         raise RuntimeError(
             f"every one of the {len(self.samples)} videos failed to load; see the warnings above"

@@ -14,6 +14,8 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
 
+from walt.checks import check_int
+
 __all__ = [
     "EpochShuffleSampler",
     "MixedBatchSampler",
@@ -249,6 +251,14 @@ class VideoDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
+        if (
+            not 0.0 <= image_ratio < 1.0
+        ):  # checked again by the sampler, which is built only when training starts
+            raise ValueError(f"image_ratio must be in [0, 1), got {image_ratio}")
+        if image_batch_size is not None:
+            check_int("image_batch_size", image_batch_size, 1)
         if image_ratio > 0 and image_dataset is None:
             raise ValueError("image_ratio > 0 needs an image_dataset (e.g. walt.data.ImageFolderVideos)")
         self.train, self.val, self.test = train, val, test
@@ -296,12 +306,15 @@ class VideoDataModule(L.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         for name in ("train", "val", "test", "image_dataset"):
-            skipped = getattr(getattr(self, name), "num_skipped", 0)
+            dataset = getattr(self, name)
+            skipped = getattr(dataset, "num_skipped", 0)  # distinct files, not skip events
             if skipped:
+                total = getattr(getattr(dataset, "skips", None), "num_files", len(dataset))
                 log.warning(
-                    "%s data: %d unreadable files were skipped during %s (warnings above name them)",
+                    "%s data: %d of %d files were unreadable and skipped during %s (warnings above name them)",
                     name,
                     skipped,
+                    total,
                     stage,
                 )
 

@@ -7,7 +7,6 @@ Frames on this side of the library are uint8 arrays ``(T, H, W, 3)`` in RGB orde
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -16,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+from walt.atomic import atomic_path
 
 if TYPE_CHECKING:
     import av
@@ -105,27 +106,27 @@ def read_video(path: str | os.PathLike, frame_indices: Sequence[int] | None = No
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0) -> Path:
     """Encode uint8 RGB frames ``(T, H, W, 3)`` to ``.mp4`` (h264), ``.avi`` (MPEG-4/XVID) or ``.gif``.
 
-    The file appears atomically: it is written under a temporary name and renamed when complete, so an
-    interrupted run never leaves a half-written video behind.
+    The file appears atomically (:func:`walt.atomic.atomic_path`): it is encoded under a hidden temporary name
+    beside ``path`` and renamed when complete, so an interrupted run never leaves a half-written video behind,
+    and a folder listing that skips hidden files never sees the temporary one.
     """
     path = Path(path)
     codec, pix_fmt, fmt = _encoder_for(path)
     frames = _check_frames(frames, even=pix_fmt == "yuv420p")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        _encode(tmp, fmt, codec, pix_fmt, frames, fps)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        _encode(str(tmp), fmt, codec, pix_fmt, frames, fps)
     return path
 
 
 def _video_stream(container: av.container.InputContainer, path: str | os.PathLike) -> av.VideoStream:
     if not container.streams.video:
         raise VideoReadError(f"{path} has no video stream")
+    # FFmpeg opens a still image under any name (a PNG renamed .avi) as a one-frame "video" through its image
+    # demuxers; as a clip it would be one frame looped, with nothing in the data to tell. (A real one-frame
+    # video, e.g. an MP4 of an image-to-video context, comes through a video container and is kept.)
+    demuxer = container.format.name
+    if demuxer.startswith("image2") or demuxer.endswith("_pipe"):
+        raise VideoReadError(f"{path} is a still image ({demuxer.removesuffix('_pipe')} data), not a video")
     return container.streams.video[0]
 
 

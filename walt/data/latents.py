@@ -23,6 +23,11 @@ class LatentShards(Dataset):
         self.root = Path(root)
         index_path = self.root / "index.json"
         if not index_path.is_file():
+            if any(self.root.glob("*.safetensors")):  # walt encode writes index.json last
+                raise FileNotFoundError(
+                    f"{self.root} is incomplete: no index.json; re-run walt encode (with --overwrite): the "
+                    "run that wrote these shards did not finish"
+                )
             raise FileNotFoundError(
                 f"no index.json in {self.root}: point root at a folder written by `walt encode --output`"
             )

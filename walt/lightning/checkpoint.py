@@ -9,6 +9,7 @@ checkpoint a run resumes from as :func:`walt.checkpoint.read_checkpoint` does. `
 
 from __future__ import annotations
 
+import pickle
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -21,9 +22,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from walt.atomic import write_atomic
-from walt.checkpoint import check_checkpoint, read_checkpoint
+from walt.checkpoint import check_checkpoint, check_checkpoint_file, read_checkpoint
 
-__all__ = ["AtomicCheckpointIO", "PeriodicCheckpoint", "atomic_torch_save"]
+__all__ = ["AtomicCheckpointIO", "PeriodicCheckpoint", "atomic_torch_save", "continue_log_versions"]
+
+LOG_VERSIONS = "walt_log_versions"  # checkpoint key: the version of each of the run's loggers
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -103,6 +106,13 @@ class PeriodicCheckpoint(ModelCheckpoint):
         self._step_seen = 0
         self._saved_at = time.monotonic()
 
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # The loggers' versions (lightning_logs/version_N), so that a resumed run logs on where it left off
+        # (walt.cli.WaltCLI) rather than in a new version folder per resume.
+        checkpoint[LOG_VERSIONS] = [logger.version for logger in trainer.loggers]
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._step_seen = trainer.global_step  # a resumed run counts from its restored step
@@ -156,6 +166,27 @@ def parse_interval(value: str | timedelta | None) -> timedelta | None:
     if interval.total_seconds() <= 0:
         raise ValueError(f"checkpoint train_time_interval={value!r} is zero: give a positive time, or null")
     return interval
+
+
+def continue_log_versions(trainer: L.Trainer, ckpt_path: str | Path | None) -> None:
+    """Gives the trainer's loggers the versions recorded in the checkpoint a run resumes from, so the resumed run
+    appends to its own ``lightning_logs/version_N`` (TensorBoard shows one curve) instead of starting
+    ``version_N+1`` at every resume. Loggers given a version in the config, and checkpoints that recorded none
+    (written before walt recorded them, or by another callback), are left as they are."""
+    if ckpt_path is None or not _is_local_file_protocol(ckpt_path) or not Path(ckpt_path).is_file():
+        return  # "last", "hpc", a URL: Lightning resolves those itself
+    check_checkpoint_file(ckpt_path)  # an empty or foreign file fails here, by name, before anything starts
+    try:  # memory-mapped: only the small entry read here is loaded, however large the checkpoint
+        versions = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get(LOG_VERSIONS)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, AttributeError):
+        return  # e.g. torch's pre-zip format, which cannot be mapped: the resume reads it as usual
+    if not isinstance(versions, list) or len(versions) != len(trainer.loggers):
+        return
+    for logger, version in zip(trainer.loggers, versions):
+        # Lightning's loggers take a version only in their constructor; one left unset (``_version`` None)
+        # picks the next free number on first use, which has not happened yet when fitting starts.
+        if getattr(logger, "_version", False) is None and isinstance(version, int | str):
+            logger._version = version
 
 
 def install_atomic_io(trainer: L.Trainer) -> None:

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from walt.checkpoint import read_checkpoint
+from walt.checks import check_int, check_positive, check_probability
 from walt.conditioning import Conditioning, TextEncoder
 from walt.data.transforms import to_uint8
 from walt.diffusion import (
@@ -101,6 +102,17 @@ class BaseDiffusionModule(WaltModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        # Out of range, these would train without a word (a probability of 3, a negative warmup); `walt fit`
+        # shows the error before the first step.
+        check_probability("label_dropout", label_dropout)
+        check_probability("text_dropout", text_dropout)
+        check_probability("self_condition_prob", self_condition_prob)
+        check_probability("frame_prediction_prob", frame_prediction_prob)
+        check_int("warmup_steps", warmup_steps, 0)
+        check_int("max_context_frames", max_context_frames, 1)
+        check_int("sample_steps", sample_steps, 1)
+        check_int("num_log_samples", num_log_samples, 0)
+        check_positive("video_fps", video_fps)
         if frame_prediction_prob > 0 and not backbone.context_frames:
             raise ValueError("frame_prediction_prob > 0 needs a backbone built with context_frames=True")
         _check_text_encoder(backbone, text_encoder)

@@ -5,6 +5,7 @@ regenerate each file)."""
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import shutil
@@ -17,8 +18,9 @@ import torch
 import yaml
 
 import walt
-from walt.cli import finite_float
-from walt.data import write_video
+from walt.atomic import TEMP_SUFFIX, write_atomic
+from walt.checks import finite_float, int_at_least, positive_float
+from walt.data import VideoReadError, write_video
 from walt.diffusion import SAMPLERS
 from walt.lightning.diffusion import BaseDiffusionModule
 from walt.pipeline import CascadePipeline, ModelFileError, Pipeline, read_checkpoint
@@ -112,19 +114,27 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--prompt", dest="prompts", action="append", default=[],
                    help='text prompt for a text-to-video model; repeat for several ("" = unconditional)')  # fmt: skip
     p.add_argument("--prompts-file", help="text file with one prompt per line (blank lines are skipped)")
-    p.add_argument("--num-samples", type=int, help="videos to generate (default: one per prompt, else 8)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--frames", type=int, help="pixel frames, 1 + 4k (default: the training length)")
-    p.add_argument("--height", type=int, help="pixel height (default: the training size)")
-    p.add_argument("--width", type=int, help="pixel width (default: the training size)")
+    p.add_argument(
+        "--num-samples", type=int_at_least(1), help="videos to generate (default: one per prompt, else 8)"
+    )
+    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument(
+        "--frames", type=int_at_least(1), help="pixel frames, 1 + 4k (default: the training length)"
+    )
+    p.add_argument("--height", type=int_at_least(1), help="pixel height (default: the training size)")
+    p.add_argument("--width", type=int_at_least(1), help="pixel width (default: the training size)")
     p.add_argument(
         "--context", help="video or image whose first frames are given (frame prediction / image-to-video)"
     )
-    p.add_argument("--context-frames", type=int, default=1, help="pixel frames of --context to keep, 1 + 4j")
-    p.add_argument("--extend", type=int, default=0,
+    p.add_argument(
+        "--context-frames", type=int_at_least(1), default=1, help="pixel frames of --context to keep, 1 + 4j"
+    )
+    p.add_argument("--extend", type=int_at_least(0), default=0,
                    help="extra segments generated autoregressively, each conditioned on the previous frames")  # fmt: skip
     p.add_argument(
-        "--steps", type=int, help="sampling steps (default: the model's own: 50, or K for a K-step student)"
+        "--steps",
+        type=int_at_least(1),
+        help="sampling steps (default: the model's own: 50, or K for a K-step student)",
     )
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="ddim (default), ddpm, or dpmpp_2m")
     p.add_argument(
@@ -139,7 +149,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (GPU, many samples)")
     p.add_argument("--bf16", action="store_true", help="run the networks under bfloat16 autocast (GPU)")
-    p.add_argument("--fps", type=finite_float, help="frame rate of the files (default: the model's)")
+    p.add_argument("--fps", type=positive_float, help="frame rate of the files (default: the model's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(list(argv))
     if args.model and args.checkpoint:
@@ -149,12 +159,10 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error("give --model (a model folder or checkpoint) or --cascade (a cascade folder)")
     if args.cascade is not None and (args.steps is not None or args.guidance != 1.0):
         p.error("with --cascade, steps and guidance are set per stage (the cascade YAML or cascade.json)")
-    if args.num_samples is not None and args.num_samples < 1:
-        p.error(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.eta < 0:
         p.error(f"--eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM noise), got {args.eta}")
-    if args.fps is not None and args.fps <= 0:
-        p.error(f"--fps must be > 0, got {args.fps}")
+    if args.context is not None and not Path(args.context).is_file():
+        p.error(f"--context {args.context}: no such file")
     return args
 
 
@@ -171,6 +179,8 @@ def sample_main(argv: Sequence[str]) -> int:
             runner = pipe.compile() if args.compile else pipe
     except (FileNotFoundError, ModelFileError) as err:
         raise SystemExit(f"walt sample: {err}") from None
+    if args.context is not None and not pipe.backbone.context_frames:  # known now, before any other work
+        raise SystemExit("walt sample: --context given but the model was not trained with context frames")
     prompts = _prompts(args, pipe)
     n = args.num_samples or (len(prompts) if prompts else 8)
     labels = _labels(args, pipe, n)
@@ -188,16 +198,16 @@ def sample_main(argv: Sequence[str]) -> int:
         settings.update(steps=args.steps, guidance=args.guidance, eta=args.eta, sampler=args.sampler)
     try:
         videos = runner.generate(labels, prompts, seeds=seeds, batch_size=args.batch_size, **settings)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError, VideoReadError) as err:  # a bad setting or context file
         raise SystemExit(f"walt sample: {err}") from None
-    fps = args.fps or runner.fps
+    fps = runner.fps if args.fps is None else args.fps
     record = {
         "model": str(args.model or args.cascade),
         "kind": "cascade" if args.cascade else "model",
         "weights": args.weights,
         **{k: v for k, v in settings.items() if k != "context"},
         "context": args.context,
-        "steps": args.steps or (pipe.sample_steps if args.cascade is None else None),
+        "steps": pipe.sample_steps if args.steps is None and args.cascade is None else args.steps,
         "fps": fps,
         "walt_version": walt.__version__,
     }
@@ -213,11 +223,19 @@ def _prepare_output(out: Path, overwrite: bool) -> Path:
             raise SystemExit(
                 f"walt sample: {out} is not empty; choose a new --output or pass --overwrite to replace it"
             )
-        if not (out / "samples.json").is_file():
+        if not _holds_only_samples(out):
             raise SystemExit(f"walt sample: {out} holds files that are not walt samples; not overwriting it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _holds_only_samples(out: Path) -> bool:
+    """A finished run's folder (samples.json), or what a killed run left: its videos and temporary files."""
+    if (out / "samples.json").is_file():
+        return True
+    written = ("sample_*.mp4", "grid.gif", f".*{TEMP_SUFFIX}")
+    return all(p.is_file() and any(fnmatch.fnmatch(p.name, w) for w in written) for p in out.iterdir())
 
 
 def _labels(args: argparse.Namespace, pipe: Pipeline, n: int) -> list[int] | None:
@@ -265,7 +283,7 @@ def _write(out: Path, videos: torch.Tensor, labels, prompts, seeds, pipe: Pipeli
             entry["prompt"] = prompts[i]
         index.append({**entry, **record})
     write_video(out / "grid.gif", _grid(videos).numpy(), fps=record["fps"])
-    (out / "samples.json").write_text(json.dumps(index, indent=2))
+    write_atomic(out / "samples.json", json.dumps(index, indent=2))  # last: the folder is complete
     T, H, W = videos.shape[1:4]
     print(f"walt sample: {len(videos)} videos of {T} frames at {H}x{W} -> {out}")
 

@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from walt.checks import check_int, check_positive
 from walt.data.transforms import to_uint8
 from walt.lightning.ema import EMA
 from walt.lightning.module import WaltModule
@@ -59,6 +60,10 @@ class TokenizerModule(WaltModule):
         video_fps: float = 8.0,
     ) -> None:
         super().__init__()
+        check_int("num_log_videos", num_log_videos, 0)
+        check_positive("video_fps", video_fps)
+        if gradient_clip is not None:
+            check_positive("gradient_clip", gradient_clip)
         self.automatic_optimization = False
         self.vae = vae
         self.loss = loss

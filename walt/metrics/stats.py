@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -92,13 +93,33 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:
-        with np.load(Path(path), allow_pickle=False) as data:
-            if int(data["format_version"]) != _FORMAT_VERSION:
-                raise ValueError(f"{path}: statistics format {int(data['format_version'])}, expected 1")
-            stats = cls(int(data["mean"].shape[0]))
-            stats.count = int(data["count"])
-            stats.mean = data["mean"].astype(np.float64)
-            stats.scatter = data["scatter"].astype(np.float64)
+        """Statistics written by :meth:`save`; a file that is not one (empty, truncated, foreign, inconsistent)
+        raises ValueError naming it."""
+        try:
+            with np.load(Path(path), allow_pickle=False) as data:
+                version = int(data["format_version"])
+                if version != _FORMAT_VERSION:
+                    raise ValueError(f"statistics format {version}, expected {_FORMAT_VERSION}")
+                count, mean, scatter = int(data["count"]), data["mean"], data["scatter"]
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+            raise ValueError(
+                f"{path} is not a readable statistics file (.npz of FeatureStats.save): {err}"
+            ) from None
+        dim = mean.shape[0] if mean.ndim == 1 else 0
+        if (
+            dim < 1
+            or scatter.shape != (dim, dim)
+            or count < 0
+            or not np.isfinite(scatter).all()
+            or not np.isfinite(mean).all()
+        ):
+            raise ValueError(
+                f"{path} holds inconsistent statistics: mean {mean.shape}, scatter {scatter.shape}, count {count}"
+            )
+        stats = cls(dim)
+        stats.count = count
+        stats.mean = mean.astype(np.float64)
+        stats.scatter = scatter.astype(np.float64)
         return stats
 
     def __repr__(self) -> str:

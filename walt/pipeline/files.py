@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -305,7 +305,9 @@ class _atomic_folder:
 
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        # Not mkdtemp, which makes the folder 0700: the model folder gets the umask's mode, as mkdir gives it.
+        self.tmp = self.path.parent / f".{self.path.name}.{secrets.token_hex(4)}"
+        self.tmp.mkdir()
         return self.tmp
 
     def __exit__(self, kind, value, traceback) -> None:

@@ -7,16 +7,27 @@ transformer), stores them in the tokenizer's buffers, and writes shards of norma
 Output folder:
   shard-00000.safetensors ...  "latents" (N, C, 1+k, h, w), "labels" (N,) when the data has labels;
                                metadata "captions" (JSON list) when it has captions
-  index.json                   shard names and sizes, latent shape, the statistics, the source config
   vae.safetensors, vae.yaml    tokenizer weights including the statistics (and their sha256, checked when they
                                are loaded), and its class_path/init_args
+  index.json                   shard names and sizes, latent shape, the statistics, the source config, the
+                               files skipped as unreadable; written last, so a folder without it is incomplete
+
+Every file appears whole or not at all (:mod:`walt.atomic`). A folder that holds an earlier run's outputs is
+refused unless ``--overwrite``, which removes them first: shards of two runs are never mixed.
+
+A file that cannot be read is skipped, not replaced by its neighbour as in training (that would give the
+neighbour's clip the skipped file's place, and in class-sorted data its label): the shards hold exactly the
+readable files, each with its own label, and the skipped ones are listed at the end and in index.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
-from collections.abc import Iterable, Sequence
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -26,10 +37,14 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from walt.atomic import TEMP_SUFFIX, atomic_path, write_atomic
 from walt.checkpoint import module_weights, read_checkpoint, read_weights, write_weights
+from walt.checks import int_at_least
 from walt.tokenizer.vae import CausalVAE
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHARD_PATTERN = "shard-*.safetensors"
+OUTPUT_FILES = ("index.json", "vae.safetensors", "vae.yaml")  # with the shards: what a run writes
 
 
 # ---- statistics and shards --------------------------------------------------------------------------------
@@ -39,7 +54,12 @@ STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 def latent_statistics(
     vae: CausalVAE, batches: Iterable[dict], max_samples: int | None = None, chunk_size: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and std of raw posterior means over every latent position (float64 accumulation)."""
+    """Per-channel mean and std of raw posterior means over every latent position (float64 accumulation).
+
+    Raises ValueError when there is no data, or when a channel's statistics could not normalize it (a
+    non-finite value, or a std of 0, by which every latent would be divided: NaN or infinite latents)."""
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1 (or None for all), got {max_samples}")
     device = vae.latent_shift.device
     total = torch.zeros(vae.latent_channels, dtype=torch.float64, device=device)
     total_sq, count, samples = torch.zeros_like(total), 0, 0
@@ -58,6 +78,15 @@ def latent_statistics(
         raise ValueError("no data to compute latent statistics from: the dataset is empty")
     mean = total / count
     std = (total_sq / count - mean.pow(2)).clamp_min(0).sqrt()
+    bad = [
+        c for c in range(len(mean)) if not (torch.isfinite(mean[c]) and torch.isfinite(std[c]) and std[c] > 0)
+    ]
+    if bad:
+        raise ValueError(
+            f"the latent statistics of channel(s) {bad} cannot normalize them (mean {mean[bad].tolist()}, std "
+            f"{std[bad].tolist()}, from {samples} clips): the tokenizer gives non-finite or constant latents "
+            "on this data; check its checkpoint"
+        )
     return mean.float(), std.float()
 
 
@@ -66,7 +95,8 @@ def _write_shard(path: Path, latents: list[Tensor], labels: list[Tensor], captio
     if labels:
         tensors["labels"] = torch.cat(labels).long().contiguous()
     metadata = {"captions": json.dumps(captions)} if captions else None
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return tensors["latents"].shape[0]
 
 
@@ -151,6 +181,8 @@ def load_vae_weights(vae: CausalVAE, checkpoint: str | Path, use_ema: bool = Tru
     """
     checkpoint = Path(checkpoint)
     if checkpoint.suffix == ".safetensors":
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"tokenizer weights not found: {checkpoint}")
         vae.load_state_dict(read_weights(checkpoint))
         return "file"
     state = read_checkpoint(checkpoint)["state_dict"]
@@ -166,6 +198,94 @@ def _dataset(data: L.LightningDataModule, split: str) -> Dataset:
     return dataset
 
 
+# ---- the files as they are: unreadable ones skipped, not replaced ------------------------------------------
+
+
+class _ExactItems(Dataset):
+    """``dataset[i]`` for exactly file ``i``: where the dataset would hand over the next file in place of an
+    unreadable one (:class:`walt.data.ClipDataset`), this gives ``{"skipped": path, "reason": message}``.
+    Datasets without files (procedural ones) are passed through."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        from walt.data.base import UNREADABLE, ClipDataset
+
+        if not isinstance(self.dataset, ClipDataset):
+            return self.dataset[index]
+        sample = self.dataset.samples[index]
+        try:
+            return self.dataset.load(sample)
+        except UNREADABLE as err:
+            return {"skipped": str(sample.path), "reason": str(err)}
+
+
+def _collate_readable(items: list[dict]) -> dict:
+    """A batch of the readable items (``collate_items``; none: no ``video``), with ``skipped``: path -> reason."""
+    from walt.data import collate_items
+
+    readable = [item for item in items if "skipped" not in item]
+    batch = collate_items(readable) if readable else {}
+    batch["skipped"] = {item["skipped"]: item["reason"] for item in items if "skipped" in item}
+    return batch
+
+
+def _readable(batches: Iterable[dict], skipped: dict[str, str]) -> Iterator[dict]:
+    """The batches that hold clips; the files skipped on the way are added to ``skipped`` (path -> reason), once
+    each however often they are read."""
+    for batch in batches:
+        skipped.update(batch.pop("skipped", {}))
+        if "video" in batch:
+            yield batch
+
+
+def _num_files(dataset: Dataset) -> int:
+    samples = getattr(dataset, "samples", None)
+    return len({str(s.path) for s in samples}) if samples is not None else len(dataset)
+
+
+def _skip_summary(skipped: dict[str, str], num_files: int, shown: int = 10) -> str:
+    """``skipped 2 of 120 files (unreadable): a.avi, b.avi`` (the first ``shown`` names)."""
+    names = [Path(p).name for p in sorted(skipped)]
+    more = f" and {len(names) - shown} more (all in index.json)" if len(names) > shown else ""
+    return f"skipped {len(names)} of {num_files} files (unreadable): {', '.join(names[:shown])}{more}"
+
+
+# ---- the output folder -------------------------------------------------------------------------------------
+
+
+def _earlier_outputs(out: Path) -> list[Path]:
+    """What a `walt encode` run left in ``out``: shards, index, tokenizer, and temporary files of a killed run
+    (other files are not this command's, and are left alone)."""
+    return sorted(p for p in out.iterdir() if _is_output(p.name)) if out.is_dir() else []
+
+
+def _is_output(name: str) -> bool:
+    if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+        name = name[1:].rsplit(".", 2)[0]  # .<name>.<random>.tmp (walt.atomic) -> <name>
+    return name in OUTPUT_FILES or fnmatch.fnmatch(name, SHARD_PATTERN)
+
+
+def _check_output(out: Path, overwrite: bool) -> list[Path]:
+    """The earlier outputs to remove before writing; refused without ``overwrite``."""
+    found = _earlier_outputs(out)
+    if found and not overwrite:
+        shards = sum(fnmatch.fnmatch(p.name, SHARD_PATTERN) for p in found)
+        state = "" if (out / "index.json").is_file() else ", no index.json: an interrupted run"
+        raise FileExistsError(
+            f"{out} holds the outputs of an earlier walt encode ({shards} shard(s){state}); choose a new --output "
+            "or pass --overwrite to replace them"
+        )
+    return found
+
+
+# ---- the command -------------------------------------------------------------------------------------------
+
+
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="walt encode",
@@ -176,31 +296,56 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--checkpoint", required=True, help="TokenizerModule .ckpt, or vae.safetensors")
     parser.add_argument("--output", required=True, help="folder for shards, index.json and the tokenizer")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the outputs of an earlier run in --output"
+    )
     parser.add_argument("--data", help="YAML whose `data:` section replaces the one in --config")
     parser.add_argument("--split", default="train", choices=["train", "val", "test"])
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--shard-size", type=int, default=1024, help="clips per shard")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=8)
     parser.add_argument(
-        "--chunk-size", type=int, default=None, help="latent frames per chunk (bounds memory)"
+        "--num-workers",
+        type=int_at_least(0),
+        default=min(4, os.cpu_count() or 1),  # more workers than cores only compete for them
+        help="data-loading processes (default: 4, or the number of CPU cores if fewer)",
+    )
+    parser.add_argument("--shard-size", type=int_at_least(1), default=1024, help="clips per shard")
+    parser.add_argument(
+        "--chunk-size", type=int_at_least(1), default=None, help="latent frames per chunk (bounds memory)"
     )
     parser.add_argument(
         "--stats-samples",
-        type=int,
+        type=int_at_least(0),
         default=1024,
-        help="clips used for the latent mean/std; 0 keeps the statistics already in the checkpoint",
+        help="clips used for the latent mean/std; 0 keeps the statistics the checkpoint holds (a "
+        "vae.safetensors written by walt encode; a tokenizer checkpoint has none, and is refused)",
     )
     parser.add_argument("--stats-only", action="store_true", help="compute statistics, write no shards")
     parser.add_argument("--no-ema", action="store_true", help="use the live weights even if an EMA exists")
     parser.add_argument("--dtype", default="float32", choices=list(STORE_DTYPES), help="stored latent dtype")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="run the encoder under bfloat16 autocast")
-    return parser.parse_args(list(argv))
+    args = parser.parse_args(list(argv))
+    for option in ("config", "checkpoint", "data"):  # before anything is built
+        path = getattr(args, option)
+        if path is not None and not Path(path).is_file():
+            parser.error(f"--{option} {path}: no such file")
+    return args
 
 
 def encode_main(argv: Sequence[str]) -> int:
     """`walt encode ...`; returns the process exit code."""
     args = _parse_args(argv)
+    try:
+        _encode(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:  # CheckpointError is a ValueError
+        print(f"walt encode: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> None:
+    out = Path(args.output)
+    earlier = _check_output(out, args.overwrite)  # refused before anything is loaded
     config = load_config(args.config)
     section = vae_section(config, args.config)
     data_config = load_config(args.data) if args.data else config
@@ -208,32 +353,39 @@ def encode_main(argv: Sequence[str]) -> int:
         raise ValueError(f"{args.data or args.config} has no data section; pass one with --data")
     vae = _instantiate(section, CausalVAE)
     used = load_vae_weights(vae, args.checkpoint, use_ema=not args.no_ema)
+    if args.stats_samples == 0 and _identity_stats(vae):
+        raise ValueError(
+            f"--stats-samples 0 keeps the latent statistics of the checkpoint, but {args.checkpoint} holds none "
+            "(a tokenizer checkpoint never does: walt encode computes them): give --stats-samples N, e.g. 1024"
+        )
     vae = vae.to(args.device).eval()
-    data = _instantiate(data_config["data"], L.LightningDataModule)
-    dataset = _dataset(data, args.split)
-    from walt.data import collate_items
-
+    dataset = _dataset(_instantiate(data_config["data"], L.LightningDataModule), args.split)
     loader = DataLoader(
-        dataset,
+        _ExactItems(dataset),
         batch_size=args.batch_size,
         shuffle=False,
         num_workers=args.num_workers,
-        collate_fn=collate_items,
+        collate_fn=_collate_readable,
     )
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    for path in earlier:  # --overwrite: the old outputs go before any new one is written
+        path.unlink(missing_ok=True)
+    skipped: dict[str, str] = {}
     autocast = torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.bf16)
     with autocast:
         if args.stats_samples > 0:
-            mean, std = latent_statistics(vae, loader, args.stats_samples, args.chunk_size)
+            mean, std = latent_statistics(
+                vae, _readable(loader, skipped), args.stats_samples, args.chunk_size
+            )
             vae.set_latent_stats(mean.to(args.device), std.to(args.device))
         write_weights(vae.state_dict(), out / "vae.safetensors", {"role": "tokenizer"})
-        (out / "vae.yaml").write_text(yaml.safe_dump(section, sort_keys=False))
+        write_atomic(out / "vae.yaml", yaml.safe_dump(section, sort_keys=False))
         shards = []
         if not args.stats_only:
+            batches = _readable(loader, skipped)
             shards = encode_to_shards(
-                vae, loader, out, args.shard_size, args.chunk_size, STORE_DTYPES[args.dtype]
+                vae, batches, out, args.shard_size, args.chunk_size, STORE_DTYPES[args.dtype]
             )
+    num_files = _num_files(dataset)
     index = {
         "shards": shards,
         "num_samples": sum(s["num_samples"] for s in shards),
@@ -244,10 +396,18 @@ def encode_main(argv: Sequence[str]) -> int:
         "checkpoint": str(args.checkpoint),
         "split": args.split,
         "classes": list(getattr(dataset, "classes", ()) or ()),
+        "num_files": num_files,
+        "skipped": [{"file": path, "reason": skipped[path]} for path in sorted(skipped)],
         "data": data_config["data"],
     }
-    (out / "index.json").write_text(json.dumps(index, indent=2))
+    write_atomic(out / "index.json", json.dumps(index, indent=2))  # last: the folder is complete
     print(f"walt encode: {index['num_samples']} clips in {len(shards)} shards -> {out}")
     print("latent mean", [round(v, 4) for v in index["latent_shift"]])
     print("latent std ", [round(v, 4) for v in index["latent_scale"]])
-    return 0
+    if skipped:
+        print(f"walt encode: {_skip_summary(skipped, num_files)}")
+
+
+def _identity_stats(vae: CausalVAE) -> bool:
+    """Whether the tokenizer's latent normalization is still the identity (no statistics set)."""
+    return bool((vae.latent_shift == 0).all() and (vae.latent_scale == 1).all())

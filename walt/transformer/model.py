@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from walt.checks import check_int
 from walt.conditioning import Conditioning
 from walt.config import records_init_args
 from walt.nn import (
@@ -84,6 +85,18 @@ class WALT(nn.Module):
         guidance_input: bool = False,
     ) -> None:
         super().__init__()
+        sizes = {
+            "in_channels": in_channels,
+            "depth": depth,
+            "hidden_size": hidden_size,
+            "num_heads": num_heads,
+        }
+        for name, value in sizes.items():
+            check_int(name, value, 1)
+        check_int("patch_size", patch_size, 1)
+        for name, value in dict(num_classes=num_classes, text_dim=text_dim).items():
+            if value is not None:
+                check_int(name, value, 1)
         T0, H0, W0 = input_size
         if H0 % patch_size or W0 % patch_size:
             raise ValueError(f"input_size {input_size} must be divisible by patch_size {patch_size}")

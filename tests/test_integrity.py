@@ -272,7 +272,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
         ("--eta", "-inf", "argument --eta: must be a finite number"),
         ("--eta", "-0.5", "--eta must be >= 0"),
         ("--fps", "nan", "argument --fps: must be a finite number"),
-        ("--fps", "0", "--fps must be > 0"),
+        ("--fps", "0", "argument --fps: must be a finite number > 0, got 0"),
     ],
 )
 def test_walt_sample_refuses_non_finite_settings_while_parsing(tmp_path, capsys, option, value, error):

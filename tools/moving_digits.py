@@ -60,6 +60,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 from demo import newest_checkpoint, walt  # noqa: E402  (tools/demo.py: `walt` commands as a user runs them)
 
+from walt.atomic import write_atomic  # noqa: E402
 from walt.data import MovingDigits, to_uint8  # noqa: E402
 from walt.data.datamodule import collate_items  # noqa: E402
 from walt.diffusion import SAMPLERS  # noqa: E402
@@ -206,9 +207,7 @@ def test_split(configs: dict[str, Path], num: int) -> MovingDigits:
 
 
 def save_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(payload, indent=2))
 
 
 # ---- stages -----------------------------------------------------------------------------------------------

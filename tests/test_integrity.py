@@ -104,6 +104,36 @@ def test_a_flipped_weight_in_last_ckpt_fails_every_loader_naming_the_file(corrup
         load_vae_weights(CausalVAE(**presets["tiny"], variational=False), path)
 
 
+def test_a_flip_outside_the_weights_is_refused_and_a_stripped_checkpoint_still_loads(trained, tmp_path):
+    """Found by tools/fault_injection.py: 4 bytes flipped in an Adam moment (or the random stream, or a loop
+    counter) passed the weights' hash, and `walt fit --ckpt_path` resumed on the damaged state without a word.
+    Every other entry of a walt fit checkpoint is hashed too; an entry removed on purpose (the optimizer state of
+    a checkpoint stripped for sharing) is no damage, and an entry the file was not written with is refused."""
+    from walt.checkpoint import sha256_of_entries
+
+    checkpoint = read_checkpoint(trained["ckpt"])
+    recorded = checkpoint["walt_integrity"]["entries_sha256"]
+    assert {"optimizer_states", "rng_states", "loops", "walt_model"} <= set(recorded)
+    assert recorded == sha256_of_entries(checkpoint)
+    path = tmp_path / "last.ckpt"
+    shutil.copy(trained["ckpt"], path)
+    moments = [v for s in checkpoint["optimizer_states"] for p in s["state"].values() for v in p.values()]
+    overwrite_one_float(path, max(moments, key=torch.Tensor.numel))
+    message = re.escape(f"{path} is corrupt: its optimizer_states do not match the hash written with them")
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint(path)
+    with pytest.raises(CheckpointError, match=message):
+        AtomicCheckpointIO().load_checkpoint(path)  # what a resume reads with
+
+    stripped = {k: v for k, v in checkpoint.items() if k != "optimizer_states"}
+    torch.save(stripped, tmp_path / "stripped.ckpt")
+    assert "optimizer_states" not in read_checkpoint(tmp_path / "stripped.ckpt")
+    Pipeline.from_pretrained(tmp_path / "stripped.ckpt")
+    torch.save({**stripped, "optimizer_stated": checkpoint["optimizer_states"]}, tmp_path / "renamed.ckpt")
+    with pytest.raises(CheckpointError, match="its optimizer_stated do not match"):
+        read_checkpoint(tmp_path / "renamed.ckpt")
+
+
 def test_walt_sample_on_a_corrupt_checkpoint_exits_with_the_reason(corrupt_ckpt, tmp_path):
     """The reported case: `walt sample` made black videos from such a file and exited 0."""
     path, _ = corrupt_ckpt

@@ -9,6 +9,12 @@ under ``walt_integrity`` (written by the training modules), a safetensors file i
 recomputes it and refuses a file whose weights changed since (a flipped bit, a bad disk or copy), and refuses
 NaN or infinite weights whether or not a hash was recorded. Files from an older walt, without a hash, are read
 with a warning.
+
+A checkpoint written by ``walt fit`` (:class:`walt.lightning.AtomicCheckpointIO`) also carries
+:func:`sha256_of_entries`: one hash per top-level entry other than the weights (optimizer state, random streams,
+loop counters, model description, ...), which a resume depends on as much as on the weights. Reading refuses an
+entry that changed or that was not written with the file; an entry removed on purpose (the optimizer state of a
+checkpoint stripped for sharing) is no damage and passes.
 """
 
 from __future__ import annotations
@@ -37,12 +43,15 @@ __all__ = [
     "nonfinite_weights",
     "read_checkpoint",
     "read_weights",
+    "sha256_of_entries",
+    "sign_checkpoint",
     "weights_sha256",
     "write_weights",
 ]
 
 INTEGRITY_KEY = "walt_integrity"  # in a checkpoint: {"weights_sha256": ...} of its state_dict
 SHA256_METADATA = "weights_sha256"  # in a safetensors header: the same hash of the file's tensors
+ENTRIES_SHA256 = "entries_sha256"  # in a checkpoint's walt_integrity: {entry: hash} of its other entries
 
 _PICKLE_START = b"\x80"  # the PROTO opcode that starts a pickle (torch's format before its zip archive)
 
@@ -137,6 +146,15 @@ def check_checkpoint(checkpoint: object, source: object) -> None:
     integrity = checkpoint.get(INTEGRITY_KEY)
     recorded = integrity.get("weights_sha256") if isinstance(integrity, dict) else None
     check_weights(checkpoint["state_dict"], recorded, source)
+    entries = integrity.get(ENTRIES_SHA256) if isinstance(integrity, dict) else None
+    if isinstance(entries, dict):  # written by walt fit since the entries were hashed
+        changed = [k for k, v in sha256_of_entries(checkpoint).items() if entries.get(k) != v]
+        if changed:
+            raise CheckpointError(
+                f"{source} is corrupt: its {', '.join(map(str, changed))} do not match the hash written with "
+                "them (the file changed after it was written: a bad disk, copy or download; resuming from it "
+                "would not continue the run it saved); use an earlier checkpoint or a fresh copy"
+            )
 
 
 def write_weights(state: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str]) -> Path:
@@ -145,6 +163,59 @@ def write_weights(state: Mapping[str, torch.Tensor], path: str | Path, metadata:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     header = {**metadata, SHA256_METADATA: weights_sha256(tensors)}
     return write_atomic(path, safetensors_bytes(tensors, metadata=header))
+
+
+def sha256_of_entries(checkpoint: Mapping[str, Any]) -> dict[str, str]:
+    """A sha256 for each top-level entry of a checkpoint but its weights (``state_dict``, which
+    :func:`weights_sha256` covers) and ``walt_integrity``: every tensor's dtype, shape and bytes, and every other
+    value's type and value, in the order stored (a pickle keeps the order of dicts). Written by
+    :func:`sign_checkpoint`, checked by :func:`check_checkpoint`."""
+    hashes = {}
+    for key, value in checkpoint.items():
+        if key not in ("state_dict", INTEGRITY_KEY):
+            digest = hashlib.sha256()
+            _update(digest, value)
+            hashes[str(key)] = digest.hexdigest()
+    return hashes
+
+
+def sign_checkpoint(checkpoint: dict[str, Any]) -> None:
+    """Records :func:`sha256_of_entries` in ``checkpoint``'s ``walt_integrity`` (beside the weights' hash that the
+    training module wrote there), just before the checkpoint is written."""
+    integrity = checkpoint.get(INTEGRITY_KEY)
+    integrity = dict(integrity) if isinstance(integrity, dict) else {}
+    integrity[ENTRIES_SHA256] = sha256_of_entries(checkpoint)
+    checkpoint[INTEGRITY_KEY] = integrity
+
+
+# Values whose repr is their value, the same before writing and after reading: hashed by type and repr. Any other
+# object (none occurs in walt's checkpoints; torch's weights-only reader would refuse most) by its type only, so
+# that a repr holding a memory address can never make a sound file look damaged.
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def _update(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, Mapping):
+        digest.update(f"mapping {len(value)}\0".encode())
+        for key, item in value.items():
+            _update(digest, key)
+            _update(digest, item)
+    elif isinstance(value, list | tuple):
+        digest.update(f"{type(value).__name__} {len(value)}\0".encode())
+        for item in value:
+            _update(digest, item)
+    elif isinstance(value, set | frozenset):  # unordered: a set of strings iterates in a per-process order
+        digest.update(f"set {len(value)}\0".encode())
+        for item in sorted(value, key=repr):
+            _update(digest, item)
+    elif isinstance(value, _PLAIN):
+        digest.update(f"{type(value).__name__} {value!r}\0".encode())
+    else:
+        digest.update(f"{type(value).__module__}.{type(value).__qualname__}\0".encode())
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from walt.atomic import write_atomic
-from walt.checkpoint import check_checkpoint, check_checkpoint_file, read_checkpoint
+from walt.checkpoint import check_checkpoint, check_checkpoint_file, read_checkpoint, sign_checkpoint
 
 __all__ = ["AtomicCheckpointIO", "PeriodicCheckpoint", "atomic_torch_save", "continue_log_versions"]
 
@@ -46,6 +46,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
     ) -> None:
+        sign_checkpoint(checkpoint)  # the hash of each entry but the weights (optimizer, loops, RNG, ...)
         if storage_options is not None or not _is_local_file_protocol(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return

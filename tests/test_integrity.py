@@ -28,6 +28,7 @@ from tests.test_base_module import backbone, data, module, trainer
 from tests.test_pipeline import ROOT, Payload, main_exit
 from walt.checkpoint import CheckpointError, read_checkpoint, read_weights, weights_sha256, write_weights
 from walt.cli import WaltCLI
+from walt.cli import main as walt_main
 from walt.data import SyntheticVideos, collate_items
 from walt.lightning import (
     AtomicCheckpointIO,
@@ -248,6 +249,34 @@ def test_a_tokenizer_at_lr_1e10_stops_at_its_first_nan_and_saves_nothing(tmp_pat
     ):
         _saving_trainer(tmp_path, max_steps=12).fit(tokenizer, videos)
     assert int(tokenizer.train_steps) == 1 and not list(tmp_path.glob("*.ckpt"))
+
+
+def test_walt_fit_says_in_one_line_why_a_diverged_run_stopped(tmp_path, monkeypatch, capsys):
+    """Found by tools/fault_injection.py: the run stopped at its first NaN, but `walt fit` printed the error at
+    the end of a traceback through Lightning's loops."""
+    config = yaml.safe_load((ROOT / "configs/tokenizer/quickstart.yaml").read_text())
+    model = config["model"]["init_args"]
+    model["vae"]["init_args"] = {k: list(v) if isinstance(v, tuple) else v for k, v in presets["tiny"].items()}
+    model["optimizer"]["init_args"]["lr"] = 1e10
+    model["num_log_videos"] = 0
+    data = config["data"]["init_args"]
+    for split in ("train", "val"):
+        data[split]["init_args"].update(num_samples=4, num_frames=5, resolution=16)
+    data["batch_size"] = 2
+    config["checkpoint"] = {"every_n_train_steps": 1, "train_time_interval": None}
+    config["trainer"].update(max_steps=4, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=str(tmp_path / "run"))  # fmt: skip
+    path = tmp_path / "tokenizer.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(sys, "argv", ["walt"])
+    with pytest.raises(SystemExit) as exit_info:
+        walt_main(["fit", "--config", str(path)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("walt fit: TokenizerModule: ")
+    assert "refusing to save a checkpoint at step 1" in err or "non-finite loss" in err
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 class _LearningRateAt(Callback):

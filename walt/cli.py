@@ -210,3 +210,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except CheckpointError as err:  # --ckpt_path names an empty or foreign file: its name and the problem
         print(f"walt {argv[0]}: {err}", file=sys.stderr)
         sys.exit(1)
+    except FloatingPointError as err:
+        # A diverged run (walt.lightning.WaltModule: a non-finite loss, or weights it refuses to save): the message
+        # says what happened and what was kept; a traceback through Lightning's loops would only bury it.
+        print(f"walt {argv[0]}: {err}", file=sys.stderr)
+        sys.exit(1)

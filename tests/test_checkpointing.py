@@ -36,6 +36,9 @@ from walt.cli import main as walt_main
 from walt.data import EpochShuffleSampler, ResumableDataLoader, SyntheticVideos, VideoDataModule
 from walt.lightning import AtomicCheckpointIO, PeriodicCheckpoint
 from walt.lightning.checkpoint import atomic_torch_save, parse_interval
+from walt.lightning.tokenizer import TokenizerModule
+from walt.tokenizer import CausalVAE, presets
+from walt.tokenizer.losses import TokenizerLoss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -296,6 +299,30 @@ def test_a_resume_mid_epoch_follows_the_uninterrupted_run_exactly(tmp_path, mixe
         )
         assert int(resumed.ema.num_updates) == 7
         assert _same(first.trainer.optimizers[0].state_dict(), fit.optimizers[0].state_dict())
+
+
+def test_a_resumed_variational_tokenizer_draws_the_same_posterior_noise(tmp_path):
+    """Found by tools/fault_injection.py: only the diffusion modules saved the random stream, so a variational
+    tokenizer (the UCF-101 and Kinetics configs) resumed with other posterior samples than the uninterrupted run
+    drew. Every walt module saves it now (WaltModule)."""
+
+    def tokenizer() -> TokenizerModule:
+        torch.manual_seed(0)
+        vae = CausalVAE(**presets["tiny"])  # variational: z = mean + noise * std
+        return TokenizerModule(vae, TokenizerLoss(), optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+
+    full = _Steps()
+    periodic = PeriodicCheckpoint(
+        tmp_path / "a", every_n_train_steps=1, train_time_interval=None, save_top_k=-1
+    )
+    first = tokenizer()
+    trainer(tmp_path / "a", max_steps=4, callbacks=[full, periodic]).fit(first, _data())
+    resumed, steps = tokenizer(), _Steps()
+    torch.manual_seed(1234)  # whatever the process did before must not matter
+    checkpoint = next((tmp_path / "a").glob("epoch=*-step=2.ckpt"))
+    trainer(tmp_path / "b", max_steps=4, callbacks=[steps]).fit(resumed, _data(), ckpt_path=checkpoint)
+    assert steps.rows == full.rows[2:]
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), resumed.state_dict().values()))
 
 
 def _same(a, b) -> bool:

@@ -418,25 +418,14 @@ class BaseDiffusionModule(WaltModule):
     # ---- checkpoints: exact resumption ----------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)  # refuses diverged weights, records the weights' hash
+        # WaltModule's: refuses diverged weights, records the weights' hash and the random stream.
+        super().on_save_checkpoint(checkpoint)
         if self.tokenizer is not None:  # the model describes itself: it loads without its training YAML
             checkpoint["walt_model"] = self.model_description()
-        # Lightning restores weights, optimizer and loop state; the random stream that draws t, noise and
-        # dropout is saved here too (as tensors, so checkpoints load with weights_only=True), so a run resumed
-        # at an epoch boundary follows the uninterrupted one step for step.
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # the random stream
         self.set_class_names((checkpoint.get("walt_model") or {}).get("class_names") or self._class_names)
-        states = checkpoint.get("rng_states")
-        if states is None:
-            return
-        torch.set_rng_state(states["torch"])
-        if states["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _check_text_encoder(backbone: WALT, text_encoder: TextEncoder | None) -> None:

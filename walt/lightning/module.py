@@ -7,6 +7,8 @@
   or infinite values or have exploded, so ``last.ckpt`` is never replaced by a diverged model;
 - every checkpoint carries the sha256 of its weights (:data:`walt.checkpoint.INTEGRITY_KEY`), which
   :func:`walt.checkpoint.read_checkpoint` checks;
+- every checkpoint carries the random stream (CPU and CUDA generators) and a resume restores it, so a resumed run
+  draws the same noise, timesteps, dropout and posterior samples as the uninterrupted one;
 - ``load_from_checkpoint`` reads with ``weights_only=True``, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says.
 """
 
@@ -38,7 +40,7 @@ GROWTH_LIMIT = 100.0
 
 class WaltModule(L.LightningModule):
     """The base of walt's training modules (see the module docstring). A subclass that overrides
-    ``on_save_checkpoint`` or ``on_train_start`` calls ``super()``'s."""
+    ``on_save_checkpoint``, ``on_load_checkpoint`` or ``on_train_start`` calls ``super()``'s."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,6 +90,21 @@ class WaltModule(L.LightningModule):
         if writes:
             checkpoint[INTEGRITY_KEY] = {"weights_sha256": weights_sha256(state)}
         self._saved_step = self.global_step
+        # Lightning restores weights, optimizer and loop state but not the random stream, which draws the
+        # diffusion timesteps and noise, dropout, and the tokenizer's posterior samples: saved here (as tensors,
+        # so checkpoints load with weights_only=True), so a resumed run follows the uninterrupted one step for step.
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None:  # written before the stream was saved
+            return
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
 
     def _divergence(self, state: Mapping[str, Any]) -> str | None:
         """Why ``state`` must not be saved (non-finite or exploded weights), or None; remembers its scales."""

@@ -38,9 +38,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from walt.atomic import TEMP_SUFFIX, atomic_path, write_atomic
-from walt.checkpoint import module_weights, read_checkpoint, read_weights, write_weights
+from walt.checkpoint import write_weights
 from walt.checks import int_at_least
 from walt.tokenizer.vae import CausalVAE
+from walt.tokenizer.weights import load_vae_weights  # also imported from here by older code
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHARD_PATTERN = "shard-*.safetensors"
@@ -172,23 +173,6 @@ def vae_section(config: dict, path: str | Path) -> dict:
             f"{path} has no model.init_args.vae section; pass the config the tokenizer was trained with "
             "(e.g. configs/tokenizer/ucf101_128.yaml)"
         ) from None
-
-
-def load_vae_weights(vae: CausalVAE, checkpoint: str | Path, use_ema: bool = True) -> str:
-    """Loads a TokenizerModule checkpoint (.ckpt) or a bare tokenizer state dict (.safetensors) into `vae`.
-
-    Returns which weights were used ("ema", "vae" or "file").
-    """
-    checkpoint = Path(checkpoint)
-    if checkpoint.suffix == ".safetensors":
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"tokenizer weights not found: {checkpoint}")
-        vae.load_state_dict(read_weights(checkpoint))
-        return "file"
-    state = read_checkpoint(checkpoint)["state_dict"]
-    weights, which = module_weights(state, "vae.", use_ema, checkpoint)
-    vae.load_state_dict(weights)
-    return "ema" if which == "ema" else "vae"
 
 
 def _dataset(data: L.LightningDataModule, split: str) -> Dataset:

@@ -46,14 +46,18 @@ class WaltCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
         super().parse_arguments(parser, args)
-        # Lightning reads --ckpt_path right after parsing (for its hyperparameters), where an empty file would
-        # fail as a bare EOFError: checked first, so the error names the file and what is wrong with it.
+        # Lightning reads --ckpt_path right after parsing (for its hyperparameters), with a bare torch.load whose
+        # failures are raw tracebacks: an EOFError for an empty file, an UnpicklingError for a malicious pickle,
+        # an IndexError or KeyError for some garbage. walt's reader goes first, so the run stops here, before
+        # anything is built, with one line naming the file and what is wrong with it (main() prints it): not a
+        # checkpoint, refused unread, or weights that changed since they were written (their hash). The resume
+        # reads the file again (AtomicCheckpointIO, the strategy's checkpoint reader), with the same checks.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
-            from walt.checkpoint import check_checkpoint_file
+            from walt.checkpoint import read_checkpoint
 
-            check_checkpoint_file(ckpt_path)
+            read_checkpoint(ckpt_path)
 
     def instantiate_classes(self) -> None:
         try:
@@ -207,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         WaltCLI(args=None if from_shell else argv)
-    except CheckpointError as err:  # --ckpt_path names an empty or foreign file: its name and the problem
+    except (
+        CheckpointError
+    ) as err:  # --ckpt_path names a file walt refuses: its name and the problem, no traceback
         print(f"walt {argv[0]}: {err}", file=sys.stderr)
         sys.exit(1)

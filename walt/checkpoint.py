@@ -34,7 +34,9 @@ __all__ = [
     "check_checkpoint",
     "check_checkpoint_file",
     "check_weights",
+    "is_sharded",
     "load_weights_only",
+    "local_tensors",
     "module_weights",
     "nonfinite_weights",
     "read_checkpoint",
@@ -115,6 +117,27 @@ def nonfinite_weights(state: Mapping[str, Any]) -> list[str]:
     return [
         k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()
     ]
+
+
+def local_tensors(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict as this process holds them: of a sharded one (FSDP's ``sharded`` state dict:
+    ShardedTensor or DTensor values), this rank's part of each, flattened; plain tensors as they are. Entries that
+    are not tensors are left out."""
+    local = {}
+    for name, value in state.items():
+        if hasattr(value, "local_shards"):  # torch.distributed._shard.sharded_tensor.ShardedTensor
+            parts = [shard.tensor.reshape(-1) for shard in value.local_shards()]
+            local[name] = torch.cat(parts) if parts else torch.empty(0, dtype=value.dtype)
+        elif hasattr(value, "to_local"):  # torch.distributed.tensor.DTensor
+            local[name] = value.to_local()
+        elif torch.is_tensor(value):
+            local[name] = value
+    return local
+
+
+def is_sharded(state: Mapping[str, Any]) -> bool:
+    """Whether a state dict holds sharded tensors (each process a part of them): see :func:`local_tensors`."""
+    return any(hasattr(v, "local_shards") or hasattr(v, "to_local") for v in state.values())
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -41,6 +41,7 @@ class WaltCLI(LightningCLI):
         if config.get("enable_checkpointing") is False:  # Lightning refuses a checkpoint callback then
             callbacks = [c for c in callbacks if not isinstance(c, PeriodicCheckpoint)]
         trainer = super()._instantiate_trainer(config, callbacks)
+        _checked_fsdp(trainer)
         install_atomic_io(trainer)
         return trainer
 
@@ -105,6 +106,19 @@ def _innermost_value_error(err: ValueError) -> ValueError:
         chain.append(cause)
         cause = cause.__cause__ or cause.__context__
     return next(e for e in reversed(chain) if isinstance(e, ValueError))
+
+
+def _checked_fsdp(trainer: L.Trainer) -> None:
+    """Lightning's FSDPStrategy (``class_path: lightning.pytorch.strategies.FSDPStrategy``, ``strategy: fsdp``)
+    reads and writes checkpoints itself, past walt's checks: made walt's subclass, which only changes how
+    checkpoints are read and written (:class:`walt.lightning.strategies.WaltFSDPStrategy`), its settings kept.
+    The strategy exists only as the Trainer's, built moments ago: nothing holds the old class."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from walt.lightning.strategies import WaltFSDPStrategy
+
+    if type(trainer.strategy) is FSDPStrategy:
+        trainer.strategy.__class__ = WaltFSDPStrategy
 
 
 def _stable_checkpoint_folder(trainer: L.Trainer) -> None:

@@ -225,8 +225,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         WaltCLI(args=None if from_shell else argv)
-    except (
-        CheckpointError
-    ) as err:  # --ckpt_path names a file walt refuses: its name and the problem, no traceback
+    except CheckpointError as err:  # a --ckpt_path walt refuses: its name and the problem, no traceback
         print(f"walt {argv[0]}: {err}", file=sys.stderr)
         sys.exit(1)

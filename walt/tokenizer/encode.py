@@ -203,7 +203,7 @@ class _ExactItems(Dataset):
             return self.dataset[index]
         sample = self.dataset.samples[index]
         try:
-            return self.dataset.load(sample)
+            return self.dataset.load(sample, self.dataset.item_rng(index))  # the clip dataset[index] gives
         except UNREADABLE as err:
             return {"skipped": str(sample.path), "reason": str(err)}
 

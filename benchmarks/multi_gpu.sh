@@ -2,6 +2,7 @@
 # The several-GPU runs (README "Multi-GPU", benchmarks/RESULTS.md), on one machine with N >= 2 CUDA GPUs:
 #   bash benchmarks/multi_gpu.sh checks  [OUT]   # gpu-marked tests (DDP/NCCL, FSDP, evaluate 1 vs N) and FVD 1 vs N
 #   bash benchmarks/multi_gpu.sh scaling [OUT]   # XL training step: 1 GPU, N GPUs DDP, N GPUs FSDP
+#   bash benchmarks/multi_gpu.sh ddp-compile [OUT] # compiled DDP: dynamo's graph split at buckets or not, bucket sizes
 #   bash benchmarks/multi_gpu.sh comm    [OUT]   # NCCL transport and all-reduce bandwidth; DDP with bf16 gradients;
 #                                                # eager FSDP against eager DDP
 #   bash benchmarks/multi_gpu.sh fit     [OUT]   # MovingDigits base: walt fit on 1 GPU and on N GPUs (DDP) at the
@@ -50,6 +51,16 @@ for r in rows:
     eff = f"{100 * one['ms_per_step'] / r['ms_per_step']:.1f} %" if one and r["ms_per_step"] else "-"
     print(f"{r['strategy']:>14} x{r['devices']}: {r['ms_per_step']} ms/step, {r['peak_gib']} GiB/GPU, scaling {eff}")
 PY
+fi
+
+if [ "$stage" = ddp-compile ]; then
+  # Why compiled DDP scales worse than eager DDP (74 % against 98 % on 2 GPUs): each variant in one run.
+  run() { python3 benchmarks/training.py --cases xl --compile --devices "$n" --strategy ddp "$@" 2>&1 | grep '^{'; }
+  python3 benchmarks/training.py --cases xl --compile --devices 1 --out "$out/xlc_1gpu.json" 2>&1 | grep '^{'
+  run --out "$out/xlc_ddp_default.json"
+  run --optimize-ddp no_optimization --out "$out/xlc_ddp_nosplit.json"
+  run --bucket-cap-mb 100 --out "$out/xlc_ddp_bucket100.json"
+  run --optimize-ddp no_optimization --bucket-cap-mb 100 --out "$out/xlc_ddp_nosplit_bucket100.json"
 fi
 
 if [ "$stage" = comm ]; then

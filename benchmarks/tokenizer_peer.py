@@ -255,7 +255,8 @@ def run(args: argparse.Namespace) -> dict:
     batches = iter(training_batches(args))  # exactly steps batches
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        last = step == args.steps or (args.max_seconds and time.perf_counter() - start > args.max_seconds)
+        over = args.max_seconds is not None and time.perf_counter() - start >= args.max_seconds
+        last = step == args.steps or over
         x = next(batches)["video"].to(device)  # (B, 3, T, H, W)
         for name, model in models.items():
             reset_peak(device)

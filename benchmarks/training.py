@@ -20,6 +20,7 @@ GPUs is ms_per_step(1) / ms_per_step(N).
 
     python benchmarks/training.py --cases moving_digits xl --out training.json [--compile] [--profile]
     python benchmarks/training.py --cases xl --compile --devices 8 --strategy ddp --out xl_ddp8.json
+    python benchmarks/training.py --cases xl --compile --devices 2 --strategy ddp --optimize-ddp no_optimization
     python benchmarks/training.py --smoke [--devices 2 --strategy ddp]   # tiny case on the CPU
 """
 
@@ -151,6 +152,12 @@ def run(name: str, args: argparse.Namespace) -> tuple[dict, bool]:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         strategy._ddp_comm_hook = getattr(default_hooks, f"{args.ddp_comm_hook}_compress_hook")
+    if args.bucket_cap_mb is not None:
+        strategy._ddp_kwargs["bucket_cap_mb"] = args.bucket_cap_mb
+    if args.optimize_ddp is not None:
+        # How dynamo meets DDP: by default (ddp_optimizer) it splits the compiled graph at DDP's bucket
+        # boundaries so all-reduces overlap the backward; no_optimization compiles one graph and all-reduces after.
+        torch._dynamo.config.optimize_ddp = args.optimize_ddp
     trainer = L.Trainer(
         accelerator="gpu" if cuda else "cpu",
         devices=args.devices,
@@ -171,6 +178,8 @@ def run(name: str, args: argparse.Namespace) -> tuple[dict, bool]:
         "devices": args.devices,
         "strategy": args.strategy or "single device",
         "ddp_comm_hook": args.ddp_comm_hook,
+        "optimize_ddp": args.optimize_ddp,
+        "bucket_cap_mb": args.bucket_cap_mb,
         "compile": args.compile,
         "batch": case["batch"],
         "grid": "x".join(map(str, case["grid"])),
@@ -218,6 +227,12 @@ def main() -> None:
         choices=["bf16", "fp16"],
         help="DDP: compress gradients to this dtype for the all-reduce",
     )
+    p.add_argument(
+        "--optimize-ddp",
+        choices=["ddp_optimizer", "no_optimization"],
+        help="DDP with --compile: torch._dynamo.config.optimize_ddp (default: torch's, ddp_optimizer)",
+    )
+    p.add_argument("--bucket-cap-mb", type=float, help="DDP: gradient bucket size (default: Lightning's, 25)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--smoke", action="store_true")

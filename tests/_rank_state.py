@@ -33,12 +33,27 @@ class SaveRankState(L.Callback):
 class SaveGatheredWeights(L.Callback):
     """Writes ``rank<r>.pt`` in ``folder``: every parameter and buffer of the module as this rank sees it with the
     FSDP shards gathered (``summon_full_params``, a collective every rank enters), under the names of the
-    unwrapped module, so they compare key for key with a checkpoint's ``state_dict``."""
+    unwrapped module, so they compare key for key with a checkpoint's ``state_dict``. Written when training ends,
+    or with ``at_step`` after that optimizer step (when that step's checkpoint is written), or with ``at_start``
+    when training starts (in a resumed run: the state just restored from the checkpoint)."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, at_step: int | None = None, at_start: bool = False) -> None:
         self.folder = Path(folder)
+        self.at_step, self.at_start = at_step, at_start
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.at_start:
+            self._save(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.at_step is not None and trainer.global_step == self.at_step:
+            self._save(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_step is None and not self.at_start:
+            self._save(trainer, pl_module)
+
+    def _save(self, trainer, pl_module) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         wrappers = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")

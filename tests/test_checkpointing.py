@@ -33,7 +33,14 @@ from tests.test_base_module import module, trainer
 from walt.checkpoint import CheckpointError, read_checkpoint
 from walt.cli import WaltCLI
 from walt.cli import main as walt_main
-from walt.data import EpochShuffleSampler, ResumableDataLoader, SyntheticVideos, VideoDataModule
+from walt.data import (
+    UCF101,
+    EpochShuffleSampler,
+    ResumableDataLoader,
+    SyntheticVideos,
+    VideoDataModule,
+    collate_items,
+)
 from walt.lightning import AtomicCheckpointIO, PeriodicCheckpoint
 from walt.lightning.checkpoint import atomic_torch_save, parse_interval
 from walt.lightning.tokenizer import TokenizerModule
@@ -378,6 +385,51 @@ def test_a_resumed_loader_keeps_its_workers_and_skips_only_once():
     reference = _batches(_loader(EpochShuffleSampler(20, seed=3)), 0)
     assert _batches(loader, 0) == reference[3:]
     assert _batches(loader, 0) == reference
+
+
+def test_random_clip_offsets_resume_exactly_with_workers(ucf_root):
+    """UCF-101 training clips start at a random frame. Each start is drawn from (seed, epoch, index), not from a
+    worker's random stream, whose state depends on which items that worker read before: resumed mid-epoch, two
+    workers read other batches than they did in the uninterrupted pass (batch 3 goes to the first worker, not the
+    second), and the loader still gives the uninterrupted pass's clips, bit for bit."""
+
+    def loader(num_workers: int = 2, **kwargs) -> ResumableDataLoader:
+        dataset = UCF101(ucf_root, split="train", num_frames=4, resolution=16)  # 6 clips of 20 frames
+        sampler = EpochShuffleSampler(len(dataset), seed=3)
+        return ResumableDataLoader(
+            dataset,
+            batch_size=1,
+            sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=collate_items,
+            **kwargs,
+        )
+
+    def videos(loader: ResumableDataLoader, epoch: int) -> list[torch.Tensor]:
+        loader.sampler.set_epoch(epoch)
+        return [batch["video"] for batch in loader]
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+    whole = loader()
+    epoch0, epoch1 = videos(whole, 0), videos(whole, 1)
+    assert len(epoch1) == 6
+    dataset = whole.dataset
+    starts = {}
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch, seed=3)
+        starts[epoch] = [dataset[i]["video"] for i in range(len(dataset))]
+    assert not same(starts[0], starts[1])  # another epoch, other clips of the same videos
+
+    resumed = loader()
+    resumed.load_state_dict({"epoch": 1, "batches": 3, "batches_per_epoch": 6})
+    assert same(videos(resumed, 1), epoch1[3:])
+    rng = torch.get_rng_state()
+    assert same(videos(loader(num_workers=0), 1), epoch1)  # in the main process: the same clips,
+    assert torch.equal(torch.get_rng_state(), rng)  # drawing nothing from the training's random stream
+    persistent = loader(persistent_workers=True)  # workers that keep their copy of the dataset between epochs
+    assert same(videos(persistent, 0), epoch0) and same(videos(persistent, 1), epoch1)
 
 
 def test_under_ddp_each_rank_skips_within_its_own_shard():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,11 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 from torch.distributed.fsdp import ShardingStrategy
 
 from tests.conftest import cpu_sized_config, write_tiny_latents
+from tests.test_pipeline import Payload
+from walt.checkpoint import load_weights_only, read_checkpoint
 from walt.cli import WaltCLI
+from walt.lightning import WaltFSDPStrategy
+from walt.lightning.strategies import MANIFEST
 from walt.transformer import WALT
 from walt.transformer.block import WindowBlock
 
@@ -53,6 +59,7 @@ def test_distributed_configs_parse_with_every_stage_config(config, monkeypatch):
 
     parsed, fsdp = _strategy([config, ROOT / "configs/distributed/fsdp.yaml"])
     assert isinstance(fsdp, FSDPStrategy) and parsed.trainer.precision == "bf16-mixed"
+    assert type(fsdp) is WaltFSDPStrategy  # checkpoints read with walt's checks, written atomically
     # Blocks and whole WALTs (the backbone and its EMA copy alike) are FSDP units; blocks are checkpointed.
     assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {WindowBlock, WALT}
     assert fsdp._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {WindowBlock}
@@ -157,6 +164,138 @@ def test_fsdp_on_two_gpus_checkpoints_the_gathered_weights_which_sample_on_one_g
         videos.append(pipe.generate(labels=[0, 1], seeds=[0, 1], steps=3, output="float", progress=False))
     assert videos[0].shape == (2, 3, 17, 32, 32)
     assert torch.isfinite(videos[0]).all() and torch.equal(videos[0], videos[1])
+
+
+def _fsdp_fit(
+    folder: Path, name: str, accelerator: str, state_dict_type: str, *args: str, weights_at: dict
+) -> subprocess.CompletedProcess:
+    """`walt fit` of the CPU-sized quickstart base config with configs/distributed/fsdp.yaml (its strategy's
+    state_dict_type set) on 2 processes, in ``folder/name``: 8 latents in batches of 2 per rank (2 steps per
+    epoch), 4 steps, a checkpoint after each (``epoch=E-step=S.ckpt``, a file or a sharded folder). Each rank
+    writes its weights, gathered from the shards, to ``folder/name/ranks`` when ``weights_at`` says
+    (tests/_rank_state.py's SaveGatheredWeights). On CPU processes the strategy is tests/_cpu_fsdp.py's CPUFSDP
+    (WaltFSDPStrategy, its FSDP units on the CPU)."""
+    run = folder / name
+    run.mkdir()
+    config = yaml.safe_load((ROOT / "configs/base/quickstart.yaml").read_text())
+    config["model"]["init_args"].update(sample_steps=2, num_log_samples=0)
+    config["trainer"].pop("max_epochs")
+    config["trainer"].update(
+        max_steps=4, check_val_every_n_epoch=None, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    config["checkpoint"] = {"every_n_train_steps": 1, "train_time_interval": None, "save_top_k": -1}
+    config["trainer"]["callbacks"] = [
+        {
+            "class_path": "_rank_state.SaveGatheredWeights",
+            "init_args": {"folder": str(run / "ranks"), **weights_at},
+        }
+    ]
+    path = cpu_sized_config(config, folder, f"{name}.yaml")  # the latents in `folder`, written once
+    config = yaml.safe_load(path.read_text())
+    config["data"]["init_args"]["batch_size"] = 2
+    config["trainer"]["default_root_dir"] = str(run / "run")
+    path.write_text(yaml.safe_dump(config))
+    fsdp = yaml.safe_load((ROOT / "configs/distributed/fsdp.yaml").read_text())
+    fsdp["trainer"]["strategy"]["init_args"]["state_dict_type"] = state_dict_type
+    if accelerator == "cpu":
+        fsdp["trainer"]["strategy"]["class_path"] = "_cpu_fsdp.CPUFSDP"
+        fsdp["trainer"]["precision"] = "32-true"
+    fsdp["trainer"].update(accelerator=accelerator, devices=2)
+    (run / "fsdp.yaml").write_text(yaml.safe_dump(fsdp))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")]))
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [
+        sys.executable,
+        "-m",
+        "walt",
+        "fit",
+        "--config",
+        str(path),
+        "--config",
+        str(run / "fsdp.yaml"),
+        *args,
+    ]
+    return subprocess.run(command, cwd=run, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("state_dict_type", ["full", "sharded"])
+@pytest.mark.parametrize(
+    "accelerator",
+    [pytest.param("cpu", marks=pytest.mark.slow), pytest.param("gpu", marks=[pytest.mark.gpu, two_gpus])],
+    ids=["cpu-gloo", "gpu-nccl"],
+)
+def test_an_fsdp_run_resumes_mid_epoch_through_walts_checks(tmp_path, accelerator, state_dict_type):
+    """configs/distributed/fsdp.yaml (walt.lightning.WaltFSDPStrategy) on 2 processes: every checkpoint is written
+    whole and signed (a file with its weights hash, or a sharded folder with its files' hashes); a run resumed
+    from the one of step 1 (mid-epoch) starts from exactly the weights, EMA and tokenizer every rank held after
+    step 1, and trains on to step 4; a corrupt copy and a forged one are refused, naming the file, on every rank,
+    without running the forger's code (Lightning's FSDPStrategy unpickled both without restriction, and had no
+    hash to check).
+
+    (The resumed steps do not repeat the uninterrupted run's: each rank's random stream is re-derived from rank
+    0's saved one when a multi-process run starts, BaseDiffusionModule.on_fit_start.)"""
+    write_tiny_latents(tmp_path)
+    done = _fsdp_fit(tmp_path, "whole", accelerator, state_dict_type, weights_at={"at_step": 1})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    checkpoints = tmp_path / "whole/run/checkpoints"
+    step1 = checkpoints / "epoch=0-step=1.ckpt"
+    if state_dict_type == "sharded":
+        assert step1.is_dir() and (step1 / MANIFEST).is_file() and (checkpoints / "last.ckpt").is_dir()
+        assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]  # no staging folder left
+    else:
+        weights = read_checkpoint(step1)["state_dict"]  # the weights hash checks out
+        saved = torch.load(tmp_path / "whole/ranks/rank0.pt")
+        assert weights.keys() <= saved.keys() and all(
+            torch.equal(weights[k].cpu(), saved[k]) for k in weights
+        )
+
+    resumed = ("--ckpt_path", str(step1))
+    done = _fsdp_fit(
+        tmp_path, "resumed", accelerator, state_dict_type, *resumed, weights_at={"at_start": True}
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    for rank in (0, 1):
+        after_step1, restored = (
+            torch.load(tmp_path / f"{run}/ranks/rank{rank}.pt") for run in ("whole", "resumed")
+        )
+        assert after_step1.keys() == restored.keys()
+        assert all(torch.equal(after_step1[k], restored[k]) for k in after_step1), rank
+    last = tmp_path / "resumed/run/checkpoints/last.ckpt"
+    meta = load_weights_only(last / "meta.pt") if state_dict_type == "sharded" else read_checkpoint(last)
+    assert meta["global_step"] == 4
+
+    corrupt, forged, marker = tmp_path / "corrupt.ckpt", tmp_path / "forged.ckpt", tmp_path / "payload_ran"
+    if state_dict_type == "sharded":
+        shutil.copytree(step1, corrupt)
+        shard = corrupt / "__1_0.distcp"
+        raw = bytearray(shard.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        shard.write_bytes(bytes(raw))
+        shutil.copytree(step1, forged)
+        (forged / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+        (forged / MANIFEST).unlink()  # a forger rewrites or drops the record: the unpickler refuses alone
+        refusals = {
+            corrupt: f"{shard} is corrupt",
+            forged: f"{forged / '.metadata'} is not a readable checkpoint index",
+        }
+    else:
+        shutil.copy(step1, corrupt)
+        state = read_checkpoint(corrupt)["state_dict"]
+        name = max(state, key=lambda k: state[k].numel())
+        raw, data = bytearray(corrupt.read_bytes()), state[name].contiguous().cpu().numpy().tobytes()
+        raw[raw.find(data) + len(data) // 2] ^= 0x01
+        corrupt.write_bytes(bytes(raw))
+        torch.save({"state_dict": state, "payload": Payload(marker)}, forged)
+        refusals = {corrupt: f"{corrupt} is corrupt", forged: f"{forged} is not a readable walt checkpoint"}
+    for bad, message in refusals.items():
+        done = _fsdp_fit(
+            tmp_path, bad.stem, accelerator, state_dict_type, "--ckpt_path", str(bad), weights_at={}
+        )
+        assert done.returncode != 0 and message in done.stderr, done.stdout[-3000:] + done.stderr[-5000:]
+        assert not marker.exists() and not list((tmp_path / bad.stem).glob("run/checkpoints/*"))
 
 
 @pytest.mark.gpu

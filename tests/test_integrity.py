@@ -24,6 +24,7 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader
 
 from tests import test_pipeline
+from tests.conftest import cpu_sized_config, write_tiny_latents
 from tests.test_base_module import backbone, data, module, trainer
 from tests.test_pipeline import ROOT, Payload, main_exit
 from walt.checkpoint import CheckpointError, read_checkpoint, read_weights, weights_sha256, write_weights
@@ -256,7 +257,9 @@ def test_walt_fit_says_in_one_line_why_a_diverged_run_stopped(tmp_path, monkeypa
     the end of a traceback through Lightning's loops."""
     config = yaml.safe_load((ROOT / "configs/tokenizer/quickstart.yaml").read_text())
     model = config["model"]["init_args"]
-    model["vae"]["init_args"] = {k: list(v) if isinstance(v, tuple) else v for k, v in presets["tiny"].items()}
+    model["vae"]["init_args"] = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in presets["tiny"].items()
+    }
     model["optimizer"]["init_args"]["lr"] = 1e10
     model["num_log_videos"] = 0
     data = config["data"]["init_args"]
@@ -394,11 +397,87 @@ def test_no_loader_runs_a_checkpoints_pickled_code(malicious, load):
 
 
 def test_walt_fit_resume_runs_no_pickled_code(malicious, trained, monkeypatch):
-    """`walt fit --ckpt_path`: LightningCLI reads the file first, for hyperparameters, with weights_only=True
-    passed explicitly; the resume's own read is AtomicCheckpointIO's (above)."""
+    """`walt fit --ckpt_path`: WaltCLI reads the file first, with walt's reader, before LightningCLI's read for
+    hyperparameters; the resume's own read is AtomicCheckpointIO's (above)."""
     path, marker = malicious
     monkeypatch.setattr(sys, "argv", ["walt"])
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):  # LightningCLI's first read
+    with pytest.raises(CheckpointError, match=re.escape(f"{path} is not a readable walt checkpoint: Trying to "
+                                                        "load unsupported GLOBAL")):  # fmt: skip
         WaltCLI(args=["fit", "--config", str(trained["config"]), "--trainer.max_steps", "3",
                       "--ckpt_path", str(path)])  # fmt: skip
     assert not marker.exists()
+
+
+def _bad_checkpoints(folder: Path, marker: Path) -> dict[str, tuple[Path, str]]:
+    """Files given as --ckpt_path, each with what walt must say about it."""
+    files: dict[str, tuple[Path, str]] = {}
+    path = folder / "malicious.ckpt"  # a real PyTorch archive whose unpickling would run `touch <marker>`
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": Payload(marker)}, path)
+    files["malicious"] = path, "is not a readable walt checkpoint: Trying to load unsupported GLOBAL"
+    path = folder / "raw-malicious.ckpt"  # the same payload as a bare pickle (torch's pre-zip format)
+    path.write_bytes(pickle.dumps(Payload(marker), protocol=2))
+    files["raw-malicious"] = path, "is not a readable walt checkpoint: Trying to load unsupported GLOBAL"
+    path = (
+        folder / "random.ckpt"
+    )  # random bytes that start as a pickle does: torch fails deep in its unpickler
+    path.write_bytes(b"\x80\x02" + torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
+                     .to(torch.uint8).numpy().tobytes())  # fmt: skip
+    files["random-bytes"] = path, "is not a readable walt checkpoint"
+    path = folder / "empty.ckpt"
+    path.write_bytes(b"")
+    files["empty"] = path, r"is an empty file \(0 bytes\), not a checkpoint"
+    good = {"state_dict": {"w": torch.linspace(-1, 1, 4096)}}
+    good["walt_integrity"] = {"weights_sha256": weights_sha256(good["state_dict"])}
+    path = folder / "truncated.ckpt"
+    torch.save(good, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    files["truncated"] = path, "is not a checkpoint: its .* bytes are neither a PyTorch archive nor a pickle"
+    path = folder / "flipped.ckpt"  # one bit of one weight flipped, the file's structure whole
+    torch.save(good, path)
+    raw = bytearray(path.read_bytes())
+    at = raw.find(good["state_dict"]["w"].numpy().tobytes()) + 4 * 1000 + 1
+    raw[at] ^= 0x04
+    path.write_bytes(bytes(raw))
+    assert not torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], good["state_dict"]["w"])
+    files["flipped-byte"] = path, "is corrupt: its weights do not match the hash written with them"
+    return files
+
+
+@pytest.mark.parametrize(
+    ("command", "case"),
+    [
+        ("fit", "malicious"),
+        ("fit", "random-bytes"),
+        ("fit", "empty"),
+        ("fit", "flipped-byte"),
+        ("validate", "raw-malicious"),
+        ("validate", "truncated"),
+        ("test", "malicious"),
+    ],
+)
+def test_walt_refuses_a_bad_ckpt_path_in_one_line_naming_the_file(tmp_path, command, case):
+    """`walt fit/validate/test --ckpt_path <file>` on a file that is not a sound checkpoint exits 1 with one line
+    naming the file and what is wrong with it: no Python traceback (torch's UnpicklingError, IndexError or
+    EOFError), no payload run (even with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1), nothing built or written."""
+    write_tiny_latents(tmp_path)
+    config = yaml.safe_load((ROOT / "configs/base/quickstart.yaml").read_text())
+    config["trainer"].update(max_steps=2, logger=False, enable_progress_bar=False)
+    config_path = cpu_sized_config(config, tmp_path, "base.yaml")
+    marker = tmp_path / "payload_ran"
+    path, message = _bad_checkpoints(tmp_path, marker)[case]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "walt", command, "--config", str(config_path), "--ckpt_path", str(path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert re.fullmatch(f"walt {command}: {re.escape(str(path))} {message}.*", lines[-1]), done.stderr
+    assert len(lines) == 1, done.stderr  # the error alone: no warning or log line around it
+    assert not marker.exists() and not (tmp_path / "run").exists()

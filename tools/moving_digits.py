@@ -182,8 +182,9 @@ def clips(dataset: MovingDigits, workers: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def as_uint8(videos: torch.Tensor) -> np.ndarray:
-    """(N, 3, T, H, W) in [-1, 1] -> (N, T, H, W, 3) uint8, the protocol readers' input."""
-    return np.stack([to_uint8(v).numpy() for v in videos])
+    """(N, 3, T, H, W) in [-1, 1] -> (N, T, H, W, 3) uint8, the protocol readers' input. A few large ops, not one
+    per clip: thousands of small multi-threaded CPU ops stall when another process shares the cores."""
+    return np.concatenate([to_uint8(chunk).numpy() for chunk in videos.split(256)])
 
 
 def load_vae(config: Path, weights: Path, device: str) -> CausalVAE:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import struct
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -39,6 +40,9 @@ __all__ = [
     "check_checkpoint",
     "check_checkpoint_file",
     "check_weights",
+    "is_sharded",
+    "load_weights_only",
+    "local_tensors",
     "module_weights",
     "nonfinite_weights",
     "read_checkpoint",
@@ -124,18 +128,57 @@ def nonfinite_weights(state: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def local_tensors(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict as this process holds them: of a sharded one (FSDP's ``sharded`` state dict:
+    ShardedTensor or DTensor values), this rank's part of each, flattened; plain tensors as they are. Entries that
+    are not tensors are left out."""
+    local = {}
+    for name, value in state.items():
+        if hasattr(value, "local_shards"):  # torch.distributed._shard.sharded_tensor.ShardedTensor
+            parts = [shard.tensor.reshape(-1) for shard in value.local_shards()]
+            local[name] = torch.cat(parts) if parts else torch.empty(0, dtype=value.dtype)
+        elif hasattr(value, "to_local"):  # torch.distributed.tensor.DTensor
+            local[name] = value.to_local()
+        elif torch.is_tensor(value):
+            local[name] = value
+    return local
+
+
+def is_sharded(state: Mapping[str, Any]) -> bool:
+    """Whether a state dict holds sharded tensors (each process a part of them): see :func:`local_tensors`."""
+    return any(hasattr(v, "local_shards") or hasattr(v, "to_local") for v in state.values())
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint's dict, read without running any pickled code, its weights checked (:func:`check_weights`)."""
     path = check_checkpoint_file(path)
+    checkpoint = load_weights_only(path)
+    check_checkpoint(checkpoint, path)
+    return checkpoint
+
+
+def load_weights_only(path: str | Path, **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True)`` (``kwargs`` passed on; ``map_location`` "cpu" unless given) whose
+    every failure is a :class:`CheckpointError` naming the file and the problem in one line.
+
+    On a file that is not a checkpoint, the weights-only unpickler fails in many ways besides its own
+    ``UnpicklingError`` (a malicious pickle's forbidden global): random bytes that start like a pickle end in an
+    ``IndexError``, ``KeyError``, ``UnicodeDecodeError`` or ``EOFError`` from deep inside it. All of them mean the
+    same, and none lets a pickled object run code."""
+    kwargs.setdefault("map_location", "cpu")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
+        with warnings.catch_warnings():
+            # Garbage that starts like a pickle claims some protocol; torch warns about it before failing.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, weights_only=True, **kwargs)
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read: {err.strerror or err}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, LookupError,
+            TypeError, struct.error, zipfile.BadZipFile, OverflowError, MemoryError) as err:  # fmt: skip
         raise CheckpointError(
             f"{path} is not a readable walt checkpoint: {_reason(err)} (a checkpoint holds only tensors and "
             "plain containers; anything else is refused unread)"
         ) from None
-    check_checkpoint(checkpoint, path)
-    return checkpoint
 
 
 def check_checkpoint(checkpoint: object, source: object) -> None:
@@ -250,8 +293,18 @@ def module_weights(
 
 
 def _reason(err: Exception) -> str:
-    """The line of a loading error that says what is wrong: for a refused pickle, the unpickler's (PyTorch's
-    first line only suggests loading the file with weights_only=False, which walt never does)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-    refused = [line for line in lines if line.startswith("WeightsUnpickler error:")]
-    return (refused or lines)[0].removeprefix("WeightsUnpickler error: ").split(". Please use")[0][:300]
+    """The line of a loading error that says what is wrong. For a refused pickle that is the unpickler's own
+    line ("Trying to load unsupported GLOBAL posix.system ..."), not PyTorch's boilerplate around it, whose first
+    line suggests loading the file with weights_only=False, which walt never does."""
+    boilerplate = (
+        "Weights only load failed",
+        "Please file an issue",
+        "Check the documentation",
+        "Please use",
+    )
+    lines = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in str(err).splitlines()]
+    meaningful = [line for line in lines if line and not line.startswith(boilerplate)]
+    if isinstance(err, (pickle.UnpicklingError, RuntimeError, ValueError)) and meaningful:
+        return meaningful[0][:300]
+    detail = f": {meaningful[0]}" if meaningful else ""  # e.g. IndexError: pop from empty list
+    return f"its bytes break the unpickler ({type(err).__name__}{detail})"[:300]

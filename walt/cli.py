@@ -41,19 +41,24 @@ class WaltCLI(LightningCLI):
         if config.get("enable_checkpointing") is False:  # Lightning refuses a checkpoint callback then
             callbacks = [c for c in callbacks if not isinstance(c, PeriodicCheckpoint)]
         trainer = super()._instantiate_trainer(config, callbacks)
+        _checked_fsdp(trainer)
         install_atomic_io(trainer)
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
         super().parse_arguments(parser, args)
-        # Lightning reads --ckpt_path right after parsing (for its hyperparameters), where an empty file would
-        # fail as a bare EOFError: checked first, so the error names the file and what is wrong with it.
+        # Lightning reads --ckpt_path right after parsing (for its hyperparameters), with a bare torch.load whose
+        # failures are raw tracebacks: an EOFError for an empty file, an UnpicklingError for a malicious pickle,
+        # an IndexError or KeyError for some garbage. walt's reader goes first, so the run stops here, before
+        # anything is built, with one line naming the file and what is wrong with it (main() prints it): not a
+        # checkpoint, refused unread, or weights that changed since they were written (their hash). The resume
+        # reads the file again (AtomicCheckpointIO, the strategy's checkpoint reader), with the same checks.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
-            from walt.checkpoint import check_checkpoint_file
+            from walt.checkpoint import read_checkpoint
 
-            check_checkpoint_file(ckpt_path)
+            read_checkpoint(ckpt_path)
 
     def instantiate_classes(self) -> None:
         try:
@@ -101,6 +106,19 @@ def _innermost_value_error(err: ValueError) -> ValueError:
         chain.append(cause)
         cause = cause.__cause__ or cause.__context__
     return next(e for e in reversed(chain) if isinstance(e, ValueError))
+
+
+def _checked_fsdp(trainer: L.Trainer) -> None:
+    """Lightning's FSDPStrategy (``class_path: lightning.pytorch.strategies.FSDPStrategy``, ``strategy: fsdp``)
+    reads and writes checkpoints itself, past walt's checks: made walt's subclass, which only changes how
+    checkpoints are read and written (:class:`walt.lightning.strategies.WaltFSDPStrategy`), its settings kept.
+    The strategy exists only as the Trainer's, built moments ago: nothing holds the old class."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from walt.lightning.strategies import WaltFSDPStrategy
+
+    if type(trainer.strategy) is FSDPStrategy:
+        trainer.strategy.__class__ = WaltFSDPStrategy
 
 
 def _stable_checkpoint_folder(trainer: L.Trainer) -> None:
@@ -207,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         WaltCLI(args=None if from_shell else argv)
-    except CheckpointError as err:  # --ckpt_path names an empty or foreign file: its name and the problem
+    except CheckpointError as err:  # a --ckpt_path walt refuses: its name and the problem, no traceback
         print(f"walt {argv[0]}: {err}", file=sys.stderr)
         sys.exit(1)
     except FloatingPointError as err:

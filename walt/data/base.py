@@ -128,6 +128,12 @@ class ClipDataset(Dataset):
     A file that cannot be decoded (or is too short under ``short_policy="skip"``) is skipped: the warning names
     it, :attr:`num_skipped` counts it, and the next file in the index is returned instead, so one bad file
     never stops a run.
+
+    Where a clip starts (``offset="random"``) is drawn from ``(seed, epoch, index)`` alone
+    (:meth:`item_rng`): not from a random stream a data-loader worker carries from item to item, whose state
+    depends on which worker read which items before, so a run resumed mid-epoch with workers reads exactly the
+    clips the uninterrupted run read. The training loader (:class:`walt.data.ResumableDataLoader`) sets seed and
+    epoch before each pass (:meth:`set_epoch`); read otherwise, the dataset gives epoch 0's clips.
     """
 
     def __init__(
@@ -148,6 +154,19 @@ class ClipDataset(Dataset):
         self.offset: Offset = offset
         self.short_policy: ShortPolicy = short_policy
         self.skips = SkipCounter([s.path for s in self.samples])
+        # (seed, epoch) of the pass being read, in shared memory: set in the main process, seen by the loader's
+        # worker processes, persistent ones included (which keep their copy of the dataset from pass to pass).
+        self._stream = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int, seed: int = 0) -> None:
+        """Draws the random clip offsets of the coming pass from ``(seed, epoch)``: each epoch sees other clips,
+        and the same epoch the same ones, whichever worker reads them and whatever it read before."""
+        self._stream[0], self._stream[1] = int(seed), int(epoch)
+
+    def item_rng(self, index: int) -> np.random.Generator:
+        """The random stream of item ``index`` in the current pass: a function of (seed, epoch, index) only."""
+        seed, epoch = (int(v) for v in self._stream.tolist())
+        return np.random.default_rng([seed, epoch, index])
 
     classes: Sequence[str] = ()  # class names in label order, where the data has classes
 
@@ -170,18 +189,17 @@ class ClipDataset(Dataset):
         for attempt in range(len(self.samples)):
             sample = self.samples[(index + attempt) % len(self.samples)]
             try:
-                return self.load(sample)
+                return self.load(sample, self.item_rng(index))
             except UNREADABLE as err:
                 self.skips.record(sample.path, err)
         raise RuntimeError(
             f"every one of the {len(self.samples)} videos failed to load; see the warnings above"
         )
 
-    def load(self, sample: VideoSample) -> dict:
-        """Read one clip of ``sample`` into the dataset's item dict."""
-        # A fresh generator per call, seeded from torch's RNG, so Lightning's worker seeding makes offsets
-        # reproducible while different epochs still see different clips.
-        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+    def load(self, sample: VideoSample, rng: np.random.Generator | None = None) -> dict:
+        """Read one clip of ``sample`` into the dataset's item dict; ``rng`` places a random clip (the item's
+        :meth:`item_rng`; by default that of index 0)."""
+        rng = rng if rng is not None else self.item_rng(0)
         info = probe_video(sample.path)
         if info.num_frames > 0:
             first, stop = segment_frames(sample, info.fps, info.num_frames)

@@ -143,8 +143,11 @@ class ResumableDataLoader(DataLoader):
     Lightning takes a sized loader's batches one at a time, without fetching ahead.
 
     The sampler's order must depend only on its seed and epoch (as :class:`EpochShuffleSampler`'s and
-    :class:`MixedBatchSampler`'s do). A loader whose batches per epoch changed (another batch size or GPU
-    count) cannot continue the old order: it starts the epoch afresh, with a warning.
+    :class:`MixedBatchSampler`'s do), and so must each item's own randomness, whichever worker reads it: before
+    each pass the loader gives every :class:`walt.data.ClipDataset` it reads (also inside a ``ConcatDataset`` or
+    ``Subset``) the sampler's seed and epoch, from which it draws its random clip offsets (``set_epoch``). A
+    loader whose batches per epoch changed (another batch size or GPU count) cannot continue the old order: it
+    starts the epoch afresh, with a warning.
     """
 
     _resume: dict[str, Any] | None = None  # a loaded state, applied when the next pass starts
@@ -154,9 +157,12 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         epoch = getattr(self.sampler, "epoch", None)
+        seed = _sampler_seed(self.sampler)
         # A DataLoader iterator draws its workers' base seed when created: from torch's global stream, it would
         # shift the training's random draws by one whenever a resumed run creates its iterator mid-epoch.
-        self.generator = torch.Generator().manual_seed(_seed(getattr(self.sampler, "seed", 0), epoch or 0))
+        self.generator = torch.Generator().manual_seed(_seed(seed, epoch or 0))
+        # Before the workers read anything of this pass (persistent ones are handed its indices only below).
+        _set_item_stream(self.dataset, epoch or 0, seed)
         self._skip = self._resume_point(epoch)
         self._epoch, self._handed_out = epoch, self._skip
         for batch in super().__iter__():
@@ -218,6 +224,28 @@ class _Batches(Dataset):
 
     def __getitem__(self, indices: list[int]) -> list[dict]:
         return [self.dataset[i] for i in indices]
+
+
+def _sampler_seed(sampler: Sampler) -> int:
+    """The seed of a loader's sampler, or of the sampler Lightning's ``DistributedSamplerWrapper`` shards (DDP)."""
+    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+    return int(getattr(inner if inner is not None else sampler, "seed", 0))
+
+
+def _set_item_stream(dataset: Dataset, epoch: int, seed: int, depth: int = 0) -> None:
+    """``set_epoch(epoch, seed)`` on every :class:`walt.data.ClipDataset` in ``dataset``, looking inside the
+    wrappers that hold others (``_Batches``, ``Subset``: ``.dataset``; ``ConcatDataset``: ``.datasets``)."""
+    from walt.data.base import ClipDataset
+
+    if isinstance(dataset, ClipDataset):
+        dataset.set_epoch(epoch, seed)
+        return
+    if depth > 8:
+        return
+    inner = [getattr(dataset, "dataset", None), *(getattr(dataset, "datasets", None) or [])]
+    for child in inner:
+        if isinstance(child, Dataset):
+            _set_item_stream(child, epoch, seed, depth + 1)
 
 
 def _seed(*values: int) -> int:

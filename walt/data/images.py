@@ -51,7 +51,7 @@ class ImageFolderVideos(ClipDataset):
             raise FileNotFoundError(f"no images with extensions {sorted(exts)} under {self.root}")
         super().__init__(samples, num_frames=1, resolution=resolution, offset="start")
 
-    def load(self, sample: VideoSample) -> dict:
+    def load(self, sample: VideoSample, rng: np.random.Generator | None = None) -> dict:
         try:
             with Image.open(sample.path) as img:
                 rgb = np.array(img.convert("RGB"))  # (H, W, 3) uint8

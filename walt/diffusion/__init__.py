@@ -1,4 +1,5 @@
-"""Diffusion as small pure functions: schedules, parameterisations, the loss and the samplers."""
+"""Diffusion as small pure functions and objects: schedules, parameterisations, the loss, the training
+objectives, self-conditioning and the samplers."""
 
 from walt.diffusion.distillation import guidance_scales, guided_target, student_times, two_step_target
 from walt.diffusion.guidance import (
@@ -11,9 +12,17 @@ from walt.diffusion.guidance import (
 )
 from walt.diffusion.loss import corrupt, v_loss
 from walt.diffusion.noise import Generators, per_sample_generators, randn
+from walt.diffusion.objectives import (
+    ConditionFn,
+    GuidanceDistillation,
+    Objective,
+    ProgressiveDistillation,
+    VPrediction,
+)
 from walt.diffusion.parameterization import (
     eps_from_v,
     expand_like,
+    expand_time,
     noisy,
     v_from_eps,
     velocity,
@@ -38,14 +47,20 @@ from walt.diffusion.schedule import (
     linear_beta_alphas_cumprod,
     rescale_zero_terminal_snr,
 )
+from walt.diffusion.self_conditioning import estimate_input, self_condition, x0_estimate
 
 __all__ = [
     "SAMPLERS",
+    "ConditionFn",
     "ConditionalModel",
     "CosineSchedule",
     "Generators",
+    "GuidanceDistillation",
     "ModelFn",
     "NoiseSchedule",
+    "Objective",
+    "ProgressiveDistillation",
+    "VPrediction",
     "ZeroTerminalSNRLinearSchedule",
     "alpha_sigma",
     "classifier_free_guidance",
@@ -56,7 +71,9 @@ __all__ = [
     "ddpm_sample",
     "dpmpp_2m_sample",
     "eps_from_v",
+    "estimate_input",
     "expand_like",
+    "expand_time",
     "guidance_scales",
     "guided",
     "guided_target",
@@ -67,6 +84,7 @@ __all__ = [
     "randn",
     "rescale_zero_terminal_snr",
     "sample",
+    "self_condition",
     "self_conditioned",
     "student_times",
     "time_grid",
@@ -74,6 +92,7 @@ __all__ = [
     "v_from_eps",
     "v_loss",
     "velocity",
+    "x0_estimate",
     "x0_from_eps",
     "x0_from_v",
 ]

@@ -14,9 +14,10 @@ from collections.abc import Callable
 import torch
 
 from walt.conditioning import Conditioning
-from walt.diffusion.parameterization import expand_like, x0_from_v
+from walt.diffusion.parameterization import expand_like
 from walt.diffusion.samplers import ModelFn
 from walt.diffusion.schedule import NoiseSchedule
+from walt.diffusion.self_conditioning import ConditionalModel, x0_estimate
 
 __all__ = [
     "ConditionalModel",
@@ -28,7 +29,6 @@ __all__ = [
     "self_conditioned",
 ]
 
-ConditionalModel = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
 GuidanceScale = float | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 # Signals that classifier-free guidance drops; the rest (low-res input, augmentation level, self-conditioning,
@@ -160,9 +160,7 @@ def self_conditioned(
 
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         step_cond = dataclasses.replace(cond, self_cond=previous[-1] if previous else None)
-        v = model(x_t, t, step_cond)  # (B, C, T, H, W)
-        alpha, sigma = schedule.alpha_sigma(t)
-        x0 = x0_from_v(x_t, v, expand_like(alpha, x_t).to(x_t.dtype), expand_like(sigma, x_t).to(x_t.dtype))
+        v, x0 = x0_estimate(model, x_t, t, step_cond, schedule)  # (B, C, T, H, W) each
         previous[:] = [x0.detach()]
         return v
 

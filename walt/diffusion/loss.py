@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from walt.diffusion.parameterization import expand_like, noisy, velocity
+from walt.diffusion.parameterization import expand_time, noisy, velocity
 from walt.diffusion.schedule import NoiseSchedule
 
 __all__ = ["corrupt", "v_loss"]
@@ -13,9 +13,10 @@ __all__ = ["corrupt", "v_loss"]
 def corrupt(
     x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: NoiseSchedule
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noisy inputs and velocity targets for data ``x0`` (B, ...) at per-sample times ``t`` (B,)."""
+    """Noisy inputs and velocity targets for data ``x0`` (B, ...) at per-sample times ``t`` (B,), or per-frame
+    times (B, T) for latents (B, C, T, H, W)."""
     alpha, sigma = schedule.alpha_sigma(t)
-    alpha, sigma = expand_like(alpha, x0).to(x0.dtype), expand_like(sigma, x0).to(x0.dtype)
+    alpha, sigma = expand_time(alpha, x0).to(x0.dtype), expand_time(sigma, x0).to(x0.dtype)
     return noisy(x0, noise, alpha, sigma), velocity(x0, noise, alpha, sigma)
 
 

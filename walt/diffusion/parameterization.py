@@ -9,12 +9,29 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["eps_from_v", "expand_like", "noisy", "v_from_eps", "velocity", "x0_from_eps", "x0_from_v"]
+__all__ = [
+    "eps_from_v",
+    "expand_like",
+    "expand_time",
+    "noisy",
+    "v_from_eps",
+    "velocity",
+    "x0_from_eps",
+    "x0_from_v",
+]
 
 
 def expand_like(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-sample ``(B,)`` coefficients -> ``(B, 1, ..., 1)`` broadcastable against ``x``."""
     return coef.reshape(coef.shape + (1,) * (x.ndim - coef.ndim))
+
+
+def expand_time(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Coefficients of diffusion times against latents ``x`` (B, C, T, H, W): per sample ``(B,)`` ->
+    ``(B, 1, ..., 1)``, per frame ``(B, T)`` (images packed along time) -> ``(B, 1, T, 1, 1)``."""
+    if coef.ndim == 2:
+        return coef[:, None, :, None, None]
+    return expand_like(coef, x)
 
 
 def noisy(x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from walt.lightning.diffusion import BaseDiffusionModule
 from walt.lightning.distillation import DistillationModule
 from walt.lightning.ema import EMA
 from walt.lightning.module import WaltModule
+from walt.lightning.strategies import WaltFSDPStrategy
 from walt.lightning.super_resolution import SuperResolutionModule
 from walt.lightning.tokenizer import TokenizerModule
 
@@ -16,5 +17,6 @@ __all__ = [
     "PeriodicCheckpoint",
     "SuperResolutionModule",
     "TokenizerModule",
+    "WaltFSDPStrategy",
     "WaltModule",
 ]

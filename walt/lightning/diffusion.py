@@ -2,37 +2,28 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
 from walt.checkpoint import read_checkpoint
 from walt.checks import check_int, check_positive, check_probability
-from walt.conditioning import Conditioning, TextEncoder
+from walt.conditioning import Conditioner, Conditioning, TextEncoder, frames_to_generate
 from walt.data.transforms import to_uint8
-from walt.diffusion import (
-    ConditionalModel,
-    CosineSchedule,
-    ZeroTerminalSNRLinearSchedule,
-    corrupt,
-    expand_like,
-    v_loss,
-    x0_from_v,
-)
+from walt.diffusion import CosineSchedule, VPrediction, ZeroTerminalSNRLinearSchedule
+from walt.distributed import check_compile, is_fsdp
 from walt.lightning.ema import EMA
 from walt.lightning.module import WaltModule
 from walt.lightning.video_logging import add_video
 from walt.pipeline import Pipeline, SuperResolution, describe_pipeline
-from walt.tokenizer import CausalVAE
-from walt.tokenizer.encode import load_vae_weights
+from walt.rng import seed_per_rank
+from walt.tokenizer import CausalVAE, load_vae_weights
 from walt.transformer import WALT
 
 __all__ = ["BaseDiffusionModule"]
@@ -41,6 +32,28 @@ __all__ = ["BaseDiffusionModule"]
 def adamw_for_diffusion(params) -> Optimizer:
     """W.A.L.T's optimizer: AdamW, lr 5e-4 (with warmup), no weight decay on the default path."""
     return torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.99), weight_decay=0.0)
+
+
+class Setting:
+    """A module attribute that is a setting of one of its parts (``"objective"``, ``"conditioner.lowres"``):
+    reading and setting it reach the part, so the value exists once."""
+
+    def __init__(self, part: str) -> None:
+        self.path = part.split(".")
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def _part(self, module: object) -> object:
+        for name in self.path:
+            module = getattr(module, name)
+        return module
+
+    def __get__(self, module: object, owner: type | None = None) -> object:
+        return self if module is None else getattr(self._part(module), self.name)
+
+    def __set__(self, module: object, value: object) -> None:
+        setattr(self._part(module), self.name, value)
 
 
 class BaseDiffusionModule(WaltModule):
@@ -77,7 +90,19 @@ class BaseDiffusionModule(WaltModule):
         compile: ``torch.compile`` the backbone and its EMA copy (whole graph, in place, so checkpoints keep
             their keys); on a GPU it roughly halves the step time (benchmarks/RESULTS.md), at a compilation
             cost of a minute or so per input shape at the start of a run.
+
+    The loss is ``objective`` (:class:`walt.diffusion.VPrediction`) and the batch's conditioning
+    ``conditioner`` (:class:`walt.conditioning.Conditioner`); the dropout and self-conditioning settings
+    below are theirs.
     """
+
+    schedule = Setting("objective")
+    text_encoder = Setting("conditioner")
+    label_dropout = Setting("conditioner")
+    text_dropout = Setting("conditioner")
+    frame_prediction_prob = Setting("conditioner")
+    max_context_frames = Setting("conditioner")
+    self_condition_prob = Setting("objective")
 
     def __init__(
         self,
@@ -117,20 +142,26 @@ class BaseDiffusionModule(WaltModule):
             raise ValueError("frame_prediction_prob > 0 needs a backbone built with context_frames=True")
         _check_text_encoder(backbone, text_encoder)
         self.backbone = backbone
-        self.text_encoder = text_encoder  # a plain attribute: frozen, outside the state dict
-        self.text_dropout = text_dropout
         self.tokenizer = tokenizer
         if tokenizer is not None:
             if tokenizer_weights is not None:
                 load_vae_weights(tokenizer, tokenizer_weights)
             tokenizer.requires_grad_(False).eval()
-        self.schedule = schedule or ZeroTerminalSNRLinearSchedule()
+        self.objective = VPrediction(
+            schedule or ZeroTerminalSNRLinearSchedule(),
+            self_condition_prob if backbone.self_conditioning else 0.0,
+        )
+        self.conditioner = Conditioner(
+            labels=backbone.num_classes is not None,
+            text_encoder=text_encoder,  # frozen, outside the state dict
+            context=backbone.context_frames,
+            label_dropout=label_dropout,
+            text_dropout=text_dropout,
+            frame_prediction_prob=frame_prediction_prob,
+            max_context_frames=max_context_frames,
+        )
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
-        self.label_dropout = label_dropout
-        self.self_condition_prob = self_condition_prob if backbone.self_conditioning else 0.0
-        self.frame_prediction_prob = frame_prediction_prob
-        self.max_context_frames = max_context_frames
         self.sample_steps = sample_steps
         self.num_log_samples = num_log_samples
         self.video_fps = video_fps
@@ -168,22 +199,12 @@ class BaseDiffusionModule(WaltModule):
         return loss
 
     def setup(self, stage: str) -> None:
-        if self.compile_models and isinstance(self.trainer.strategy, FSDPStrategy):
-            # Measured on 2 H200s (benchmarks/RESULTS.md): dynamo cannot trace FSDP's unshard hooks inside the
-            # whole-model graph (`Unsupported method call ... data_ptr`), and the run would crash at its first step.
-            raise ValueError(
-                "compile: true does not work under FSDP (the whole-model graph cannot hold FSDP's per-block "
-                "gathering); set model.init_args.compile to false with configs/distributed/fsdp.yaml"
-            )
+        if self.compile_models:
+            check_compile(self.trainer.strategy)
 
     def on_fit_start(self) -> None:
         if self.trainer.world_size > 1:
-            # seed_everything gives every rank the same seed, so the ranks would draw the same timesteps, noise
-            # and dropout for their different samples: correlated draws, fewer distinct (t, noise) pairs per step.
-            # A base drawn from the shared stream (same on all ranks, and after a resume the same as the restored
-            # state) plus the rank gives each rank its own reproducible stream.
-            base = int(torch.randint(2**62, (1,)).item())
-            torch.manual_seed(base + self.global_rank)
+            seed_per_rank(self.global_rank)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -221,8 +242,9 @@ class BaseDiffusionModule(WaltModule):
             captions = self._log_prompts or [""]
             prompts = [captions[i % len(captions)] for i in range(n)]
         _, T, H, W = self._latent_shape
+        time, space = self.tokenizer.temporal_factor, self.tokenizer.spatial_factor
         videos = self.pipeline().generate(  # every class in turn, seeds 0 .. n-1
-            prompts=prompts, num_samples=n, num_frames=1 + 4 * (T - 1), height=8 * H, width=8 * W,
+            prompts=prompts, num_samples=n, num_frames=1 + time * (T - 1), height=space * H, width=space * W,
             output="float", progress=False,
         )  # fmt: skip
         grid = torch.cat(list(videos), dim=-1)  # (3, T, H, n*W)
@@ -237,7 +259,7 @@ class BaseDiffusionModule(WaltModule):
         sharded outside the training forward; sample from the checkpoint with `walt sample` instead."""
         if self.global_rank != 0 or not isinstance(self.logger, TensorBoardLogger):
             return False
-        if isinstance(self.trainer.strategy, FSDPStrategy):
+        if is_fsdp(self.trainer.strategy):
             rank_zero_warn(
                 "validation videos are not generated under FSDP; use `walt sample` on a checkpoint"
             )
@@ -246,77 +268,14 @@ class BaseDiffusionModule(WaltModule):
 
     def _loss(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> Tensor:
         z = self.latents(batch)  # (B, C, T, H, W)
-        B = z.shape[0]
-        t = torch.rand(B, device=z.device, generator=generator)  # (B,)
-        noise = torch.randn(z.shape, device=z.device, generator=generator, dtype=z.dtype)  # (B, C, T, H, W)
-        x_t, v_target = corrupt(z, t, noise, self.schedule)  # (B, C, T, H, W) each
-        cond, weight = self._conditioning(batch, z, train, generator)
-        if self.self_condition_prob > 0:
-            cond = dataclasses.replace(
-                cond, self_cond=self._self_condition(self.backbone, x_t, t, cond, generator)
-            )
-        v = self.backbone(x_t, t, cond)  # (B, C, T, H, W)
-        return v_loss(v, v_target, weight)
+        return self.objective(self.backbone, z, lambda g: self.conditioner(batch, z, train, g), generator)
 
     def _conditioning(
         self, batch: dict, z: Tensor, train: bool, generator: torch.Generator | None
     ) -> tuple[Conditioning, Tensor | None]:
-        """Labels and text (with dropout in training) and, for frame prediction, the known frames and the
-        loss weight."""
-        B, _, T = z.shape[:3]
-        cond, weight = Conditioning(), None
-        if self.backbone.num_classes is not None:
-            if "label" not in batch:
-                raise KeyError(
-                    "a class-conditional backbone needs batches with 'label'; the dataset has none"
-                )
-            labels = batch["label"].to(z.device)
-            if train and self.label_dropout > 0:
-                drop = torch.rand(B, device=z.device, generator=generator) < self.label_dropout
-                labels = torch.where(drop, torch.full_like(labels, -1), labels)
-            cond.labels = labels
-        if self.backbone.text_dim is not None:
-            if "caption" not in batch:
-                raise KeyError(
-                    "a text-conditional backbone needs batches with 'caption'; the dataset has none "
-                    "(for latent shards, encode a captioned dataset with `walt encode`)"
-                )
-            captions = list(batch["caption"])
-            if train and self.text_dropout > 0:
-                drop = torch.rand(B, device=z.device, generator=generator) < self.text_dropout
-                captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            cond.text, cond.text_mask = self.text_encoder.encode(captions, z.device)  # (B, L, D), (B, L)
-        if self.backbone.context_frames:
-            known = torch.zeros(B, device=z.device, dtype=torch.long)  # (B,) latent frames given
-            if self.frame_prediction_prob > 0 and T > 1:
-                chosen = torch.rand(B, device=z.device, generator=generator) < self.frame_prediction_prob
-                count = torch.randint(
-                    1, min(self.max_context_frames, T - 1) + 1, (B,), device=z.device, generator=generator
-                )
-                known = torch.where(chosen, count, known)
-            frames = torch.arange(T, device=z.device)
-            mask = (frames[None, :] < known[:, None]).to(z.dtype)[:, None, :, None, None]  # (B, 1, T, 1, 1)
-            mask = mask.expand(B, 1, T, *z.shape[3:])  # (B, 1, T, H, W)
-            cond.context, cond.context_mask = z, mask
-            weight = 1.0 - mask  # the loss covers the frames to generate
-        return cond, weight
-
-    def _self_condition(
-        self,
-        model: ConditionalModel,
-        x_t: Tensor,
-        t: Tensor,
-        cond: Conditioning,
-        generator: torch.Generator | None,
-    ) -> Tensor:
-        """``model``'s x0 estimate (no gradient, no estimate given) for a random ``self_condition_prob`` of the
-        samples, zeros for the rest: the model being trained in base training, the teacher in distillation."""
-        with torch.no_grad():
-            v = model(x_t, t, cond)  # (B, C, T, H, W)
-        alpha, sigma = self.schedule.alpha_sigma(t)
-        x0 = x0_from_v(x_t, v, expand_like(alpha, x_t).to(x_t.dtype), expand_like(sigma, x_t).to(x_t.dtype))
-        use = torch.rand(x_t.shape[0], device=x_t.device, generator=generator) < self.self_condition_prob
-        return x0 * expand_like(use.to(x0.dtype), x0)  # zeros = "no estimate"
+        """The batch's conditioning and the loss weight it implies (0 on given context frames)."""
+        cond = self.conditioner(batch, z, train, generator)
+        return cond, frames_to_generate(cond.context_mask)
 
     def latents(self, batch: dict) -> Tensor:
         """The batch's normalized latents: given, or encoded from pixels with the frozen tokenizer."""

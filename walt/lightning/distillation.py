@@ -9,13 +9,15 @@ Each round is a ``walt fit`` whose ``teacher_checkpoint`` is the previous round'
 the base model's); the student starts from the teacher's weights.
 
 Everything else (latents, labels and label dropout, text, EMA, optimizer, checkpoints, validation, sampling)
-is :class:`BaseDiffusionModule`'s; this module replaces only the loss.
+is :class:`BaseDiffusionModule`'s; this module replaces only the objective
+(:class:`walt.diffusion.GuidanceDistillation` or :class:`walt.diffusion.ProgressiveDistillation`).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -24,22 +26,14 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from walt.checkpoint import CheckpointError, module_weights, read_checkpoint
-from walt.conditioning import Conditioning, TextEncoder
+from walt.conditioning import TextEncoder
 from walt.diffusion import (
-    ConditionalModel,
     CosineSchedule,
-    ModelFn,
+    GuidanceDistillation,
+    ProgressiveDistillation,
     ZeroTerminalSNRLinearSchedule,
-    corrupt,
-    guidance_scales,
-    guided,
-    guided_target,
-    self_conditioned,
-    student_times,
-    two_step_target,
-    v_loss,
 )
-from walt.lightning.diffusion import BaseDiffusionModule, adamw_for_diffusion
+from walt.lightning.diffusion import BaseDiffusionModule, Setting, adamw_for_diffusion
 from walt.tokenizer import CausalVAE
 from walt.transformer import WALT
 
@@ -134,6 +128,9 @@ class DistillationModule(BaseDiffusionModule):
             distillation does); otherwise from the backbone's own initialization.
     """
 
+    student_steps = Setting("objective")
+    guidance_range = Setting("objective")
+
     def __init__(
         self,
         backbone: WALT,
@@ -165,9 +162,7 @@ class DistillationModule(BaseDiffusionModule):
             )
         if stage not in ("guidance", "progressive"):
             raise ValueError(f"stage must be 'guidance' or 'progressive', got {stage!r}")
-        if student_steps < 1:
-            raise ValueError(f"student_steps must be >= 1, got {student_steps}")
-        guidance_scales(1, *guidance_range)  # checks the range now, not at the first training step
+        objective = GuidanceDistillation if stage == "guidance" else ProgressiveDistillation
         super().__init__(
             backbone,
             tokenizer,
@@ -188,10 +183,16 @@ class DistillationModule(BaseDiffusionModule):
             tokenizer_chunk_size=tokenizer_chunk_size,
             compile=compile,
         )
+        # The teacher is loaded on first use (a function, not a model), after Lightning has placed the student.
+        self.objective = objective(
+            partial(getattr, self, "teacher"),
+            self.schedule,
+            student_steps,
+            guidance_range,
+            self.self_condition_prob,
+        )
         self.teacher_checkpoint = teacher_checkpoint
         self.stage = stage
-        self.student_steps = student_steps
-        self.guidance_range = (float(guidance_range[0]), float(guidance_range[1]))
         self.init_from_teacher = init_from_teacher
         self._teacher: list[WALT] = []  # in a list: a frozen model outside the state dict and the optimizer
         # Saved with the weights, so neither a resumed run nor a second fit() starts the student over.
@@ -245,43 +246,3 @@ class DistillationModule(BaseDiffusionModule):
         if self.ema is not None:
             self.ema.module.load_state_dict(self.backbone.state_dict())
         self.student_initialized.fill_(True)
-
-    # ---- the loss ------------------------------------------------------------------------------------------
-
-    def _loss(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> Tensor:
-        z = self.latents(batch)  # (B, C, T, H, W)
-        B = z.shape[0]
-        t64, s64 = student_times(B, self.student_steps, z.device, generator)  # (B,) each, float64 grid times
-        t = t64.to(z.dtype)  # (B,) the time the model sees, as the sampler passes it
-        noise = torch.randn(z.shape, device=z.device, generator=generator, dtype=z.dtype)  # (B, C, T, H, W)
-        x_t, _ = corrupt(z, t, noise, self.schedule)  # (B, C, T, H, W)
-        cond, weight = self._conditioning(batch, z, train, generator)
-        cond.guidance = guidance_scales(B, *self.guidance_range, z.device, generator)  # (B,)
-        if self.self_condition_prob > 0:
-            teacher = self._teacher_model(cond)
-            cond.self_cond = self._self_condition(teacher, x_t, t, cond, generator)  # (B, C, T, H, W)
-        target = self._target(x_t, t64, s64, cond)  # (B, C, T, H, W)
-        v = self.backbone(x_t, t, cond)  # (B, C, T, H, W)
-        # MSE on v is the x0 error weighted by SNR + 1 (x0 = alpha x_t - sigma v and 1 / sigma^2 = SNR + 1):
-        # one of the two weightings Salimans & Ho recommend; it keeps weight 1 at t = 1 (SNR 0), where the
-        # SNR-weighted (eps) loss gives the first, most consequential step of a few-step sampler none.
-        return v_loss(v, target, weight)
-
-    def _teacher_model(self, cond: Conditioning) -> ConditionalModel:
-        """What the teacher predicts for the student to match: guided at ``cond.guidance`` (two passes), or,
-        when it is a distilled model, itself (w is its input)."""
-        if self.stage == "guidance":
-            return guided(self.teacher, cond.guidance)
-        return self.teacher
-
-    def _target(self, x_t: Tensor, t: Tensor, s: Tensor, cond: Conditioning) -> Tensor:
-        """The student's v target at (x_t, t) for the step to s; t and s (B,) in float64."""
-        if self.stage == "guidance":
-            return guided_target(self.teacher, x_t, t.to(x_t.dtype), cond, cond.guidance)
-        teacher = self._teacher_model(cond)
-        teacher_fn: ModelFn = (
-            self_conditioned(teacher, cond, self.schedule, initial=cond.self_cond)
-            if self.backbone.self_conditioning
-            else (lambda x, time: teacher(x, time, cond))
-        )
-        return two_step_target(teacher_fn, x_t, t, s, self.schedule)

@@ -6,7 +6,8 @@
 - a checkpoint is refused (the run stops, the files already written stay as they are) when its weights hold NaN
   or infinite values or have exploded, so ``last.ckpt`` is never replaced by a diverged model;
 - every checkpoint carries the sha256 of its weights (:data:`walt.checkpoint.INTEGRITY_KEY`), which
-  :func:`walt.checkpoint.read_checkpoint` checks;
+  :func:`walt.checkpoint.read_checkpoint` checks (a sharded FSDP checkpoint, which no rank holds whole, carries
+  its files' hashes instead: :class:`walt.lightning.strategies.WaltFSDPStrategy`);
 - every checkpoint carries the random stream (CPU and CUDA generators) and a resume restores it, so a resumed run
   draws the same noise, timesteps, dropout and posterior samples as the uninterrupted one;
 - ``load_from_checkpoint`` reads with ``weights_only=True``, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,7 +26,15 @@ import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from torch import Tensor
 
-from walt.checkpoint import INTEGRITY_KEY, nonfinite_weights, read_checkpoint, weights_sha256
+from walt.checkpoint import (
+    INTEGRITY_KEY,
+    is_sharded,
+    local_tensors,
+    nonfinite_weights,
+    read_checkpoint,
+    weights_sha256,
+)
+from walt.rng import rng_states, set_rng_states
 
 __all__ = ["GROWTH_LIMIT", "WaltModule", "weight_scales"]
 
@@ -61,9 +70,14 @@ class WaltModule(L.LightningModule):
             )
 
     def on_train_start(self) -> None:
-        # Every rank takes part: under FSDP gathering the state dict is collective. Rank 0 alone checks weights.
+        # Every rank takes part: under FSDP gathering the state dict is collective. Rank 0 alone checks the
+        # weights, except in FSDP's sharded state dict, where each rank holds a part of them.
         state = self.trainer.strategy.lightning_module_state_dict()
-        if self.trainer.is_global_zero:
+        if is_sharded(state):
+            self._weight_scales = weight_scales(
+                local_tensors(state), self._trained_parts(), self._sum_over_ranks
+            )
+        elif self.trainer.is_global_zero:
             self._weight_scales = weight_scales(state, self._trained_parts())
         self._scales_step = self.global_step
         self._saved_step = self.global_step if self.trainer.ckpt_path else None
@@ -73,9 +87,13 @@ class WaltModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
         writes = self._trainer is None or self.trainer.is_global_zero  # Lightning writes on rank 0 only
-        problem = self._divergence(state) if writes else None
-        if self._trainer is not None:
-            problem = self.trainer.strategy.broadcast(problem)  # every rank stops, not rank 0 alone
+        sharded = is_sharded(state)  # FSDP's sharded state dict: every rank writes (and checks) its part
+        if sharded:
+            problem = self._first_problem(self._divergence(local_tensors(state), self._sum_over_ranks))
+        else:
+            problem = self._divergence(state) if writes else None
+            if self._trainer is not None:
+                problem = self.trainer.strategy.broadcast(problem)  # every rank stops, not rank 0 alone
         if problem is not None:
             before = (
                 f"the last checkpoint written is from step {self._saved_step}"
@@ -87,33 +105,31 @@ class WaltModule(L.LightningModule):
                 f"Training has diverged; nothing is written and the files already there are kept ({before}). "
                 "Resume from an earlier checkpoint with a lower learning rate, or check the data."
             )
-        if writes:
+        if writes and not sharded:
+            # A sharded checkpoint's files are hashed by walt's FSDP strategy instead (no rank holds the whole
+            # state to hash; walt.lightning.strategies.WaltFSDPStrategy).
             checkpoint[INTEGRITY_KEY] = {"weights_sha256": weights_sha256(state)}
         self._saved_step = self.global_step
         # Lightning restores weights, optimizer and loop state but not the random stream, which draws the
         # diffusion timesteps and noise, dropout, and the tokenizer's posterior samples: saved here (as tensors,
         # so checkpoints load with weights_only=True), so a resumed run follows the uninterrupted one step for step.
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("rng_states")
-        if states is None:  # written before the stream was saved
-            return
-        torch.set_rng_state(states["torch"])
-        if states["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["cuda"])
+        if "rng_states" in checkpoint:  # absent from checkpoints written before the stream was saved
+            set_rng_states(checkpoint["rng_states"])
 
-    def _divergence(self, state: Mapping[str, Any]) -> str | None:
-        """Why ``state`` must not be saved (non-finite or exploded weights), or None; remembers its scales."""
+    def _divergence(
+        self, state: Mapping[str, Any], reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> str | None:
+        """Why ``state`` must not be saved (non-finite or exploded weights), or None; remembers its scales.
+        ``reduce`` sums over the ranks where each holds a part of the weights."""
         bad = nonfinite_weights(state)
         if bad:
             return f"{len(bad)} of its weight tensors hold NaN or infinite values ({', '.join(bad[:3])}, ...)"
         if self._weight_scales is None:  # saved outside fit (nothing to compare with): finiteness only
             return None
-        scales = weight_scales(state, list(self._weight_scales))
+        scales = weight_scales(state, list(self._weight_scales), reduce)
         for part, before in self._weight_scales.items():
             now = scales.get(part, before)
             if before > 0 and now > GROWTH_LIMIT * before:
@@ -123,6 +139,18 @@ class WaltModule(L.LightningModule):
                 )
         self._weight_scales, self._scales_step = scales, self.global_step
         return None
+
+    def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
+        strategy = self.trainer.strategy  # on the ranks' device: NCCL reduces CUDA tensors only
+        return strategy.reduce(tensor.to(strategy.root_device), reduce_op="sum").cpu()
+
+    def _first_problem(self, problem: str | None) -> str | None:
+        """The first rank's problem, on every rank: for checks where each rank looked at its own part."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return problem
+        problems: list[str | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(problems, problem)
+        return next((p for p in problems if p is not None), None)
 
     def _trained_parts(self) -> list[str]:
         """The top-level submodules with trainable parameters (the backbone; the autoencoder and discriminator):
@@ -156,9 +184,12 @@ class WaltModule(L.LightningModule):
         )
 
 
-def weight_scales(state: Mapping[str, Any], parts: list[str]) -> dict[str, float]:
+def weight_scales(
+    state: Mapping[str, Any], parts: list[str], reduce: Callable[[Tensor], Tensor] | None = None
+) -> dict[str, float]:
     """The RMS of the floating-point tensors under each top-level name in ``parts`` (``"backbone"`` covers
-    ``backbone.*``), accumulated in float64; parts with no such tensor are left out."""
+    ``backbone.*``), accumulated in float64; parts with no such tensor are left out. ``reduce`` sums the
+    per-part sums and counts over the ranks, where each holds a part of every tensor (FSDP's sharded state)."""
     sums = dict.fromkeys(parts, 0.0)
     counts = dict.fromkeys(parts, 0)
     for name, tensor in state.items():
@@ -166,4 +197,7 @@ def weight_scales(state: Mapping[str, Any], parts: list[str]) -> dict[str, float
         if part in sums and torch.is_tensor(tensor) and tensor.is_floating_point() and tensor.numel():
             sums[part] += float(tensor.detach().double().square().sum())
             counts[part] += tensor.numel()
+    if reduce is not None:
+        totals = reduce(torch.tensor([[sums[p], counts[p]] for p in parts], dtype=torch.float64)).tolist()
+        sums, counts = ({p: row[i] for p, row in zip(parts, totals)} for i in (0, 1))
     return {part: math.sqrt(sums[part] / counts[part]) for part in parts if counts[part]}

@@ -14,15 +14,16 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from walt.conditioning import (
-    Conditioning,
+    LowresConditioning,
     augment_lowres,
     downsample_video,
     lowres_latent,
+    pixel_video,
     upsample_video,
 )
 from walt.data.transforms import to_uint8
 from walt.diffusion import CosineSchedule, ZeroTerminalSNRLinearSchedule
-from walt.lightning.diffusion import BaseDiffusionModule, adamw_for_diffusion
+from walt.lightning.diffusion import BaseDiffusionModule, Setting, adamw_for_diffusion
 from walt.lightning.video_logging import add_video
 from walt.pipeline import SuperResolution
 from walt.tokenizer import CausalVAE
@@ -61,7 +62,11 @@ class SuperResolutionModule(BaseDiffusionModule):
         lowres_path: "pixel" (upsample pixels, then encode) or "latent" (encode, then upsample the latent).
         max_aug_level: training augmentation levels are uniform in [0, max_aug_level].
         sample_aug_level: the default level at sampling time.
+
+    The conditioner (``conditioner.lowres``) draws the training levels and augments the low-res latent.
     """
+
+    max_aug_level = Setting("conditioner.lowres")
 
     def __init__(
         self,
@@ -118,7 +123,7 @@ class SuperResolutionModule(BaseDiffusionModule):
         self.spatial_factor = spatial_factor
         self.temporal_factor = temporal_factor
         self.lowres_path = lowres_path
-        self.max_aug_level = max_aug_level
+        self.conditioner.lowres = LowresConditioning(self._clean_lowres, max_aug_level, self.schedule)
         self.sample_aug_level = sample_aug_level
         self._log_lowres: tuple[Tensor, Tensor | None] | None = None  # low-res videos and labels to upsample
 
@@ -140,30 +145,11 @@ class SuperResolutionModule(BaseDiffusionModule):
         """Diffuses the clean low-res latent (B, C, T, H, W) to per-sample times ``level`` (B,)."""
         return augment_lowres(lowres, level, self.schedule, generator)
 
-    def _video(self, batch: dict) -> Tensor:
-        if "video" not in batch:
-            raise ValueError(
-                "super-resolution trains on pixel batches ('video'): its low-res inputs are made from them. "
-                "Use a video dataset (not LatentShards)."
-            )
-        return batch["video"]
-
-    def _conditioning(
-        self, batch: dict, z: Tensor, train: bool, generator: torch.Generator | None
-    ) -> tuple[Conditioning, Tensor | None]:
-        """The base module's conditioning plus the augmented low-res latent and its augmentation level."""
-        cond, weight = super()._conditioning(batch, z, train, generator)
-        low = downsample_video(
-            self._video(batch), self.spatial_factor, self.temporal_factor
-        )  # (B, 3, T_lr, h, w)
-        clean = self.lowres_latent(low)  # (B, C, T, H, W)
-        if clean.shape != z.shape:
-            raise ValueError(
-                f"low-res latent {tuple(clean.shape)} does not match the target {tuple(z.shape)}"
-            )
-        level = torch.rand(z.shape[0], device=z.device, generator=generator) * self.max_aug_level  # (B,)
-        cond.lowres, cond.aug_level = self.augment(clean, level, generator), level
-        return cond, weight
+    def _clean_lowres(self, video: Tensor) -> Tensor:
+        """The clean conditioning latent of a high-res clip's low-res counterpart: (B, 3, T, H, W) ->
+        (B, C, T', H', W')."""
+        low = downsample_video(video, self.spatial_factor, self.temporal_factor)  # (B, 3, T_lr, h, w)
+        return self.lowres_latent(low)  # (B, C, T', H', W')
 
     # ---- sampling ----------------------------------------------------------------------------------------
 
@@ -179,7 +165,7 @@ class SuperResolutionModule(BaseDiffusionModule):
         super().validation_step(batch, batch_idx)
         if batch_idx == 0 and self.num_log_samples > 0:
             n = self.num_log_samples
-            low = downsample_video(self._video(batch)[:n], self.spatial_factor, self.temporal_factor)
+            low = downsample_video(pixel_video(batch)[:n], self.spatial_factor, self.temporal_factor)
             self._log_lowres = (low, batch["label"][:n] if self.backbone.num_classes is not None else None)
 
     def on_validation_epoch_end(self) -> None:

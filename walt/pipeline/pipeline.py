@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from walt.conditioning import Conditioning, TextEncoder, augment_lowres, lowres_latent
+from walt.conditioning import Conditioning, TextEncoder, augment_lowres, context_mask, lowres_latent
 from walt.data.transforms import resize_center_crop, to_float_video, to_uint8
 from walt.diffusion import (
     SAMPLERS,
@@ -260,9 +260,8 @@ class Pipeline:
         b = len(generators)
         cond = dataclasses.replace(given)
         if known > 0:
-            mask = torch.zeros(b, 1, *shape[1:], device=self.device)  # (b, 1, T, h, w)
-            mask[:, :, :known] = 1
-            cond.context, cond.context_mask = context, mask
+            given = torch.full((b,), known, device=self.device)  # (b,)
+            cond.context, cond.context_mask = context, context_mask(given, (b, *shape))  # (b, 1, T, h, w)
         noise = randn((b, *shape), generators, self.device)  # (b, C, T, h, w)
         z = sample(
             self._model_fn(cond, settings["guidance"]),
@@ -452,16 +451,19 @@ class Pipeline:
             raise ValueError("a context was given but the model was not trained with context frames")
         video = _context_video(context)  # (B or 1, 3, T, H, W) float
         frames = video.shape[2] if context_frames is None else context_frames
-        if frames < 1 or (frames - 1) % 4:
-            raise ValueError(f"context_frames must be 1 + 4j (1 = an image, 5, 9, ...), got {frames}")
+        time, space = self.tokenizer.temporal_factor, self.tokenizer.spatial_factor
+        if frames < 1 or (frames - 1) % time:
+            raise ValueError(
+                f"context_frames must be 1 + {time}j (1 = an image, {1 + time}, {1 + 2 * time}, ...), got {frames}"
+            )
         if frames > video.shape[2]:
             raise ValueError(f"the context has {video.shape[2]} frames, fewer than context_frames={frames}")
-        known = (frames - 1) // 4 + 1
+        known = (frames - 1) // time + 1
         if known >= shape[1]:
             raise ValueError(
                 f"context_frames={frames} leaves nothing to generate in {shape[1]} latent frames"
             )
-        size = (shape[2] * 8, shape[3] * 8)
+        size = (shape[2] * space, shape[3] * space)
         video = torch.stack([resize_center_crop(v[:, :frames], size) for v in video])  # (B, 3, frames, H, W)
         with self._autocast():
             latent = self.tokenizer.encode(video.to(self.device), self.tokenizer_chunk_size).float()

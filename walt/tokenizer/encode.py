@@ -38,9 +38,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from walt.atomic import TEMP_SUFFIX, atomic_path, write_atomic
-from walt.checkpoint import module_weights, read_checkpoint, read_weights, write_weights
+from walt.checkpoint import write_weights
 from walt.checks import int_at_least
 from walt.tokenizer.vae import CausalVAE
+from walt.tokenizer.weights import load_vae_weights  # also imported from here by older code
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHARD_PATTERN = "shard-*.safetensors"
@@ -174,23 +175,6 @@ def vae_section(config: dict, path: str | Path) -> dict:
         ) from None
 
 
-def load_vae_weights(vae: CausalVAE, checkpoint: str | Path, use_ema: bool = True) -> str:
-    """Loads a TokenizerModule checkpoint (.ckpt) or a bare tokenizer state dict (.safetensors) into `vae`.
-
-    Returns which weights were used ("ema", "vae" or "file").
-    """
-    checkpoint = Path(checkpoint)
-    if checkpoint.suffix == ".safetensors":
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"tokenizer weights not found: {checkpoint}")
-        vae.load_state_dict(read_weights(checkpoint))
-        return "file"
-    state = read_checkpoint(checkpoint)["state_dict"]
-    weights, which = module_weights(state, "vae.", use_ema, checkpoint)
-    vae.load_state_dict(weights)
-    return "ema" if which == "ema" else "vae"
-
-
 def _dataset(data: L.LightningDataModule, split: str) -> Dataset:
     dataset = getattr(data, split, None)
     if dataset is None:
@@ -219,7 +203,7 @@ class _ExactItems(Dataset):
             return self.dataset[index]
         sample = self.dataset.samples[index]
         try:
-            return self.dataset.load(sample)
+            return self.dataset.load(sample, self.dataset.item_rng(index))  # the clip dataset[index] gives
         except UNREADABLE as err:
             return {"skipped": str(sample.path), "reason": str(err)}
 

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from walt.checks import check_int
 from walt.conditioning import Conditioning
 from walt.config import records_init_args
+from walt.diffusion.self_conditioning import estimate_input
 from walt.nn import (
     LabelEmbedding,
     PatchEmbed3D,
@@ -229,7 +230,7 @@ class WALT(nn.Module):
         if self.lowres:
             parts.append(cond.lowres)
         if self.self_conditioning:
-            parts.append(cond.self_cond if cond.self_cond is not None else torch.zeros_like(x))
+            parts.append(estimate_input(cond.self_cond, x))  # (B, C, T, H, W)
         return torch.cat(parts, dim=1)  # (B, C_in, T, H, W)
 
     def _check(self, x: Tensor, t: Tensor, cond: Conditioning) -> None:

@@ -8,10 +8,12 @@ work folder, and checks what they leave behind:
            moment, during a checkpoint write with $TMPDIR on another filesystem; the tokenizer too. The resumed
            run (`--ckpt_path .../last.ckpt`) must lose at most the checkpoint interval and then match the run
            that was never killed bit for bit: every step's loss and batch, the final weights, EMA and optimizer.
-  corrupt  4 bytes flipped inside a weight, inside an optimizer moment, and at random offsets anywhere in
-           last.ckpt; 4 bytes flipped in walt encode's vae.safetensors; an empty file, random bytes, a truncated
-           file and a malicious pickle given to `walt sample`, `walt encode` and `walt fit --ckpt_path`: each must
-           exit non-zero with one line naming the file, write nothing, and run no pickled code.
+  corrupt  4 bytes flipped inside a weight or an optimizer moment of last.ckpt, or inside a weight of walt
+           encode's vae.safetensors; an empty file, random bytes, a truncated file and a malicious pickle given to
+           `walt sample`, `walt encode` and `walt fit --ckpt_path`: each must exit non-zero with one line naming
+           the file, write nothing, and run no pickled code. Two sweeps flip 4 bytes at hundreds of random
+           offsets of a last.ckpt and a vae.safetensors and read each copy in this process, through the readers
+           every command uses (walt.checkpoint): refused by name, or read back identical, never different.
   input    out-of-range options and config values, an unknown class, --context for a model without context
            frames, a missing checkpoint, a tokenizer at lr 1e10: a short message and a non-zero exit, no
            traceback, before the expensive work (nothing written).
@@ -21,13 +23,15 @@ work folder, and checks what they leave behind:
 It prints one markdown row per case (case | what was done | expected | observed | verdict) and a summary; the
 exit code is 1 if any case fails.
 
-  python tools/fault_injection.py                           # the whole campaign: ~10 minutes on 2 CPU cores
+  python tools/fault_injection.py                           # 42 cases: ~9 minutes on 2 CPU cores
   python tools/fault_injection.py --quick                   # 3 cases, ~1 minute (tests/test_fault_injection.py)
   python tools/fault_injection.py --cases kill,corrupt-empty-sample --seed 3 --out faults.json
   python tools/fault_injection.py --list                    # the cases and their groups
 
 ``--seed`` draws the kill points and the damaged bytes (each case from its own stream, so a subset draws what
-the whole campaign does); ``--jobs`` runs that many cases at once (default 2); ``--keep`` keeps the work folder.
+the whole campaign does); ``--jobs`` runs that many cases at once (default 2); ``--work-dir`` says where the work
+folder goes (default: the system's temporary folder), ``--keep`` keeps it. Most of the time is the ~55 `walt`
+processes' start-up (~12 s of imports each on one core); the trainings themselves take seconds.
 The subprocesses run on one thread each (OMP_NUM_THREADS=1), so a resumed run adds up its sums in the same order
 as the uninterrupted one, and the comparison can ask for equality.
 """
@@ -937,10 +941,16 @@ def _set(section: str, key: str, value: Any) -> Callable[[dict], None]:
     return edit
 
 
-config_input_case("batch_size: 0", _set("data", "batch_size", 0), "batch_size")
-config_input_case("label_dropout: 3.0", _set("model", "label_dropout", 3.0), "label_dropout must be")
-config_input_case("warmup_steps: -1", _set("model", "warmup_steps", -1), "warmup_steps")
-config_input_case("in_channels: null", _set("backbone", "in_channels", None), "in_channels")
+config_input_case("batch_size: 0", _set("data", "batch_size", 0), "batch_size must be an integer >= 1")
+config_input_case(
+    "label_dropout: 3.0", _set("model", "label_dropout", 3.0), "label_dropout must be a probability in [0, 1]"
+)
+config_input_case(
+    "warmup_steps: -1", _set("model", "warmup_steps", -1), "warmup_steps must be an integer >= 0"
+)
+config_input_case(
+    "in_channels: null", _set("backbone", "in_channels", None), "in_channels must be an integer >= 1"
+)
 
 
 @case("input-encode-missing-checkpoint", "input")

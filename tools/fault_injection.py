@@ -148,6 +148,7 @@ class Work:
         self._built: dict[str, Any] = {}
         self._guard = threading.Lock()
         self.running: set[subprocess.Popen] = set()
+        self.stopping = False  # set on an interruption: no command starts after it
         self.quick = False  # --quick: fewer flips in the sweeps
 
     def rng(self, name: str) -> random.Random:
@@ -196,24 +197,22 @@ class Work:
     def start(self, args: list[str], cwd: Path, log: Path, **env: str) -> subprocess.Popen:
         """``python -m walt <args>``, its output to ``log`` (a pipe could fill up and stall a killed run)."""
         with log.open("wb") as out:
+            return self._popen(args, cwd, env, stdout=out, stderr=out)
+
+    def _popen(self, args: list[str], cwd: Path, env: dict[str, str], **streams: Any) -> subprocess.Popen:
+        with self._guard:  # stop_all() takes the same lock: a command starts before it, or not at all
+            if self.stopping:
+                raise RuntimeError("the campaign was interrupted")
             process = subprocess.Popen(
-                [sys.executable, "-m", "walt", *args], cwd=cwd, env=self.env(**env), stdout=out, stderr=out
+                [sys.executable, "-m", "walt", *args], cwd=cwd, env=self.env(**env), **streams
             )
-        self.running.add(process)
+            self.running.add(process)
         return process
 
     def walt(self, args: list[str], cwd: Path, **env: str) -> Done:
         """``python -m walt <args>`` to the end."""
         start = time.monotonic()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "walt", *args],
-            cwd=cwd,
-            env=self.env(**env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.running.add(process)
+        process = self._popen(args, cwd, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             out, err = process.communicate(timeout=SUBPROCESS_TIMEOUT)
         finally:
@@ -245,7 +244,12 @@ class Work:
         self.running.discard(process)
 
     def stop_all(self) -> None:
-        for process in list(self.running):
+        """Kills every command still running, and lets no other start (the end of the campaign, or its
+        interruption: the cases waiting on these commands then end too)."""
+        with self._guard:
+            self.stopping = True
+            running = list(self.running)
+        for process in running:
             self.stop(process)
 
 
@@ -1231,17 +1235,21 @@ def main(argv: list[str] | None = None) -> int:
     work.quick = args.quick
     print(f"fault injection: {len(selected)} cases, seed {args.seed}, {args.jobs} at a time", file=sys.stderr)
     start = time.monotonic()
+    pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
+    if threading.current_thread() is threading.main_thread():  # SIGTERM ends the campaign as Ctrl-C does
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            # The trained runs the cases start from go first, side by side, so no case waits long for one.
-            needed = [n for n in PREPARE if any(n in c.needs for c in selected)]
-            prepared = [pool.submit(PREPARE[n], work) for n in needed]
-            futures = [pool.submit(run_case, work, c) for c in selected]
-            rows = [f.result() for f in futures]
-            for f in prepared:
-                f.exception()  # a failure shows in the rows of the cases that needed it
+        # The trained runs the cases start from go first, side by side, so no case waits long for one.
+        needed = [n for n in PREPARE if any(n in c.needs for c in selected)]
+        prepared = [pool.submit(PREPARE[n], work) for n in needed]
+        futures = [pool.submit(run_case, work, c) for c in selected]
+        rows = [f.result() for f in futures]
+        for f in prepared:
+            f.exception()  # a failure shows in the rows of the cases that needed it
     finally:
+        # On an interruption the running commands are killed first, so that the threads waiting on them end.
         work.stop_all()
+        pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(tmpdir, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from walt.checkpoint import weights_sha256
 from walt.data import UCF101, LatentShards, SyntheticVideos, collate_items
 from walt.lightning import EMA, TokenizerModule
-from walt.metrics import psnr
+from walt.metrics import chroma_error, grid_ratio, psnr
 from walt.tokenizer import CausalVAE, presets
 from walt.tokenizer.discriminator import Discriminator3D
 from walt.tokenizer.encode import encode_main, encode_to_shards, latent_statistics, load_vae_weights
@@ -410,3 +410,22 @@ def test_encode_errors_are_one_line_without_a_traceback(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"walt encode: {tmp_path / 't.ckpt'} is an empty file (0 bytes), not a checkpoint: was its copy or write cut short?"
     ]
+
+
+def test_validation_logs_grid_ratio_and_chroma_error_of_the_reconstructions(tmp_path):
+    """The logged values are the metrics of the EMA's reconstructions of the (single) validation batch."""
+    torch.manual_seed(0)
+    module = TokenizerModule(CausalVAE(**presets["tiny"]), TokenizerLoss(), ema_decay=0.5)
+    val = loader(2, 2, seed=1, size=32)
+    fit = trainer(tmp_path, limit_train_batches=1, limit_val_batches=1)
+    fit.fit(module, loader(2, 2), val)
+    x = next(iter(val))["video"]  # (2, 3, 5, 32, 32)
+    vae = module.inference_vae
+    with torch.no_grad():
+        x_rec = vae.decode_raw(vae.encode_moments(x)[0]).clamp(-1, 1)  # (2, 3, 5, 32, 32)
+    logged = fit.callback_metrics
+    period = vae.spatial_factor
+    assert period == 2 ** (len(presets["tiny"]["multipliers"]) - 1)
+    torch.testing.assert_close(logged["val/grid_ratio"], grid_ratio(x_rec, period=period).mean().float())
+    torch.testing.assert_close(logged["val/chroma_error"], chroma_error(x_rec, x).mean().float())
+    assert logged["val/chroma_error"] > 0 and logged["val/grid_ratio"] > 0

@@ -15,7 +15,7 @@ from walt.data.transforms import to_uint8
 from walt.lightning.ema import EMA
 from walt.lightning.module import WaltModule
 from walt.lightning.video_logging import add_video
-from walt.metrics.pixel import SSIM_WINDOW, psnr, ssim
+from walt.metrics.pixel import SSIM_WINDOW, chroma_error, grid_ratio, psnr, ssim
 from walt.tokenizer.losses import TokenizerLoss, frames_as_images
 from walt.tokenizer.vae import CausalVAE
 
@@ -41,7 +41,8 @@ class TokenizerModule(WaltModule):
         ema_decay: keep an EMA of the autoencoder (used for validation) when set.
         gradient_clip: max gradient norm of each network; None disables clipping.
         val_metrics: extra metrics `metric(x_rec, x)` on frames (N, 3, H, W) in [-1, 1] (e.g. LPIPS),
-            logged as `val/<name>`; PSNR, L1 and (for frames of at least 11x11) SSIM are always logged.
+            logged as `val/<name>`; PSNR, L1 and (for frames of at least 11x11) SSIM are always logged, and
+            for RGB clips the chroma error and the grid ratio at the tokenizer's spatial factor.
         num_log_videos: clips of the first validation batch logged side by side (input | reconstruction).
         video_fps: frame rate of the logged videos.
     """
@@ -148,6 +149,11 @@ class TokenizerModule(WaltModule):
         values = {"val/psnr": psnr(x_rec, x).mean().float(), "val/l1": (x_rec - x).abs().mean()}
         if min(x.shape[-2:]) >= SSIM_WINDOW:  # SSIM needs one whole Gaussian window per frame
             values["val/ssim"] = ssim(x_rec, x).mean().float()
+        if x.shape[1] == 3:  # colour drift shows in chroma before PSNR notices it
+            values["val/chroma_error"] = chroma_error(x_rec, x).mean().float()
+        factor = vae.spatial_factor
+        if min(x.shape[-2:]) > factor:  # the latent cells' edges: about 1 without a block grid
+            values["val/grid_ratio"] = grid_ratio(x_rec, period=factor).mean().float()
         for name, metric in self.val_metrics.items():
             values[f"val/{name}"] = metric(frames_as_images(x_rec), frames_as_images(x)).float().mean()
         self.log_dict(values, sync_dist=True, batch_size=x.shape[0])

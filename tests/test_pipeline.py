@@ -261,6 +261,32 @@ def test_walt_sample_overwrites_what_a_killed_run_left_but_nothing_else(trained,
         main([*args, "--device", "cpu", "--overwrite"])
 
 
+def test_a_refused_walt_sample_creates_no_folder_and_keeps_the_earlier_samples(trained, tmp_path):
+    """A setting refused after the model has loaded (a class it does not have) used to leave an empty output
+    folder behind, and with --overwrite it had already removed the earlier run's samples."""
+    base = [
+        "sample",
+        "--model",
+        str(trained["ckpt"]),
+        "--num-samples",
+        "1",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    fresh = tmp_path / "fresh"
+    with pytest.raises(SystemExit, match="unknown class 'purple'"):
+        main([*base, "--output", str(fresh), "--class", "purple"])
+    assert not fresh.exists()
+    kept = tmp_path / "kept"
+    assert main_exit([*base, "--output", str(kept)]) == 0
+    before = {p.name: p.read_bytes() for p in kept.iterdir()}
+    with pytest.raises(SystemExit, match="unknown class 'purple'"):
+        main([*base, "--output", str(kept), "--overwrite", "--class", "purple"])
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == before
+
+
 def test_walt_sample_errors_are_one_line_without_a_traceback(trained, tmp_path):
     """As the command runs, in its own process: a class the model does not have."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -168,7 +168,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def sample_main(argv: Sequence[str]) -> int:
     args = _parse_args(argv)
-    out = _prepare_output(Path(args.output), args.overwrite)
+    out = Path(args.output)
+    _check_output(out, args.overwrite)  # refused before the model loads; nothing is created or removed yet
     dtype = torch.bfloat16 if args.bf16 else None
     try:
         if args.cascade is not None:
@@ -211,13 +212,15 @@ def sample_main(argv: Sequence[str]) -> int:
         "fps": fps,
         "walt_version": walt.__version__,
     }
-    _write(out, videos, labels, prompts, seeds, pipe, record)
+    _write(_prepare_output(out, args.overwrite), videos, labels, prompts, seeds, pipe, record)
     return 0
 
 
-def _prepare_output(out: Path, overwrite: bool) -> Path:
-    """A folder that holds only this run's samples: an earlier run's files are refused, or removed with
-    --overwrite, never mixed in."""
+def _check_output(out: Path, overwrite: bool) -> None:
+    """The output folder will hold only this run's samples: an earlier run's files are refused, or (with
+    --overwrite) replaced once the new samples exist, never mixed in."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"walt sample: --output {out} is a file; give a folder")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise SystemExit(
@@ -225,6 +228,13 @@ def _prepare_output(out: Path, overwrite: bool) -> Path:
             )
         if not _holds_only_samples(out):
             raise SystemExit(f"walt sample: {out} holds files that are not walt samples; not overwriting it")
+
+
+def _prepare_output(out: Path, overwrite: bool) -> Path:
+    """Creates the checked output folder when there is something to write, so a refused setting (a wrong
+    class, a bad prompt) leaves no empty folder, and an earlier run's samples survive a failed new run."""
+    _check_output(out, overwrite)  # again: the folder may have changed while the samples were generated
+    if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out

@@ -133,10 +133,18 @@ def test_adapters_are_loaded_in_order_with_their_scales():
         load_adapters(object(), [("a", 1.0)])
 
 
-def test_walt_serve_refuses_a_missing_model_in_one_line(tmp_path):
+def test_walt_serve_refuses_bad_options_in_one_line(tmp_path, capsys):
     pytest.importorskip("gradio")
     with pytest.raises(SystemExit, match="walt serve: no model at"):
         serve_main(["--model", str(tmp_path / "missing")])
+    for option, message in (
+        (["--port", "70000"], "argument --port: must be <= 65535, got 70000"),
+        (["--device", "gpu"], "argument --device: not a device: 'gpu'"),
+        (["--adapter", "a.safetensors:inf"], "the scale of 'a.safetensors:inf' must be a finite number"),
+    ):
+        with pytest.raises(SystemExit):
+            serve_main(["--model", str(tmp_path), *option])
+        assert message in capsys.readouterr().err
 
 
 def test_the_page_runs_one_generation_at_a_time_and_a_full_queue_says_so(server):

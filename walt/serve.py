@@ -393,6 +393,12 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = p.parse_args(list(argv))
     if args.port > 65535:
         p.error(f"argument --port: must be <= 65535, got {args.port}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"argument --device: not a device: {args.device!r} (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"argument --device: {args.device} asked for, but PyTorch sees no CUDA device")
     return args
 
 

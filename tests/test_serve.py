@@ -149,8 +149,9 @@ def test_walt_serve_refuses_bad_options_in_one_line(tmp_path, capsys):
 
 def test_the_page_runs_one_generation_at_a_time_and_a_full_queue_says_so(server):
     """Through Gradio itself (its Python client, no browser), with a queue of 1: while one user's video is being
-    made, the next user waits in the queue (not on the model) and a third is told the queue is full; then both
-    get their videos. A refused value comes back as its message, escaped (Gradio shows messages as HTML)."""
+        made, the next user waits in the queue (not on the model) and a third is told the queue is full; then both
+        get their videos. A refused value comes back as its message, escaped (Gradio shows messages as HTML), and so
+    does a failure inside the model; the page goes on serving."""
     pytest.importorskip("gradio")
     from gradio_client import Client
     from gradio_client.utils import Status
@@ -190,11 +191,19 @@ def test_the_page_runs_one_generation_at_a_time_and_a_full_queue_says_so(server)
             assert f"seed {seed}" in made
         with pytest.raises(Exception, match=r"unknown class '&lt;b&gt;x&lt;/b&gt;'"):
             client.predict("<b>x</b>", 2, 1.0, 0, "ddim", 0.0, api_name="/generate")
+        server.pipeline.generate = _fails
+        with pytest.raises(Exception, match="generation failed: RuntimeError: out of memory"):
+            client.predict("0", 1, 1.0, 0, "ddim", 0.0, api_name="/generate")
+        server.pipeline.generate = generate
         assert client.predict("0", 1, 1.0, 0, "ddim", 0.0, api_name="/generate")[2].startswith("class")
     finally:
         release.set()
         server.pipeline.generate = generate
         page.close()
+
+
+def _fails(*args, **kwargs):
+    raise RuntimeError("out of memory")
 
 
 def _wait_for(condition, timeout: float = 60.0) -> None:

@@ -92,6 +92,10 @@ def served(tmp_path_factory, browser) -> Iterator[str]:
 
 def test_the_page_generates_a_playable_video_and_offers_its_mp4(browser, served, tmp_path):
     page = browser.new_page(viewport={"width": 1100, "height": 820})
+    elsewhere = []  # the page must work offline (clusters): nothing fetched from another host
+    page.on(
+        "request", lambda r: None if r.url.startswith((served, "data:", "blob:")) else elsewhere.append(r.url)
+    )
     page.goto(served)
     page.locator("#walt-class input").click()
     page.get_by_role("option", name="red circle moving right").click()
@@ -117,6 +121,7 @@ def test_the_page_generates_a_playable_video_and_offers_its_mp4(browser, served,
     assert download.get_attribute("download") == "walt_red_circle_moving_right_seed7.mp4"
     assert page.request.get(download.get_attribute("href")).body() == mp4
     assert "class 'red circle moving right', seed 7, 2 ddim steps" in page.locator("#walt-made").inner_text()
+    assert not elsewhere
     if os.environ.get("WALT_SCREENSHOT"):
         page.wait_for_timeout(1500)  # a few frames into the loop
         page.screenshot(path=os.environ["WALT_SCREENSHOT"], full_page=True)

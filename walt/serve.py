@@ -189,7 +189,7 @@ class VideoServer:
         with self._lock:
             start = time.perf_counter()
             try:
-                video = self.pipeline.generate(**kwargs)[0]  # uint8 (T, H, W, 3)
+                video = self.pipeline.generate(**kwargs, progress=False)[0]  # uint8 (T, H, W, 3)
             except (ValueError, FileNotFoundError, VideoReadError) as err:  # the pipeline's checks
                 raise BadValue(str(err)) from None
             seconds = time.perf_counter() - start
@@ -328,7 +328,7 @@ def build_page(server: VideoServer, queue_size: int = 16):
                 made = gr.Markdown(elem_id="walt-made")
         names = list(inputs)
 
-        def generate(*values, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio's own idiom)
+        def generate(*values):
             try:
                 result = server.generate(**dict(zip(names, values)))
             except BadValue as err:

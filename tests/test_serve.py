@@ -36,6 +36,25 @@ def test_the_form_shows_only_what_the_model_takes():
     assert not unconditional.guidance and "nothing (unconditional)" in unconditional.summary()
 
 
+@pytest.mark.parametrize(
+    "kind, shown",
+    [
+        (dict(), ["class", "steps", "guidance", "seed", "sampler", "eta"]),
+        (dict(classes=False, text=True), ["prompt", "steps", "guidance", "seed", "sampler", "eta"]),
+        (dict(classes=False, context=True), ["context", "context-frames", "steps", "guidance", "seed", "sampler", "eta"]),
+        (dict(classes=False), ["steps", "seed", "sampler", "eta"]),
+    ],
+)  # fmt: skip
+def test_the_page_has_an_input_for_each_thing_the_model_takes_and_no_other(tmp_path, kind, shown):
+    pytest.importorskip("gradio")
+    from walt.serve import build_page
+
+    config = build_page(VideoServer(tiny_pipeline(**kind), tmp_path)).get_config_file()
+    ids = {c["id"]: c["props"].get("elem_id") for c in config["components"]}
+    inputs = [ids[i].removeprefix("walt-") for i in config["dependencies"][0]["inputs"]]
+    assert inputs == shown
+
+
 def test_a_generation_gives_a_playable_mp4_named_after_its_settings(server):
     first = server.generate(label="red circle moving right", steps=2, seed=3, guidance=2.0)
     assert first.path.name == "walt_red_circle_moving_right_seed3.mp4"

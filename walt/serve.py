@@ -439,7 +439,10 @@ def serve_main(argv: Sequence[str]) -> int:
     theme = gr.themes.Default(
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
     )
-    page.launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme)
+    # max_file_size: a context clip is a few seconds of video; a bigger upload is refused before it is read.
+    page.launch(
+        server_name=args.host, server_port=args.port, share=args.share, theme=theme, max_file_size="50mb"
+    )
     return 0
 
 

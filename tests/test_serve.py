@@ -66,6 +66,7 @@ def test_a_generation_gives_a_playable_mp4_named_after_its_settings(server):
     other = server.generate(label=0, steps=2, seed=3, guidance=2.0, sampler="dpmpp_2m")
     assert other.path.read_bytes() != first.path.read_bytes()
     assert server.generate(label="-1", steps=1).path.name == "walt_unconditional_seed0.mp4"
+    assert server.generate(label=0, steps=1, seed=2**62 + 1).path.name.endswith(f"_seed{2**62 + 1}.mp4")
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,16 @@ from walt.checks import int_at_least
 from walt.diffusion import SAMPLERS
 from walt.pipeline import ModelFileError, Pipeline
 
-__all__ = ["Form", "Result", "VideoServer", "build_page", "parse_adapter", "serve_main"]
+__all__ = [
+    "BadValue",
+    "Form",
+    "Result",
+    "VideoServer",
+    "build_page",
+    "load_adapters",
+    "parse_adapter",
+    "serve_main",
+]
 
 UNCONDITIONAL = "-1"  # the class choice that samples without a class (the null label)
 CONTEXT_TYPES = [".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif", ".png", ".jpg", ".jpeg", ".bmp", ".webp"]
@@ -250,10 +259,10 @@ def _integer(name: str, value: Any, low: int, high: int) -> int:
     if value is None or isinstance(value, bool) or value == "":
         raise BadValue(f"{name}: give a whole number from {low} to {high}")
     try:
-        number = float(value)
+        number = value if isinstance(value, int) else float(value)  # ints kept whole: seeds past 2**53
     except (TypeError, ValueError):
         raise BadValue(f"{name} must be a whole number from {low} to {high}, got {value!r}") from None
-    if not math.isfinite(number) or not number.is_integer() or not low <= number <= high:
+    if not math.isfinite(number) or not float(number).is_integer() or not low <= number <= high:
         raise BadValue(f"{name} must be a whole number from {low} to {high}, got {value!r}")
     return int(number)
 

@@ -44,53 +44,55 @@ def _chromium() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def browser():
+def chromium() -> str:
     pytest.importorskip("gradio", reason="walt serve needs Gradio: pip install -e '.[serve]'")
-    sync_api = pytest.importorskip(
+    pytest.importorskip(
         "playwright.sync_api",
         reason="Playwright is not installed: make browser (pip install -e '.[browser]')",
     )
     executable = _chromium()
     if executable is None:
         pytest.skip("no Chromium: make browser installs Debian's chromium package (or set WALT_CHROMIUM)")
-    with sync_api.sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=executable, headless=True)
+    return executable
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, chromium) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    """`walt serve` of a tiny class-conditional model on the CPU, in its own process, on a free port: started
+    here, waited for by ``served`` (the browser starts meanwhile)."""
+    folder = tmp_path_factory.mktemp("serve")
+    model = write_tiny_model(folder / "model")
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "walt", "serve", "--model", str(model), "--device", "cpu",
+               "--port", str(port)]  # fmt: skip
+    with (folder / "serve.log").open("w") as log:
+        process = subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield f"http://127.0.0.1:{port}/", process, folder / "serve.log"
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=chromium, headless=True)
         yield launched
         launched.close()
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, browser) -> Iterator[str]:
-    """`walt serve` of a tiny class-conditional model on the CPU, in its own process, on a free port."""
-    folder = tmp_path_factory.mktemp("serve")
-    model = write_tiny_model(folder / "model")
-    port = _free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
-    log = (folder / "serve.log").open("w")
-    command = [
-        sys.executable,
-        "-m",
-        "walt",
-        "serve",
-        "--model",
-        str(model),
-        "--device",
-        "cpu",
-        "--port",
-        str(port),
-    ]
-    process = subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        _wait_until_serving(url, process, folder / "serve.log")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+def served(server, browser) -> str:
+    url, process, log = server
+    _wait_until_serving(url, process, log)
+    return url
 
 
-def test_the_page_generates_a_playable_video_and_offers_its_mp4(browser, served, tmp_path):
+def test_the_page_generates_a_playable_video_and_offers_its_mp4(served, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1100, "height": 820})
     elsewhere = []  # the page must work offline (clusters): nothing fetched from another host
     page.on(
@@ -128,7 +130,7 @@ def test_the_page_generates_a_playable_video_and_offers_its_mp4(browser, served,
     page.close()
 
 
-def test_a_bad_value_shows_its_message_and_the_server_goes_on(browser, served):
+def test_a_bad_value_shows_its_message_and_the_server_goes_on(served, browser):
     page = browser.new_page()
     page.goto(served)
     page.locator("#walt-steps input").fill("0")

@@ -174,6 +174,12 @@ def _encode(argv: Sequence[str]) -> int:
     return encode_main(list(argv))
 
 
+def _serve(argv: Sequence[str]) -> int:
+    from walt.serve import serve_main  # imported on use: Gradio only loads for `walt serve`
+
+    return serve_main(list(argv))
+
+
 # Subcommands outside Lightning's trainer entry points: name -> (one-line help, implementation(argv) -> exit code).
 EXTRA_COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "sample": ("generate videos from a trained checkpoint", _sample),
@@ -183,6 +189,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
         "write a trained model (or a cascade) as a shareable folder: safetensors, JSON, model card",
         _export,
     ),
+    "serve": ("a web page to generate videos from a trained model (Gradio; the serve extra)", _serve),
 }
 
 USAGE = """\

@@ -2,13 +2,6 @@
 
 from walt.data.base import ClipDataset, SkipCounter, VideoSample
 from walt.data.captions import CaptionedVideos, read_manifest
-from walt.data.datamodule import (
-    EpochShuffleSampler,
-    MixedBatchSampler,
-    ResumableDataLoader,
-    VideoDataModule,
-    collate_items,
-)
 from walt.data.footage import RealFootage, Shot
 from walt.data.images import ImageFolderVideos
 from walt.data.io import VideoInfo, VideoReadError, probe_video, read_video, write_video
@@ -23,6 +16,25 @@ from walt.data.transforms import (
     to_uint8,
 )
 from walt.data.ucf101 import UCF101
+
+# The data module (Lightning) loads on first use: inference code (walt.pipeline) reads videos through this
+# package without paying for Lightning's import.
+_DATAMODULE = (
+    "EpochShuffleSampler",
+    "MixedBatchSampler",
+    "ResumableDataLoader",
+    "VideoDataModule",
+    "collate_items",
+)
+
+
+def __getattr__(name: str):
+    if name in _DATAMODULE:
+        from walt.data import datamodule
+
+        return getattr(datamodule, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "UCF101",

@@ -49,6 +49,18 @@ def test_gradient_penalty_of_a_linear_critic_is_its_squared_weight_norm():
     torch.testing.assert_close(gradient_penalty(real, logits), w.pow(2).sum())
 
 
+def test_gradient_penalty_of_a_patch_critic_is_that_of_its_mean_logit():
+    """A patch map whose P logits are P linear critics: the penalty is that of their mean, the quantity the
+    losses average, so it does not grow with the number of patches (it grew as P^2 when the patches' sum
+    was differentiated)."""
+    w = torch.randn(6, 3, 5, 4, 4)  # six patches
+    real = torch.randn(2, 3, 5, 4, 4, requires_grad=True)
+    logits = torch.einsum("pcthw,bcthw->bp", w, real).view(2, 1, 1, 2, 3)  # (B, 1, T', H', W')
+    torch.testing.assert_close(gradient_penalty(real, logits), w.mean(0).pow(2).sum())
+    same = torch.einsum("cthw,bcthw->b", w[0], real)[:, None, None, None, None].expand(2, 1, 1, 2, 3)
+    torch.testing.assert_close(gradient_penalty(real, same), w[0].pow(2).sum())  # P copies = one critic
+
+
 def test_lecam_golden_value():
     lecam = LeCam(decay=0.5)
     real, fake = torch.tensor([1.0, 3.0]), torch.tensor([-1.0, -1.0])

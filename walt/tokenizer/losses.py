@@ -36,8 +36,14 @@ def non_saturating_g_loss(logits_fake: Tensor) -> Tensor:
 
 
 def gradient_penalty(real: Tensor, logits_real: Tensor) -> Tensor:
-    """R1 penalty E[|dD(x)/dx|^2] on real inputs; `real` must have had requires_grad set before D ran."""
-    (grad,) = torch.autograd.grad(logits_real.sum(), real, create_graph=True)
+    """R1 penalty E[|dD(x)/dx|^2] on real inputs; `real` must have had requires_grad set before D ran.
+
+    D(x) is a clip's mean logit over its patches (B, ...) -> (B,), the quantity the hinge and non-saturating
+    losses average. The gradient of the patches' sum instead (right for a critic with one logit per clip)
+    multiplies the penalty by the square of the patch count: 128^2 for 17x128x128 clips through four
+    downsamplings, which held the discriminator at zero and kept it from learning."""
+    per_clip = logits_real.flatten(1).mean(1) if logits_real.dim() > 1 else logits_real  # (B,)
+    (grad,) = torch.autograd.grad(per_clip.sum(), real, create_graph=True)
     return grad.pow(2).flatten(1).sum(1).mean()
 
 

@@ -160,6 +160,54 @@ def test_a_cross_attention_adapter_acts_on_the_text_tokens_merged_or_not():
     torch.testing.assert_close(model(x, t, cond), unmerged, atol=1e-5, rtol=0)
 
 
+def _compiled_and_eager(backend: str, device: str):
+    """A LoRA backbone (with a trainable class row) compiled as BaseDiffusionModule(compile=True) compiles it,
+    before the adapter goes in, and its eager twin with the same weights."""
+    import copy
+
+    model = tiny_backbone().to(device)
+    model.compile(fullgraph=True, backend=backend)
+    spec = LoRASpec(rank=4, new_classes=("horse",))
+    description = describe_adapter(spec, target_modules(model, "all", spec.layers), base_identity(model))
+    inject_lora(model, description, TRAINING_NAME, add_classes(model, 1))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    eager = copy.deepcopy(model)
+    eager._compiled_call_impl = None  # the copy would call the compiled original otherwise
+    return model, eager
+
+
+def test_lora_traces_into_one_graph_forward_and_backward():
+    """fullgraph=True fails on any graph break: PEFT's layers and trainable rows trace whole (aot_eager: the
+    tracing without a compiler; the GPU test runs inductor)."""
+    model, eager = _compiled_and_eager("aot_eager", "cpu")
+    x, t, _ = inputs([10, 2])
+    cond = Conditioning(labels=torch.tensor([10, 2]))
+    for net in (model, eager):
+        net(x, t, cond).square().mean().backward()
+    assert torch.equal(model(x, t, cond), eager(x, t, cond))
+    for (name, a), b in zip(model.named_parameters(), eager.parameters()):
+        if a.requires_grad:
+            assert torch.equal(a.grad, b.grad), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_lora_matches_eager_on_the_gpu():
+    model, eager = _compiled_and_eager("inductor", "cuda")
+    x, t, _ = inputs([10, 2])
+    x, t, cond = x.cuda(), t.cuda(), Conditioning(labels=torch.tensor([10, 2]).cuda())
+    with torch.autocast("cuda", torch.bfloat16):
+        for net in (model, eager):
+            net(x, t, cond).float().square().mean().backward()
+        torch.testing.assert_close(model(x, t, cond).float(), eager(x, t, cond).float(), atol=2e-2, rtol=2e-2)
+    grads = [(a.grad, b.grad) for a, b in zip(model.parameters(), eager.parameters()) if a.requires_grad]
+    for a, b in grads:
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=5e-2)
+
+
 # ---- the adapter file and the pipeline ----------------------------------------------------------------------
 
 
@@ -366,3 +414,28 @@ def test_walt_sample_with_an_adapter(lora_run, base_model, tmp_path):
     assert record[0]["class_name"] == "horse" and record[0]["adapters"][0]["scale"] == 0.5
     with pytest.raises(SystemExit, match="adapter not found"):
         main([*argv[:3], "--adapter", str(tmp_path / "none.safetensors"), *argv[5:], "--overwrite"])
+
+
+def test_walt_export_of_a_lora_checkpoint_writes_its_adapter_or_a_merged_model(lora_run, tmp_path, capsys):
+    checkpoint = str(lora_run / "checkpoints/last.ckpt")
+    assert main_exit(["export", "--checkpoint", checkpoint, "--output", str(tmp_path / "a.safetensors")]) == 0
+    exported, _ = read_adapter(tmp_path / "a.safetensors")
+    written, _ = read_adapter(lora_run / "adapter.safetensors")
+    assert exported.keys() == written.keys() and all(torch.equal(exported[k], written[k]) for k in written)
+    assert main_exit(["export", "--checkpoint", checkpoint, "--output", str(tmp_path / "folder")]) == 1
+    assert "--merge-adapters" in capsys.readouterr().out
+    merged = tmp_path / "merged"
+    assert main_exit(["export", "--checkpoint", checkpoint, "--output", str(merged), "--merge-adapters"]) == 0
+    kwargs = {**SAMPLE, "labels": ["horse", 3, -1]}
+    unmerged = Pipeline.from_pretrained(checkpoint).generate(**kwargs)
+    torch.testing.assert_close(
+        Pipeline.from_pretrained(merged).generate(**kwargs), unmerged, atol=1e-5, rtol=0
+    )
+
+
+def main_exit(argv: list[str]) -> int:
+    try:
+        main(argv)
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0

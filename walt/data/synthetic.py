@@ -209,7 +209,7 @@ class MovingDigits(Dataset):
         return self._label(self.digits_of(index))
 
     def _label(self, digits: list[int]) -> int:
-        return digits[0] if len(self.classes) == 10 else 10 * digits[0] + digits[1]
+        return digits[0] if self.num_digits == 1 or self.label == "first" else 10 * digits[0] + digits[1]
 
     def digits_of(self, index: int) -> list[int]:
         """The digits shown in clip ``index``, first to last, without rendering it."""

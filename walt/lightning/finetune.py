@@ -22,6 +22,7 @@ and an averaged one. Full fine-tuning keeps the module's EMA if it has one, rest
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -150,7 +151,8 @@ class FineTune(Callback):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        backbone = pl_module.backbone.parameters()
+        adapter = (".lora_", "trainable_tokens")
+        backbone = [p for n, p in pl_module.backbone.named_parameters() if not any(a in n for a in adapter)]
         self._record = {
             "method": self.method,
             "init_from": self.init_from,
@@ -173,9 +175,8 @@ class FineTune(Callback):
             torch.cuda.synchronize(device)
         record = dict(self._record)
         start = record.pop("start")
-        steady = [
-            b - a for a, b in zip(self._batch_ends[5:], self._batch_ends[6:])
-        ]  # past compilation, warm-up
+        ends = self._batch_ends[min(5, len(self._batch_ends) // 2) :]  # past compilation and warm-up
+        steady = [b - a for a, b in itertools.pairwise(ends)]
         record.update(
             steps=int(trainer.global_step) - record.pop("first_step"),
             train_seconds=time.perf_counter() - start,

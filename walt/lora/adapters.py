@@ -66,11 +66,9 @@ class AdapterSet:
         scale: float = 1.0,
         name: str = "adapter",
         source: str = "the adapter",
-        base_sha256: str | None = None,
     ) -> str:
-        """Puts an adapter given by its tensors and description on the backbone (see :meth:`load`).
-        ``base_sha256`` vouches for the backbone's identity instead of hashing it (it already holds the adapter's
-        base, e.g. rebuilt from the adapter's own training checkpoint)."""
+        """Puts an adapter given by its tensors and description (as :func:`walt.lora.read_adapter` returns
+        them) on the backbone under ``name``; ``source`` names it in errors (see :meth:`load`)."""
         _check_scale(scale)
         _check_name(name)
         if self.merged:
@@ -79,7 +77,7 @@ class AdapterSet:
             )
         if name in self.entries:
             raise AdapterError(f"an adapter named {name!r} is loaded already: give another name")
-        self._check_base(description, source, base_sha256)
+        self._check_base(description, source)
         self._check_shapes(tensors, description, source)  # before anything changes
         added = self._add_classes(tensors.get(NEW_CLASSES_KEY), description["new_classes"], source)
         inject_lora(self.backbone, description, name)
@@ -94,11 +92,9 @@ class AdapterSet:
         self._activate()
         return name
 
-    def _check_base(self, description: dict[str, Any], source: str, vouched: str | None) -> None:
-        if self.base_sha256 is None:
-            if self.entries:  # cannot happen: the first adapter sets it
-                raise AdapterError("the base model's identity is unknown")
-            self.base_sha256 = vouched or weights_sha256(self.backbone.state_dict())
+    def _check_base(self, description: dict[str, Any], source: str) -> None:
+        if self.base_sha256 is None:  # the first adapter: the backbone is still the base model
+            self.base_sha256 = weights_sha256(self.backbone.state_dict())
         recorded = description["base"]["weights_sha256"]
         if recorded != self.base_sha256:
             trained_on = description["base"].get("source") or "another model"

@@ -357,6 +357,8 @@ def test_walt_fit_trains_and_writes_only_the_adapter(lora_run, base_model):
     assert record["trainable_parameters"] == sum(t.numel() for t in tensors.values())  # the optimizer's, too
     assert record["adapter_bytes"] == adapter.stat().st_size
     checkpoint = read_checkpoint(lora_run / "checkpoints/last.ckpt")
+    (optimizer,) = checkpoint["optimizer_states"]  # what configure_optimizers handed over: the adapter alone
+    assert sum(len(g["params"]) for g in optimizer["param_groups"]) == len(tensors)
     frozen = {
         k: v for k, v in checkpoint["state_dict"].items() if ".base_layer." in k and "blocks.0.attn.qkv" in k
     }

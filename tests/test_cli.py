@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,8 @@ def test_every_config_parses(config, capsys, monkeypatch):
     args = ["--config", str(config)]
     if set(content) <= {"trainer"}:  # a trainer fragment (configs/distributed): combined with a full config
         args = ["--config", str(config.parents[1] / "base/quickstart.yaml"), *args]
+    elif "model" in content and "class_path" not in content["model"]:  # an overlay on another config
+        args = [*_overlaid(config), *args]
     elif "model" not in content:
         args += ["--model", PLACEHOLDER_MODEL]  # data-only fragments are combined with a model config
     with pytest.raises(SystemExit) as exit_info:
@@ -59,6 +62,19 @@ def test_every_config_parses(config, capsys, monkeypatch):
     assert not any(c.get("init_args", {}).get("save_last") for c in callbacks)
 
 
+def _overlaid(config: Path) -> list[str]:
+    """The --config arguments an overlay goes over, read from the `walt fit` command its comments show."""
+    root = config.parents[1].parent
+    mine = re.escape(str(config.relative_to(root)))
+    for line in config.read_text().splitlines():
+        found = re.search(rf"walt fit ((?:--config \S+ )+)--config {mine}", line)
+        if found:
+            return [str(root / a) if a.endswith(".yaml") else a for a in found[1].split()]
+    raise AssertionError(
+        f"{config.name}: a model section without class_path, and no `walt fit` command naming it"
+    )
+
+
 def _check_cascade(config: Path, monkeypatch) -> None:
     """The cascade YAML goes through the real loader (its keys, per-stage settings and stage order checked), with
     each stage's model replaced by a stand-in: every stage must name the stable checkpoint
@@ -69,7 +85,7 @@ def _check_cascade(config: Path, monkeypatch) -> None:
         content = yaml.safe_load(other.read_text())
         root = (content.get("trainer") or {}).get("default_root_dir")
         if root and "model" in content:
-            sr = content["model"]["class_path"].endswith("SuperResolutionModule")
+            sr = content["model"].get("class_path", "").endswith("SuperResolutionModule")
             trained_by[str(Path(root) / "checkpoints/last.ckpt")] = sr
 
     def stand_in(model, *args, **kwargs):

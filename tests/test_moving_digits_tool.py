@@ -1,8 +1,9 @@
-"""tools/moving_digits.py: the study's configs and its tokenizer measurements."""
+"""tools/moving_digits.py: the study's configs, its tokenizer measurements and the personalize stage."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -60,3 +61,80 @@ def test_reconstruction_fvd_is_zero_for_a_perfect_tokenizer_and_positive_otherwi
         torch.nn.functional.avg_pool3d(real, (1, 4, 4)).repeat_interleave(4, -1).repeat_interleave(4, -2)
     )
     assert study.reconstruction_fvd(real, blurred, args)["rfvd2048_16f"] > 1.0
+
+
+# ---- the personalize stage (tools/personalize.py) -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def personalize(study):
+    return importlib.import_module("personalize")
+
+
+def personalize_args(out: Path, **kwargs) -> Namespace:
+    defaults = dict(out=out, smoke=True, personalize_steps=4, lora_rank=4, lora_lr=1e-3, full_lr=1e-4)
+    return Namespace(**{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_personalize_configs_lay_the_fine_tuning_over_the_base_config(
+    study, personalize, tmp_path, method, capsys
+):
+    from walt.cli import WaltCLI
+
+    configs = study.write_configs(tmp_path, smoke=True, accelerator="cpu")
+    path = personalize.write_config(personalize_args(tmp_path), configs, tmp_path / "base_model", method)
+    config = yaml.safe_load(path.read_text())
+    base = yaml.safe_load(configs["base"].read_text())
+    model = config["model"]["init_args"]
+    assert model["backbone"] == base["model"]["init_args"]["backbone"]  # the trained model's architecture
+    assert model["ema_decay"] is None and model["tokenizer_weights"] is None and model["compile"] is False
+    assert model["optimizer"]["init_args"]["lr"] == (1e-3 if method == "lora" else 1e-4)
+    (callback,) = config["trainer"]["callbacks"]
+    assert callback["class_path"] == (
+        "walt.lightning.LoRAFineTune" if method == "lora" else "walt.lightning.FineTune"
+    )
+    assert callback["init_args"]["init_from"] == str(tmp_path / "base_model")
+    assert callback["init_args"]["new_classes"] == ["horse"]
+    train, val = config["data"]["init_args"]["train"], config["data"]["init_args"]["val"]
+    assert train == {"class_path": "walt.data.MovingSubject",
+                     "init_args": {"subject": "horse", "num_samples": 8, "num_frames": 17, "resolution": 32}}  # fmt: skip
+    assert val["class_path"] == "walt.data.MovingDigits" and val["init_args"]["resolution"] == 32
+    assert config["trainer"]["default_root_dir"] == str(tmp_path / "personalize" / method)
+    with pytest.raises(SystemExit) as done:  # the real parser takes it
+        WaltCLI(args=["--config", str(path), "--print_config"], run=False)
+    assert done.value.code in (0, None), capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_personalize_stage_runs_end_to_end_on_a_cpu(study, tmp_path):
+    """Both fine-tuning runs, the object classifier, FVD rows and the table, on a tiny random "trained" model
+    (about 5 minutes on 2 cores: the two `walt fit` start-ups and I3D on a CPU dominate)."""
+    import subprocess
+
+    from walt.lightning.sample import build_module
+
+    configs = study.write_configs(tmp_path, smoke=True, accelerator="cpu")
+    pipe = build_module(configs["base"], compile=False)[0].pipeline()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in pipe.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pipe.class_names = [str(d) for d in range(10)]
+    base = pipe.save_pretrained(tmp_path / "base_model")
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools/moving_digits.py"), "personalize", "--out", str(tmp_path), "--smoke",
+         "--base-model", str(base), "--num-samples", "8", "--classifier-steps", "5", "--device", "cpu"],
+        check=True,
+    )  # fmt: skip
+    result = json.loads((tmp_path / "personalize.json").read_text())
+    lora, full = result["runs"]["lora"], result["runs"]["full"]
+    assert lora["steps"] == full["steps"] == 6
+    assert lora["trainable_parameters"] < full["trainable_parameters"] // 5
+    assert lora["adapter_bytes"] < 4 * full["trainable_parameters"]
+    for name in ("base", "lora", "full"):
+        row = result["models"][name]
+        assert row["fvd2048_16f"] > 0 and 0 <= row["subject_recognized"] <= 1
+    assert result["models"]["lora"]["merged_vs_unmerged_max_abs_pixel"] < 1e-3
+    assert "| new subject recognized (top 2) |" in (tmp_path / "personalize.md").read_text()
+    assert (tmp_path / "personalize.png").is_file()

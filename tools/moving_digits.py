@@ -26,6 +26,12 @@ Stages (each resumable: a stage whose outputs exist is skipped unless --force):
   prediction `walt evaluate fvd_k600_pred` with --k600-samples samples (default 10,000) of a frame-prediction
              copy of the base model (context frames) trained --context-steps steps (default 500); wall time and
              peak GPU memory: <out>/prediction.json. Neither is part of `all`.
+  personalize
+             LoRA against full fine-tuning (tools/personalize.py): the trained base model learns a new class, a
+             subject it never saw (scikit-image's horse), from 8 clips, through a rank-8 adapter and through
+             every weight, for the same --personalize-steps; recognition of the subject in samples, FVD and digit
+             accuracy of the old classes before and after, adapter size, trainable parameters, step time and peak
+             memory: <out>/personalize.json and personalize.md. Not part of `all`.
   report     report.json (every figure and the commands), loss curves (curves.png), sample grid (samples.png).
 
   python tools/moving_digits.py all --out runs/moving_digits           # one H100: about 30 minutes
@@ -147,6 +153,7 @@ STAGES = (
     "samplers",
     "protocols",
     "prediction",
+    "personalize",
 )
 # Every generated set has one sample per test clip: sample i gets clip i's label and seed i (see generate).
 SEEDS = "walt evaluate fvd2048_16f --labels data --seed 0: sample k has seed k and the class of test clip k of the seeded selection"
@@ -682,6 +689,18 @@ def max_time(seconds: float) -> str:
     return f"{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def stage_personalize(args: argparse.Namespace, configs: dict[str, Path]) -> None:
+    import personalize  # tools/personalize.py
+
+    study = sys.modules[__name__]  # its helpers: Reference, measure, generate, clips, walt, ...
+    run_stage(
+        args,
+        "personalize",
+        args.out / "personalize.json",
+        lambda: personalize.personalize(args, configs, study),
+    )
+
+
 def stage_distill(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     """Every round, each a `walt fit` of the distill config whose teacher is the previous round's checkpoint."""
     out = args.out
@@ -876,6 +895,23 @@ def main() -> None:
         default=500,
         help="training steps of the prediction stage's context model",
     )
+    p.add_argument(
+        "--base-model",
+        help="personalize: the model to fine-tune (a checkpoint or model folder; default: the base stage's)",
+    )
+    p.add_argument(
+        "--personalize-steps", type=int, help="personalize: steps of each run (default 300; 6 with --smoke)"
+    )
+    p.add_argument("--lora-rank", type=int, default=8, help="personalize: the adapter's rank")
+    p.add_argument("--lora-lr", type=float, default=1e-3, help="personalize: the adapter's learning rate")
+    p.add_argument(
+        "--full-lr", type=float, default=1e-4, help="personalize: full fine-tuning's learning rate"
+    )
+    p.add_argument(
+        "--subject-samples",
+        type=int,
+        help="personalize: samples of the new class (default 256; 8 with --smoke)",
+    )
     p.add_argument("--classifier-clips", type=int, default=2048)
     p.add_argument("--classifier-steps", type=int, default=2000)
     p.add_argument("--workers", type=int, default=8)
@@ -917,6 +953,10 @@ def main() -> None:
         args.tokenizer_seconds = args.base_seconds = None
         args.sampler_steps = args.sampler_steps or [2, 5]
         args.k600_samples, args.context_steps = min(args.k600_samples, 16), 5
+        args.personalize_steps = args.personalize_steps or 6
+        args.subject_samples = args.subject_samples or 8
+    args.personalize_steps = args.personalize_steps or 300
+    args.subject_samples = args.subject_samples or 256
     args.num_samples = args.num_samples or 2048
     args.sampler_steps = args.sampler_steps or [5, 10, 20, 50]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -939,6 +979,8 @@ def main() -> None:
         stage_protocols(args, configs)
     if args.stage == "prediction":
         stage_prediction(args, configs)
+    if args.stage == "personalize":
+        stage_personalize(args, configs)
     if args.stage in ("report", "all"):
         stage_report(args)
 

@@ -7,6 +7,7 @@ from walt.data.images import ImageFolderVideos
 from walt.data.io import VideoInfo, VideoReadError, probe_video, read_video, write_video
 from walt.data.kinetics import Kinetics600
 from walt.data.latents import LatentShards
+from walt.data.subjects import MovingSubject
 from walt.data.synthetic import MovingDigits, SyntheticVideos
 from walt.data.transforms import (
     ShortVideoError,
@@ -46,6 +47,7 @@ __all__ = [
     "LatentShards",
     "MixedBatchSampler",
     "MovingDigits",
+    "MovingSubject",
     "RealFootage",
     "ResumableDataLoader",
     "ShortVideoError",

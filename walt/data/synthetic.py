@@ -198,13 +198,7 @@ class MovingDigits(Dataset):
     def __getitem__(self, index: int) -> dict:
         rng, ids = self._draw(index)
         digits = [int(self._targets[i]) for i in ids]
-        canvas = torch.zeros(self.num_frames, self.resolution, self.resolution)  # (T, S, S)
-        for i in ids:
-            sprite = self._sprite(int(i))  # (d, d)
-            for t, (y, x) in enumerate(self._bounce(rng)):
-                region = canvas[t, y : y + self.digit_size, x : x + self.digit_size]
-                torch.maximum(region, sprite, out=region)
-        video = canvas.mul(2.0).sub(1.0).unsqueeze(0).expand(3, -1, -1, -1).contiguous()  # (3, T, S, S)
+        video = self._render(rng, [self._sprite(int(i)) for i in ids])  # (3, T, S, S)
         label = self._label(digits)
         words = " and ".join(map(str, digits))
         caption = f"the digit{'s' if self.num_digits > 1 else ''} {words} bouncing"
@@ -215,7 +209,7 @@ class MovingDigits(Dataset):
         return self._label(self.digits_of(index))
 
     def _label(self, digits: list[int]) -> int:
-        return digits[0] if len(self.classes) == 10 else 10 * digits[0] + digits[1]
+        return digits[0] if self.num_digits == 1 or self.label == "first" else 10 * digits[0] + digits[1]
 
     def digits_of(self, index: int) -> list[int]:
         """The digits shown in clip ``index``, first to last, without rendering it."""
@@ -227,6 +221,15 @@ class MovingDigits(Dataset):
             raise IndexError(index)
         rng = np.random.default_rng([self.seed, int(self.split == "test"), index])
         return rng, rng.choice(self.instance_ids, size=self.num_digits, replace=False)
+
+    def _render(self, rng: np.random.Generator, sprites: list[torch.Tensor]) -> torch.Tensor:
+        """Sprites (d, d) in [0, 1], each bouncing on its own path drawn from ``rng``, white on black: (3, T, S, S)."""
+        canvas = torch.zeros(self.num_frames, self.resolution, self.resolution)  # (T, S, S)
+        for sprite in sprites:
+            for t, (y, x) in enumerate(self._bounce(rng)):
+                region = canvas[t, y : y + self.digit_size, x : x + self.digit_size]
+                torch.maximum(region, sprite, out=region)
+        return canvas.mul(2.0).sub(1.0).unsqueeze(0).expand(3, -1, -1, -1).contiguous()  # (3, T, S, S)
 
     def _sprite(self, instance: int) -> torch.Tensor:
         img = torch.from_numpy(self._images[instance]).float().div(16.0)[None, None]  # (1, 1, 8, 8) in [0, 1]

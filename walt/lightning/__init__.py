@@ -4,6 +4,7 @@ from walt.lightning.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
 from walt.lightning.diffusion import BaseDiffusionModule
 from walt.lightning.distillation import DistillationModule
 from walt.lightning.ema import EMA
+from walt.lightning.finetune import FineTune, LoRAFineTune
 from walt.lightning.module import WaltModule
 from walt.lightning.strategies import WaltFSDPStrategy
 from walt.lightning.super_resolution import SuperResolutionModule
@@ -14,6 +15,8 @@ __all__ = [
     "AtomicCheckpointIO",
     "BaseDiffusionModule",
     "DistillationModule",
+    "FineTune",
+    "LoRAFineTune",
     "PeriodicCheckpoint",
     "SuperResolutionModule",
     "TokenizerModule",

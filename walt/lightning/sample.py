@@ -147,6 +147,10 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--weights", default="ema", choices=["ema", "live"], help="a checkpoint's EMA or trained weights"
     )
+    p.add_argument("--adapter", dest="adapters", action="append", default=[], type=adapter_argument,
+                   help="a LoRA adapter file, optionally with its scale: PATH or PATH:SCALE; repeat for several")  # fmt: skip
+    p.add_argument("--merge-adapters", action="store_true",
+                   help="merge the adapters into the weights before sampling (faster; equal up to rounding)")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (GPU, many samples)")
     p.add_argument("--bf16", action="store_true", help="run the networks under bfloat16 autocast (GPU)")
     p.add_argument("--fps", type=positive_float, help="frame rate of the files (default: the model's)")
@@ -163,7 +167,21 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error(f"--eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM noise), got {args.eta}")
     if args.context is not None and not Path(args.context).is_file():
         p.error(f"--context {args.context}: no such file")
+    if args.adapters and args.cascade is not None:
+        p.error("--adapter applies to one model (--model), not to a cascade")
     return args
+
+
+def adapter_argument(text: str) -> tuple[str, float]:
+    """``PATH`` or ``PATH:SCALE`` -> (path, scale); a path that itself ends in ``:<number>`` is read as one."""
+    path, sep, scale = text.rpartition(":")
+    try:
+        float(scale)
+    except ValueError:
+        return text, 1.0
+    if not sep or not path:
+        return text, 1.0
+    return path, finite_float(scale)
 
 
 def sample_main(argv: Sequence[str]) -> int:
@@ -177,8 +195,12 @@ def sample_main(argv: Sequence[str]) -> int:
             pipe = runner.stages[0]
         else:
             pipe = load_pipeline(args.model, args.config, args.device, args.weights).to(args.device, dtype)
+            for path, scale in args.adapters:
+                pipe.load_adapter(path, scale)
+            if args.merge_adapters:
+                pipe.merge_adapters()
             runner = pipe.compile() if args.compile else pipe
-    except (FileNotFoundError, ModelFileError) as err:
+    except (FileNotFoundError, ModelFileError, ImportError) as err:
         raise SystemExit(f"walt sample: {err}") from None
     if args.context is not None and not pipe.backbone.context_frames:  # known now, before any other work
         raise SystemExit("walt sample: --context given but the model was not trained with context frames")
@@ -206,6 +228,8 @@ def sample_main(argv: Sequence[str]) -> int:
         "model": str(args.model or args.cascade),
         "kind": "cascade" if args.cascade else "model",
         "weights": args.weights,
+        **({"adapters": [{"name": n, **a} for n, a in pipe.adapters.items()]} if pipe.adapters else {}),
+        **({"adapters_merged": True} if args.merge_adapters else {}),
         **{k: v for k, v in settings.items() if k != "context"},
         "context": args.context,
         "steps": pipe.sample_steps if args.steps is None and args.cascade is None else args.steps,

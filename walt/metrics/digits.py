@@ -20,9 +20,10 @@ __all__ = ["DigitClassifier", "clip_digit_scores", "digit_accuracy", "train_digi
 
 
 class DigitClassifier(nn.Module):
-    """Frames ``(N, 1, H, W)`` in [-1, 1] -> presence logits ``(N, 10)``; any H, W >= 16."""
+    """Frames ``(N, 1, H, W)`` in [-1, 1] -> presence logits ``(N, num_classes)``; any H, W >= 16. Ten classes
+    are the digits; more (``walt.data.MovingSubject``'s subject, label 10) are other objects."""
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int = 32, num_classes: int = 10) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = 1
@@ -39,23 +40,25 @@ class DigitClassifier(nn.Module):
             channels = out
         self.features = nn.Sequential(*layers)
         # Max over positions: a digit is present if it is present anywhere, wherever it bounced to.
-        self.head = nn.Linear(channels, 10)
+        self.head = nn.Linear(channels, num_classes)
 
     def forward(self, frames: Tensor) -> Tensor:
         h = self.features(frames)  # (N, 4w, H/8, W/8)
         h = h.amax(dim=(2, 3))  # (N, 4w)
-        return self.head(h)  # (N, 10)
+        return self.head(h)  # (N, num_classes)
 
 
-def _frames_and_targets(dataset: MovingDigits, indices: list[int]) -> tuple[Tensor, Tensor]:
-    """All frames of the clips ``indices`` as (N*T, 1, H, W) with multi-hot digit targets (N*T, 10)."""
+def _frames_and_targets(
+    dataset: MovingDigits, indices: list[int], num_classes: int = 10
+) -> tuple[Tensor, Tensor]:
+    """All frames of the clips ``indices`` as (N*T, 1, H, W) with multi-hot targets (N*T, num_classes)."""
     frames, targets = [], []
     for i in indices:
         video = dataset[i]["video"]  # (3, T, H, W), grey
         frames.append(video[0].unsqueeze(1))  # (T, 1, H, W)
-        hot = torch.zeros(10)
+        hot = torch.zeros(num_classes)
         hot[dataset.digits_of(i)] = 1.0
-        targets.append(hot.expand(video.shape[1], 10))  # (T, 10)
+        targets.append(hot.expand(video.shape[1], num_classes))  # (T, num_classes)
     return torch.cat(frames), torch.cat(targets)
 
 
@@ -68,12 +71,14 @@ def train_digit_classifier(
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
+    num_classes: int = 10,
 ) -> DigitClassifier:
-    """Trains a :class:`DigitClassifier` on the frames of every clip of ``dataset`` (a real, training split)."""
+    """Trains a :class:`DigitClassifier` on the frames of every clip of ``dataset`` (a real, training split;
+    anything with ``digits_of(i)``, the classes clip ``i`` shows)."""
     torch.manual_seed(seed)
-    frames, targets = _frames_and_targets(dataset, list(range(len(dataset))))
+    frames, targets = _frames_and_targets(dataset, list(range(len(dataset))), num_classes)
     frames, targets = frames.to(device), targets.to(device)
-    model = DigitClassifier(width).to(device)
+    model = DigitClassifier(width, num_classes).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -90,14 +95,15 @@ def train_digit_classifier(
 
 @torch.no_grad()
 def clip_digit_scores(classifier: DigitClassifier, videos: Tensor, batch_size: int = 64) -> Tensor:
-    """Videos ``(N, 3, T, H, W)`` in [-1, 1] -> per-digit presence probability averaged over frames ``(N, 10)``."""
+    """Videos ``(N, 3, T, H, W)`` in [-1, 1] -> per-class presence probability averaged over frames
+    ``(N, num_classes)``."""
     device = next(classifier.parameters()).device
     scores = []
     for chunk in videos.split(batch_size):
         n, _, t, h, w = chunk.shape
         grey = chunk.to(device).float().mean(dim=1)  # (n, T, H, W): generated clips may be slightly coloured
-        logits = classifier(grey.reshape(n * t, 1, h, w))  # (n*T, 10)
-        scores.append(logits.sigmoid().reshape(n, t, 10).mean(dim=1).cpu())  # (n, 10)
+        logits = classifier(grey.reshape(n * t, 1, h, w))  # (n*T, K)
+        scores.append(logits.sigmoid().reshape(n, t, -1).mean(dim=1).cpu())  # (n, K)
     return torch.cat(scores)
 
 

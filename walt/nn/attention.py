@@ -61,7 +61,9 @@ class Attention(nn.Module):
         if B % Bc:
             raise ValueError(f"context batch {Bc} must divide the query batch {B} (windows per sample)")
         groups = B // Bc
-        kv = F.linear(context, self.qkv.weight[D:], self.qkv.bias[D:])  # (Bc, L, 2D)
+        # Through the module, not slices of its weight: a wrapper of the projection (a LoRA adapter) then acts
+        # on the text tokens as on the window tokens, merged or not. The queries of the text are not used.
+        kv = self.qkv(context)[..., D:]  # (Bc, L, 2D)
         kc, vc = kv.view(Bc, L, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         kc = self.k_norm(kc).to(v.dtype)  # (Bc, h, L, d)
         k = torch.cat([k, kc.repeat_interleave(groups, 0)], dim=2)  # (B, h, N + L, d)

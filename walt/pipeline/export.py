@@ -6,7 +6,8 @@
 
 One checkpoint gives a model folder; several give a cascade folder (the first a base model, the rest
 super-resolution stages). EMA weights are exported unless ``--no-ema``. ``--metrics result.json`` adds a
-``walt evaluate`` result to the model card and model.json.
+``walt evaluate`` result to the model card and model.json. A LoRA run's checkpoint exports its adapter
+(``--output adapter.safetensors``) or, with ``--merge-adapters``, its base model with the adapter merged.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--stage-settings", nargs="*", default=None,
                    help="per stage, a JSON object of sampler settings (steps, guidance, eta, sampler, aug_level)")  # fmt: skip
     p.add_argument("--metrics", type=Path, help="a walt evaluate result (JSON) to record in the model card")
+    p.add_argument("--merge-adapters", action="store_true",
+                   help="a LoRA run's checkpoint: write its base and adapter merged, as one model folder")  # fmt: skip
     return p.parse_args(list(argv))
 
 
@@ -48,6 +51,17 @@ def export_main(argv: Sequence[str]) -> int:
             result = json.loads(args.metrics.read_text())
             name = result.get("protocol", args.metrics.stem)
             stages[-1].info.setdefault("metrics", {})[name] = result.get("value", result)
+        if len(stages) == 1 and stages[0].adapters:  # a LoRA run's checkpoint: its adapter, or merged
+            if str(args.output).endswith(".safetensors"):
+                out = stages[0].save_adapter(args.output)
+                print(f"walt export: the adapter of {args.checkpoint[0]} -> {out}")
+                return 0
+            if not args.merge_adapters:
+                raise ValueError(
+                    f"{args.checkpoint[0]} is a LoRA run's checkpoint: give --output <file>.safetensors to write "
+                    "its adapter, or --merge-adapters to write its base with the adapter merged as a model folder"
+                )
+            stages[0].merge_and_unload()
         if len(stages) == 1:
             if args.stage_settings:
                 raise ValueError("--stage-settings is for cascades (several --checkpoint)")

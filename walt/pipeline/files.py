@@ -167,6 +167,8 @@ def pipeline_from_checkpoint(path: Path, weights: str = "ema", text_encoder=None
     if weights not in ("ema", "live"):
         raise ValueError(f"weights must be 'ema' or 'live', got {weights!r}")
     state = checkpoint["state_dict"]
+    if isinstance(checkpoint.get("walt_lora"), dict):  # a LoRA run: its base model with the adapter loaded
+        return _lora_checkpoint(checkpoint, description, path, text_encoder)
     backbone, which = _checked(module_weights, state, "backbone.", weights == "ema", path)
     description = {**description, "weights": which}
     return pipeline_from_description(
@@ -176,6 +178,28 @@ def pipeline_from_checkpoint(path: Path, weights: str = "ema", text_encoder=None
         text_encoder,
         str(path),
     )
+
+
+def _lora_checkpoint(checkpoint: dict, description: dict, path: Path, text_encoder=None) -> Pipeline:
+    """The base model of a LoRA run's checkpoint (``walt_lora``: the adapter's description), with its adapter
+    loaded under the name "default" (unmerged, scale 1); the base weights are checked against the identity the
+    adapter records."""
+    from walt.lora import split_training_state
+
+    adapter = checkpoint["walt_lora"]
+    base_state, tensors = split_training_state(_strip(checkpoint["state_dict"], "backbone."), adapter)
+    names = description.get("class_names") or []
+    base = {
+        **description,
+        "backbone": adapter["base"]["backbone"],
+        "class_names": names[: len(names) - len(adapter["new_classes"])] or None,
+        "weights": "live",  # a LoRA run keeps no EMA
+    }
+    pipe = pipeline_from_description(
+        base, base_state, _strip(checkpoint["state_dict"], "tokenizer."), text_encoder, str(path)
+    )
+    pipe._adapter_set().add(tensors, adapter, 1.0, "default", str(path))
+    return pipe
 
 
 def load_tokenizer(path: str | Path, weights: str = "ema"):

@@ -113,6 +113,7 @@ class Pipeline:
         self.super_resolution = super_resolution
         self.info = dict(info or {})
         self.autocast_dtype: torch.dtype | None = None
+        self._adapters = None  # walt.lora.AdapterSet, made by the first load_adapter
 
     # ---- loading, saving, placement ----------------------------------------------------------------------
 
@@ -142,6 +143,11 @@ class Pipeline:
         """Writes the model folder: model.json, backbone.safetensors, tokenizer.safetensors and README.md."""
         from walt.pipeline.files import save_model
 
+        if self.adapters:
+            raise ValueError(
+                f"this pipeline holds LoRA adapters ({', '.join(self.adapters)}): call merge_and_unload() to save one "
+                "merged model, or share the base model and the adapter files"
+            )
         return save_model(self, path, card)
 
     @property
@@ -162,6 +168,60 @@ class Pipeline:
         """``torch.compile`` of the denoiser, in place (worth it on a GPU for many samples)."""
         self.backbone.compile(fullgraph=True)
         return self
+
+    # ---- LoRA adapters (walt.lora; needs PEFT: pip install 'walt[lora]') -------------------------------------
+
+    def load_adapter(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> Pipeline:
+        """Loads a LoRA adapter file (written by a LoRA fine-tuning run) onto the backbone, its update times
+        ``scale``, under ``name`` (default: the file's stem). Several adapters can be loaded; their updates add up.
+        The classes an adapter adds get the next indices and its names. An adapter trained on another base model,
+        a missing or damaged file are refused in one line (:class:`walt.lora.AdapterError`). Returns ``self``."""
+        self._adapter_set().load(path, scale, name)
+        return self
+
+    @property
+    def adapters(self) -> dict[str, dict[str, Any]]:
+        """The loaded adapters: name -> scale, source, rank, new classes."""
+        return {} if self._adapters is None else self._adapters.summary()
+
+    def set_adapter_scale(self, name: str, scale: float) -> Pipeline:
+        """Scales adapter ``name``'s update (0 turns it off; the classes it added stay)."""
+        self._adapter_set().set_scale(name, scale)
+        return self
+
+    def merge_adapters(self) -> Pipeline:
+        """Adds the loaded adapters' updates (at their scales) into the weights: sampling then costs what the
+        base model costs. Same samples as unmerged, up to float rounding."""
+        self._adapter_set().merge()
+        return self
+
+    def unmerge_adapters(self) -> Pipeline:
+        """Takes merged updates out of the weights again (restored up to float rounding)."""
+        self._adapter_set().unmerge()
+        return self
+
+    def merge_and_unload(self) -> Pipeline:
+        """Merges the adapters for good: the backbone becomes a plain model again (with the added classes),
+        which :meth:`save_pretrained` writes as a model folder."""
+        self._adapter_set().merge_and_unload()
+        return self
+
+    def save_adapter(self, path: str | Path, name: str | None = None) -> Path:
+        """Writes a loaded adapter (the only one, or ``name``) as an adapter file."""
+        adapters = self._adapter_set()
+        if name is None:
+            if len(adapters.entries) != 1:
+                raise ValueError(f"{len(adapters.entries)} adapters are loaded: say which one to save")
+            name = next(iter(adapters.entries))
+        return adapters.save(name, path)
+
+    def _adapter_set(self):
+        if self._adapters is None:
+            from walt.lora import AdapterSet, require_peft
+
+            require_peft()
+            self._adapters = AdapterSet(self.backbone, self.class_names)
+        return self._adapters
 
     # ---- generation --------------------------------------------------------------------------------------
 

@@ -153,6 +153,28 @@ def test_adapters_are_loaded_in_order_with_their_scales():
         load_adapters(object(), [("a", 1.0)])
 
 
+def test_a_real_adapter_adds_its_class_to_the_page_and_changes_the_video(tmp_path):
+    """--adapter through the real Pipeline.load_adapter (walt.lora): the adapter's new class is offered and
+    generates; at scale 0 an old class's video is the base model's, at scale 1 it is not."""
+    pytest.importorskip("peft")
+    from tests.test_lora import trained_adapter
+    from walt.lora import LoRASpec, write_adapter
+
+    tensors, description = trained_adapter(tiny_pipeline().backbone, LoRASpec(rank=4, new_classes=("horse",)))
+    path = write_adapter(tmp_path / "horse.safetensors", tensors, description)
+    videos = {}
+    for scale in (0.0, 1.0):
+        pipeline = tiny_pipeline()
+        load_adapters(pipeline, [(str(path), scale)])
+        server = VideoServer(pipeline, tmp_path / f"videos{scale}", max_steps=50, name="tiny")
+        assert ("horse", str(len(pipeline.class_names) - 1)) in Form.of(pipeline).classes
+        assert server.generate(label="horse", steps=2, seed=0).path.is_file()
+        videos[scale] = read_video(server.generate(label="red circle moving right", steps=2, seed=0).path)
+    base = VideoServer(tiny_pipeline(), tmp_path / "base", max_steps=50, name="tiny")
+    plain = read_video(base.generate(label="red circle moving right", steps=2, seed=0).path)
+    assert np.array_equal(videos[0.0], plain) and not np.array_equal(videos[1.0], plain)
+
+
 def test_walt_serve_refuses_bad_options_in_one_line(tmp_path, capsys):
     pytest.importorskip("gradio")
     with pytest.raises(SystemExit, match="walt serve: no model at"):

@@ -152,3 +152,14 @@ def write_tiny_t5(folder: Path) -> Path:
 def tiny_t5(tmp_path_factory) -> Path:
     """A local T5 folder (random 16-d weights), as a user would pass to walt.conditioning.T5TextEncoder."""
     return write_tiny_t5(tmp_path_factory.mktemp("t5"))
+
+
+def main_exit(argv: list[str]) -> int:
+    """`walt ARGV` in this process, as its exit status (the CLI ends in SystemExit)."""
+    from walt.cli import main  # imported on use: most test files never need Lightning's CLI
+
+    try:
+        main(argv)
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0

@@ -14,7 +14,7 @@ import yaml
 
 pytest.importorskip("peft")
 
-from tests.conftest import cpu_sized_config
+from tests.conftest import cpu_sized_config, main_exit
 from walt.checkpoint import read_checkpoint
 from walt.cli import WaltCLI, main
 from walt.conditioning import Conditioning
@@ -433,11 +433,3 @@ def test_walt_export_of_a_lora_checkpoint_writes_its_adapter_or_a_merged_model(l
     torch.testing.assert_close(
         Pipeline.from_pretrained(merged).generate(**kwargs), unmerged, atol=1e-5, rtol=0
     )
-
-
-def main_exit(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as done:
-        return int(done.code or 0)
-    return 0

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import cpu_sized_config, write_tiny_latents
+from tests.conftest import cpu_sized_config, main_exit, write_tiny_latents
 from walt.cli import WaltCLI, main
 from walt.data import read_video
 from walt.pipeline import ModelFileError, Pipeline
@@ -327,14 +327,6 @@ def test_walt_test_reports_the_test_loss(trained, tmp_path, monkeypatch):
     cli = WaltCLI(args=["test", "--config", str(path), "--ckpt_path", str(trained["ckpt"]),
                         "--model.init_args.backbone.init_args.hidden_size", "48"])  # fmt: skip
     assert cli.trainer.callback_metrics["test/loss"] > 0
-
-
-def main_exit(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as done:
-        return int(done.code or 0)
-    return 0
 
 
 def _perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -42,12 +42,10 @@ class AdapterSet:
     def __init__(self, backbone: WALT, class_names: list[str]) -> None:
         self.backbone = backbone
         self.class_names = class_names
-        self.base_sha256: str | None = (
-            None  # of the backbone before any adapter: what adapters are checked against
-        )
-        self.entries: dict[
-            str, dict[str, Any]
-        ] = {}  # name -> scale, source, description, added class indices
+        # the backbone's hash before any adapter: what adapters are checked against
+        self.base_sha256: str | None = None
+        # name -> scale, source, description, added class indices
+        self.entries: dict[str, dict[str, Any]] = {}
         self.merged = False
 
     # ---- loading ---------------------------------------------------------------------------------------------

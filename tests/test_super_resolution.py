@@ -98,7 +98,7 @@ def test_the_augmentation_level_diffuses_the_low_res_latent_and_reaches_the_mode
     randomize(m.backbone)
     video = clips(3)
     z = m.latents({"video": video})
-    cond, _ = m._conditioning({"video": video}, z, train=True, generator=torch.Generator().manual_seed(5))
+    cond = m.conditioner({"video": video}, z, train=True, generator=torch.Generator().manual_seed(5))
     # The same draws, made independently: levels, then the noise that diffuses the clean low-res latent.
     gen = torch.Generator().manual_seed(5)
     level = torch.rand(3, generator=gen) * 0.8

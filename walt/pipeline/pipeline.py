@@ -469,8 +469,9 @@ class Pipeline:
 
 class CascadePipeline:
     """A base pipeline followed by super-resolution pipelines; labels, prompts, given frames (``context``) and
-    seeds reach every stage that takes them. Stage i > 0 upsamples the previous stage's videos. ``stage_settings``: per stage, keyword
-    arguments for its ``generate`` (steps, guidance, eta, sampler, aug_level)."""
+    seeds reach every stage that takes them. Stage i > 0 upsamples the previous stage's videos.
+    ``stage_settings``: per stage, keyword arguments for its ``generate`` (steps, guidance, eta, sampler,
+    aug_level)."""
 
     def __init__(self, stages: Sequence[Pipeline], stage_settings: Sequence[dict] | None = None) -> None:
         if not stages or stages[0].super_resolution is not None:

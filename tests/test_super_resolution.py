@@ -186,6 +186,9 @@ def test_every_sr_config_runs_a_fast_dev_run(config, tmp_path, monkeypatch):
     model.update(
         tokenizer={"class_path": "walt.tokenizer.CausalVAE", "init_args": TINY_VAE}, tokenizer_weights=None
     )
+    text = (model.get("conditioner") or {}).get("text_encoder")
+    if text is not None:  # a text SR stage: the offline encoder, its caption cache here
+        text["init_args"]["cache_dir"] = str(tmp_path / "text_cache")
     videos = {
         "class_path": "walt.data.SyntheticVideos",
         "init_args": {"num_samples": 2, "num_frames": 17, "resolution": 32},

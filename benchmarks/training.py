@@ -1,4 +1,4 @@
-"""Training speed of the library's own step: ``walt fit``'s loop (Lightning Trainer, BaseDiffusionModule with
+"""Training speed of the library's own step: ``walt fit``'s loop (Lightning Trainer, DiffusionModule with
 self-conditioning, label dropout, AdamW and the EMA update) on in-memory latents, eager or compiled.
 
 Cases:
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from profiling import profile_steps, summary
 
-from walt.lightning import BaseDiffusionModule
+from walt.lightning import DiffusionModule
 from walt.transformer import WALT
 from walt.transformer import presets as sizes
 
@@ -114,7 +114,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def build(case: dict, compile: bool) -> BaseDiffusionModule:
+def build(case: dict, compile: bool) -> DiffusionModule:
     backbone = WALT(
         in_channels=8,
         input_size=case["grid"],
@@ -123,7 +123,7 @@ def build(case: dict, compile: bool) -> BaseDiffusionModule:
         **case["size"],
     )
     optimizer = lambda params: torch.optim.AdamW(params, lr=case["lr"], betas=(0.9, 0.99), weight_decay=0.0)
-    return BaseDiffusionModule(
+    return DiffusionModule(
         backbone, optimizer=optimizer, warmup_steps=100, ema_decay=0.999, num_log_samples=0, compile=compile
     )
 
@@ -196,7 +196,7 @@ def run(name: str, args: argparse.Namespace) -> tuple[dict, bool]:
 
 
 def profile_module_steps(
-    module: BaseDiffusionModule, optimizer: torch.optim.Optimizer, batch: dict, wall_ms: float
+    module: DiffusionModule, optimizer: torch.optim.Optimizer, batch: dict, wall_ms: float
 ) -> dict:
     """The same step outside the Trainer's loop (loss, backward, AdamW, EMA), profiled: the kernels."""
 
@@ -218,7 +218,7 @@ def main() -> None:
     p.add_argument(
         "--cases", nargs="+", choices=[c for c in CASES if c != "smoke"], default=["moving_digits"]
     )
-    p.add_argument("--compile", action="store_true", help="BaseDiffusionModule(compile=True)")
+    p.add_argument("--compile", action="store_true", help="DiffusionModule(compile=True)")
     p.add_argument("--profile", action="store_true", help="add a kernel breakdown of the step (GPU)")
     p.add_argument("--devices", type=int, default=1, help="GPUs (CPU processes with --smoke)")
     p.add_argument("--strategy", choices=["ddp", "fsdp"], help="configs/distributed/<strategy>.yaml")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,23 @@ def cpu_sized_config(config: dict, latents: Path, name: str, **backbone) -> Path
     path = latents / name
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def train_in_a_loop(
+    module, batch: Callable[[list[int]], dict], num_items: int, steps: int, batch_size: int
+) -> None:
+    """``steps`` steps of a diffusion module's own loss, optimizer and learning-rate schedule in a plain loop (no
+    Trainer overhead), each on ``batch(rows)`` for ``batch_size`` random rows of ``num_items``."""
+    optimizers = module.configure_optimizers()
+    optimizer, schedule = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+    module.train()
+    for _ in range(steps):
+        rows = torch.randint(0, num_items, (batch_size,)).tolist()
+        loss = module._loss(batch(rows), train=True)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
 
 
 def write_tiny_latents(folder: Path) -> None:

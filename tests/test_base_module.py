@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 
 from tests.conftest import cpu_sized_config, write_tiny_latents
 from walt.cli import WaltCLI, main
+from walt.conditioning import frames_to_generate
 from walt.data import SyntheticVideos, VideoDataModule, read_video, to_uint8, write_video
 from walt.lightning import BaseDiffusionModule
 from walt.tokenizer import CausalVAE, presets
@@ -118,7 +119,8 @@ def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp
 def test_frame_prediction_gives_first_frames_and_masks_their_loss():
     m = module(backbone=backbone(context_frames=True), frame_prediction_prob=1.0, max_context_frames=1)
     z = torch.randn(6, *LATENT)
-    cond, weight = m._conditioning({"label": torch.zeros(6, dtype=torch.long)}, z, train=True, generator=None)
+    cond = m.conditioner({"label": torch.zeros(6, dtype=torch.long)}, z, train=True, generator=None)
+    weight = frames_to_generate(cond.context_mask)  # the loss's weight: 0 on the given frames
     assert torch.equal(cond.context, z)
     assert (
         torch.equal(cond.context_mask[:, :, 0], torch.ones(6, 1, 2, 2))
@@ -312,7 +314,7 @@ def test_walt_sample_continues_a_video_and_extends_it(tmp_path, monkeypatch):
 def test_compile_compiles_backbone_and_ema_in_place_and_sampling_overrides_it(tmp_path):
     """``compile: true`` compiles in place (checkpoint keys unchanged); `walt sample` runs eager unless asked.
     Compilation is lazy, so nothing is compiled here."""
-    from walt.lightning.sample import build_module
+    from walt.sample import build_module
 
     config = yaml.safe_load((ROOT / "configs/moving_digits/base.yaml").read_text())
     assert config["model"]["init_args"]["compile"] is True
@@ -379,7 +381,7 @@ def _set(section: str, **values):
     ("edit", "message"),
     [
         (
-            _set("model.init_args", label_dropout=3.0),
+            _set("model.init_args.conditioner", label_dropout=3.0),
             "label_dropout must be a probability in [0, 1], got 3.0",
         ),
         (_set("model.init_args", warmup_steps=-5), "warmup_steps must be an integer >= 0, got -5"),

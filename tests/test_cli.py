@@ -85,7 +85,7 @@ def _check_cascade(config: Path, monkeypatch) -> None:
         content = yaml.safe_load(other.read_text())
         root = (content.get("trainer") or {}).get("default_root_dir")
         if root and "model" in content:
-            sr = content["model"].get("class_path", "").endswith("SuperResolutionModule")
+            sr = "lowres" in (content["model"]["init_args"].get("conditioner") or {})
             trained_by[str(Path(root) / "checkpoints/last.ckpt")] = sr
 
     def stand_in(model, *args, **kwargs):

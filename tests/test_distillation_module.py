@@ -1,5 +1,6 @@
-"""DistillationModule and the guidance input: exact start from the teacher, one round learns, one pass per
-sampling step, and the config's rounds chained through `walt fit` and sampled with `walt sample`."""
+"""Distillation rounds (DiffusionModule with a distillation objective and a Teacher) and the guidance input:
+exact start from the teacher, one round learns, one pass per sampling step, and the config's rounds chained
+through `walt fit` and sampled with `walt sample`."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from tests.conftest import cpu_sized_config, write_tiny_latents
 from walt.cli import WaltCLI, main
 from walt.conditioning import Conditioning
 from walt.data import read_video
-from walt.lightning import BaseDiffusionModule, DistillationModule
+from walt.diffusion import GuidanceDistillation, ProgressiveDistillation
+from walt.lightning import DiffusionModule, Teacher
 from walt.lightning.distillation import load_teacher_weights, teacher_weights
 from walt.tokenizer import CausalVAE, presets
 from walt.transformer import WALT
@@ -106,19 +108,22 @@ def save_teacher(path: Path, model: WALT, ema: WALT | None = None) -> Path:
     return path
 
 
-def distillation(teacher_checkpoint: Path, **kwargs) -> DistillationModule:
+def distillation(
+    teacher_checkpoint: Path, stage: str = "progressive", guidance_range=(0.0, 4.0), **kwargs
+) -> DiffusionModule:
+    """A round's module: stage "guidance" or "progressive", a 2-step student."""
     torch.manual_seed(0)
+    objective = GuidanceDistillation if stage == "guidance" else ProgressiveDistillation
     args = dict(
         backbone=backbone(guidance_input=True),
-        teacher_checkpoint=str(teacher_checkpoint),
-        stage="progressive",
-        student_steps=2,
+        objective=objective(student_steps=2, guidance_range=guidance_range),
+        teacher=Teacher(str(teacher_checkpoint)),
         warmup_steps=1,
         ema_decay=None,
         num_log_samples=0,
         optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3),
     )
-    return DistillationModule(**{**args, **kwargs})
+    return DiffusionModule(**{**args, **kwargs})
 
 
 def test_the_teacher_is_the_checkpoints_ema_frozen_and_outside_checkpoint_and_optimizer(tmp_path):
@@ -128,10 +133,10 @@ def test_the_teacher_is_the_checkpoints_ema_frozen_and_outside_checkpoint_and_op
     m.setup("fit")
     x, t, cond = inputs()
     with torch.no_grad():
-        assert torch.equal(m.teacher(x, t, with_guidance(cond, 1.0)), ema(x, t, cond))
+        assert torch.equal(m.teacher_model(x, t, with_guidance(cond, 1.0)), ema(x, t, cond))
         assert torch.equal(m.backbone.eval()(x, t, with_guidance(cond, 4.0)), ema(x, t, cond))
         assert torch.equal(m.ema.module(x, t, with_guidance(cond, 4.0)), ema(x, t, cond))
-    assert not any(p.requires_grad for p in m.teacher.parameters()) and not m.teacher.training
+    assert not any(p.requires_grad for p in m.teacher_model.parameters()) and not m.teacher_model.training
     assert all(k.split(".")[0] in ("backbone", "ema", "student_initialized") for k in m.state_dict())
     optimized = {
         id(p) for group in m.configure_optimizers()["optimizer"].param_groups for p in group["params"]
@@ -179,8 +184,8 @@ def test_a_compiled_students_teacher_gets_its_own_compiled_forward(tmp_path):
     m = distillation(teacher, stage="guidance", compile=True)
     student_forward = m.backbone._compiled_call_impl
     assert student_forward is not None
-    assert m.teacher._compiled_call_impl is not None
-    assert m.teacher._compiled_call_impl is not student_forward
+    assert m.teacher_model._compiled_call_impl is not None
+    assert m.teacher_model._compiled_call_impl is not student_forward
 
 
 def test_the_guidance_stage_target_is_the_guided_teacher_seen_by_a_student_that_starts_as_it(tmp_path):
@@ -247,10 +252,10 @@ class Spy(torch.nn.Module):
         return v
 
 
-def spied(m: DistillationModule) -> Spy:
+def spied(m: DiffusionModule) -> Spy:
     m.setup("fit")
-    spy = Spy(m.teacher)
-    m._teacher[:] = [spy]
+    spy = Spy(m.teacher_model)
+    m.teacher._model[:] = [spy]
     return spy
 
 
@@ -258,7 +263,7 @@ def test_progressive_teacher_steps_chain_the_self_conditioning_estimate(tmp_path
     """Call 1: the estimate (no self_cond); call 2, the first DDIM step: that estimate (as the student gets);
     call 3, the second step: the x0 of call 2's prediction."""
     m = distillation(save_teacher(tmp_path / "t.ckpt", randomized(backbone(guidance_input=True), seed=1)))
-    m.self_condition_prob = 1.0
+    m.objective.self_condition_prob = 1.0
     spy = spied(m)
     m._loss({"latent": torch.randn(3, *LATENT), "label": torch.arange(3)}, train=True)
     (_, _, first, v1), (x2, t2, second, v2), (_, t3, third, _) = spy.calls
@@ -271,7 +276,7 @@ def test_progressive_teacher_steps_chain_the_self_conditioning_estimate(tmp_path
 
 def test_guidance_stage_self_conditioning_estimate_is_the_guided_teachers(tmp_path):
     m = distillation(save_teacher(tmp_path / "t.ckpt", randomized(backbone(), seed=1)), stage="guidance")
-    m.self_condition_prob = 1.0
+    m.objective.self_condition_prob = 1.0
     spy = spied(m)
     m._loss({"latent": torch.randn(3, *LATENT), "label": torch.arange(3)}, train=True)
     (x1, _, first, _), (_, _, second, _) = spy.calls
@@ -294,7 +299,7 @@ def test_a_guidance_input_backbone_samples_in_one_pass_per_step(tmp_path):
     z = m.pipeline().generate(**kwargs)
     assert z.shape == (3, *LATENT) and calls == [(3, [2.0, 2.0, 2.0])] * 4
     calls.clear()
-    plain = BaseDiffusionModule(backbone(), tokenizer, ema_decay=0.9, num_log_samples=0)
+    plain = DiffusionModule(backbone(), tokenizer=tokenizer, ema_decay=0.9, num_log_samples=0)
     plain.ema.module.register_forward_hook(count)
     plain.pipeline().generate(**kwargs)
     assert calls == [(6, None)] * 4  # classifier-free guidance: conditional and null passes batched
@@ -329,9 +334,9 @@ def test_rounds_chain_through_walt_fit_and_walt_sample_uses_the_distilled_studen
     distill = cpu_sized_config(distill_config, tmp_path, "d.yaml")
     round1 = _fit(
         distill,
-        "--model.init_args.teacher_checkpoint",
+        "--model.init_args.teacher.init_args.checkpoint",
         str(teacher),
-        "--model.init_args.student_steps",
+        "--model.init_args.objective.init_args.student_steps",
         "8",
         "--trainer.val_check_interval",
         "2",
@@ -340,11 +345,11 @@ def test_rounds_chain_through_walt_fit_and_walt_sample_uses_the_distilled_studen
     )
     round2 = _fit(
         distill,
-        "--model.init_args.teacher_checkpoint",
+        "--model.init_args.teacher.init_args.checkpoint",
         str(round1),
-        "--model.init_args.stage",
-        "progressive",
-        "--model.init_args.student_steps",
+        "--model.init_args.objective",
+        "walt.diffusion.ProgressiveDistillation",
+        "--model.init_args.objective.init_args.student_steps",
         "4",
         "--trainer.default_root_dir",
         str(tmp_path / "steps4"),

@@ -236,7 +236,7 @@ def test_an_fsdp_run_resumes_mid_epoch_through_walts_checks(tmp_path, accelerato
     hash to check).
 
     (The resumed steps do not repeat the uninterrupted run's: each rank's random stream is re-derived from rank
-    0's saved one when a multi-process run starts, BaseDiffusionModule.on_fit_start.)"""
+    0's saved one when a multi-process run starts, WaltModule.on_fit_start.)"""
     write_tiny_latents(tmp_path)
     done = _fsdp_fit(tmp_path, "whole", accelerator, state_dict_type, weights_at={"at_step": 1})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]

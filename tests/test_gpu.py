@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from walt.conditioning import Conditioning
-from walt.lightning import BaseDiffusionModule
+from walt.lightning import DiffusionModule
 from walt.tokenizer import CausalVAE, presets
 from walt.transformer import WALT
 
@@ -67,9 +67,7 @@ def test_unmasked_window_attention_runs_on_fused_kernels_only():
 
 
 def test_compiled_module_training_lowers_the_loss():
-    module = BaseDiffusionModule(
-        model(), ema_decay=0.99, warmup_steps=1, num_log_samples=0, compile=True
-    ).cuda()
+    module = DiffusionModule(model(), ema_decay=0.99, warmup_steps=1, num_log_samples=0, compile=True).cuda()
     optimizer = torch.optim.AdamW(module.backbone.parameters(), lr=1e-3)
     gen = torch.Generator(device="cuda").manual_seed(0)
     data = {

@@ -319,7 +319,8 @@ def lora_config(folder: Path, base: Path, max_steps: int, **callback) -> Path:
         val=None,
     )
     config["model"]["init_args"].update(tokenizer_weights=None, ema_decay=None, warmup_steps=1, num_log_samples=0,
-                                        sample_steps=3, label_dropout=0.0)  # fmt: skip
+                                        sample_steps=3)  # fmt: skip
+    config["model"]["init_args"]["conditioner"] = {"label_dropout": 0.0}
     config["trainer"].update(max_steps=max_steps, max_epochs=None, limit_val_batches=0, log_every_n_steps=1,
                              check_val_every_n_epoch=None, enable_progress_bar=False)  # fmt: skip
     config["trainer"]["callbacks"] = [{

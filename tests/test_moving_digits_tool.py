@@ -112,7 +112,7 @@ def test_the_personalize_stage_runs_end_to_end_on_a_cpu(study, tmp_path):
     (about 5 minutes on 2 cores: the two `walt fit` start-ups and I3D on a CPU dominate)."""
     import subprocess
 
-    from walt.lightning.sample import build_module
+    from walt.sample import build_module
 
     configs = study.write_configs(tmp_path, smoke=True, accelerator="cpu")
     pipe = build_module(configs["base"], compile=False)[0].pipeline()

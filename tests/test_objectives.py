@@ -154,9 +154,10 @@ def test_packed_images_get_a_time_per_frame_and_videos_one_per_sample():
 def test_the_conditioner_builds_its_signals_lazily_after_the_noise():
     """A conditioning function is called with the objective's generator after t and the noise are drawn."""
     z = torch.randn(4, *LATENT)
-    conditioner = Conditioner(labels=True, context=True, label_dropout=1.0, frame_prediction_prob=1.0,
-                              max_context_frames=1)  # fmt: skip
     net = Recorder(tiny(context_frames=True))
+    conditioner = Conditioner(label_dropout=1.0, frame_prediction_prob=1.0, max_context_frames=1).for_model(
+        net.inner
+    )
     batch = {"label": torch.tensor([0, 1, 2, 0])}
     VPrediction(SCHEDULE)(net, z, lambda g: conditioner(batch, z, True, g), torch.Generator().manual_seed(5))
     ((_, _, cond, _, _),) = net.calls

@@ -98,7 +98,7 @@ def test_the_augmentation_level_diffuses_the_low_res_latent_and_reaches_the_mode
     randomize(m.backbone)
     video = clips(3)
     z = m.latents({"video": video})
-    cond, _ = m._conditioning({"video": video}, z, train=True, generator=torch.Generator().manual_seed(5))
+    cond = m.conditioner({"video": video}, z, train=True, generator=torch.Generator().manual_seed(5))
     # The same draws, made independently: levels, then the noise that diffuses the clean low-res latent.
     gen = torch.Generator().manual_seed(5)
     level = torch.rand(3, generator=gen) * 0.8
@@ -186,6 +186,9 @@ def test_every_sr_config_runs_a_fast_dev_run(config, tmp_path, monkeypatch):
     model.update(
         tokenizer={"class_path": "walt.tokenizer.CausalVAE", "init_args": TINY_VAE}, tokenizer_weights=None
     )
+    text = (model.get("conditioner") or {}).get("text_encoder")
+    if text is not None:  # a text SR stage: the offline encoder, its caption cache here
+        text["init_args"]["cache_dir"] = str(tmp_path / "text_cache")
     videos = {
         "class_path": "walt.data.SyntheticVideos",
         "init_args": {"num_samples": 2, "num_frames": 17, "resolution": 32},

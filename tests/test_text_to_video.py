@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from tests.conftest import cpu_sized_config
+from tests.conftest import cpu_sized_config, train_in_a_loop
 from walt.cli import WaltCLI, main
 from walt.conditioning import Conditioning, MiniLMTextEncoder, T5TextEncoder
 from walt.data import LatentShards, SyntheticVideos, collate_items, read_video
@@ -65,18 +65,16 @@ def test_captions_reach_the_backbone_and_dropout_gives_the_null_prompt(minilm):
     m = BaseDiffusionModule(text_backbone(384), text_encoder=minilm, text_dropout=0.0)
     z = torch.randn(3, 4, 2, 2, 2)
     captions = ["a red circle moving left", "", "a blue circle"]
-    cond, _ = m._conditioning({"caption": captions}, z, train=True, generator=None)
+    cond = m.conditioner({"caption": captions}, z, train=True, generator=None)
     tokens, mask = minilm.encode(captions)
     assert torch.equal(cond.text, tokens) and torch.equal(cond.text_mask, mask) and not mask[1].any()
-    m.text_dropout = 1.0
-    dropped, _ = m._conditioning({"caption": captions}, z, train=True, generator=None)
+    m.conditioner.text_dropout = 1.0
+    dropped = m.conditioner({"caption": captions}, z, train=True, generator=None)
     assert not dropped.text_mask.any()
-    kept, _ = m._conditioning(
-        {"caption": captions}, z, train=False, generator=None
-    )  # no dropout outside training
+    kept = m.conditioner({"caption": captions}, z, train=False, generator=None)  # no dropout outside training
     assert torch.equal(kept.text_mask, mask)
     with pytest.raises(KeyError, match="needs batches with 'caption'"):
-        m._conditioning({}, z, train=True, generator=None)
+        m.conditioner({}, z, train=True, generator=None)
     assert not any(
         k.startswith("text_encoder") for k in m.state_dict()
     )  # the encoder stays out of checkpoints
@@ -144,7 +142,7 @@ def _runnable_here(config_path: Path, tmp_path: Path, t5: Path) -> Path:
     """The config shrunk to run on a CPU, with its data, tokenizer and (for T5) text encoder made here."""
     _captioned_latents(tmp_path)
     config = yaml.safe_load(config_path.read_text())
-    encoder = config["model"]["init_args"]["text_encoder"]
+    encoder = config["model"]["init_args"]["conditioner"]["text_encoder"]
     if encoder["class_path"].endswith("T5TextEncoder"):
         encoder["init_args"]["path"] = str(t5)
     encoder["init_args"]["cache_dir"] = str(tmp_path / "text_cache")
@@ -264,17 +262,8 @@ def train_on_captions(encoder: MiniLMTextEncoder, steps: int, batch_size: int = 
         self_condition_prob=0.0,
         text_dropout=0.1,
     )
-    optimizers = module.configure_optimizers()
-    optimizer, schedule = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
-    module.train()
-    for _ in range(steps):
-        rows = torch.randint(0, len(clips), (batch_size,)).tolist()
-        batch = {"latent": clips[rows], "caption": [captions[i] for i in rows]}
-        loss = module._loss(batch, train=True)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    batch = lambda rows: {"latent": clips[rows], "caption": [captions[i] for i in rows]}
+    train_in_a_loop(module, batch, len(clips), steps, batch_size)
     return module.eval()
 
 

@@ -944,6 +944,8 @@ def _set(section: str, key: str, value: Any) -> Callable[[dict], None]:
             config["data"]["init_args"][key] = value
         elif section == "backbone":
             config["model"]["init_args"]["backbone"]["init_args"][key] = value
+        elif section == "conditioner":
+            config["model"]["init_args"]["conditioner"][key] = value
         else:
             config["model"]["init_args"][key] = value
 
@@ -952,7 +954,9 @@ def _set(section: str, key: str, value: Any) -> Callable[[dict], None]:
 
 config_input_case("batch_size: 0", _set("data", "batch_size", 0), "batch_size must be an integer >= 1")
 config_input_case(
-    "label_dropout: 3.0", _set("model", "label_dropout", 3.0), "label_dropout must be a probability in [0, 1]"
+    "label_dropout: 3.0",
+    _set("conditioner", "label_dropout", 3.0),
+    "label_dropout must be a probability in [0, 1]",
 )
 config_input_case(
     "warmup_steps: -1", _set("model", "warmup_steps", -1), "warmup_steps must be an integer >= 0"

@@ -409,7 +409,7 @@ def top2_accuracy(classifier, videos: torch.Tensor, labels: torch.Tensor) -> flo
 
 
 def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
-    from walt.lightning.sample import build_module
+    from walt.sample import build_module
 
     n, dev = args.num_samples, args.device
     ref = Reference(args, configs)
@@ -639,7 +639,8 @@ def train_context_model(args: argparse.Namespace, configs: dict[str, Path]) -> P
     trained for --context-steps steps, eager; returns its checkpoint."""
     cfg = yaml.safe_load(configs["base"].read_text())
     cfg["model"]["init_args"]["backbone"]["init_args"]["context_frames"] = True
-    cfg["model"]["init_args"].update(frame_prediction_prob=1.0, compile=False)
+    cfg["model"]["init_args"]["conditioner"]["frame_prediction_prob"] = 1.0
+    cfg["model"]["init_args"]["compile"] = False
     cfg["trainer"].update(
         default_root_dir=str(args.out / "base_context"), max_steps=args.context_steps, max_time=None,
         val_check_interval=None, limit_val_batches=0,
@@ -661,6 +662,13 @@ def grid(videos: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int 
         row = np.concatenate([np.concatenate(list(t), axis=1) for t in tiles], axis=1)
         rows.append(np.pad(row, ((0, 0), (0, per_class * tiles[0].shape[2] * 3 - row.shape[1]), (0, 0))))
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+# A round's objective by its stage (configs/moving_digits/distill.yaml names the first).
+OBJECTIVES = {
+    "guidance": "walt.diffusion.GuidanceDistillation",
+    "progressive": "walt.diffusion.ProgressiveDistillation",
+}
 
 
 def distill_rounds(first_steps: int, last_steps: int) -> list[tuple[str, str, int]]:
@@ -719,8 +727,9 @@ def stage_distill(args: argparse.Namespace, configs: dict[str, Path]) -> None:
                 root, ignore_errors=True
             )  # a rerun round starts clean: one run's curves, one checkpoint
             walt(
-                "fit", "--config", str(configs["distill"]), "--model.init_args.stage", stage,
-                "--model.init_args.student_steps", str(steps), "--model.init_args.teacher_checkpoint", str(teacher),
+                "fit", "--config", str(configs["distill"]), "--model.init_args.objective", OBJECTIVES[stage],
+                "--model.init_args.objective.init_args.student_steps", str(steps),
+                "--model.init_args.teacher.init_args.checkpoint", str(teacher),
                 "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *per_round,
             )  # fmt: skip
         teacher = newest_checkpoint(root)

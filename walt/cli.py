@@ -151,7 +151,7 @@ def _one_writer_of_last(trainer: L.Trainer) -> None:
 
 
 def _sample(argv: Sequence[str]) -> int:
-    from walt.lightning.sample import sample_main  # imported on use: keeps `walt --help` fast
+    from walt.sample import sample_main  # imported on use: keeps `walt --help` fast
 
     return sample_main(list(argv))
 

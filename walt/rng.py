@@ -1,7 +1,8 @@
 """The random stream of training: one per rank, and saved in checkpoints so a resumed run continues exactly.
 
 Everything a training step draws (diffusion times, noise, dropout, frame-prediction counts) comes from the
-global torch stream.
+global torch stream. :class:`walt.lightning.WaltModule` applies these: it seeds each rank's stream when a fit
+starts and saves and restores the stream with every checkpoint.
 """
 
 from __future__ import annotations

@@ -14,9 +14,11 @@ from walt.diffusion.loss import corrupt, v_loss
 from walt.diffusion.noise import Generators, per_sample_generators, randn
 from walt.diffusion.objectives import (
     ConditionFn,
+    Distillation,
     GuidanceDistillation,
     Objective,
     ProgressiveDistillation,
+    Schedule,
     VPrediction,
 )
 from walt.diffusion.parameterization import (
@@ -47,19 +49,21 @@ from walt.diffusion.schedule import (
     linear_beta_alphas_cumprod,
     rescale_zero_terminal_snr,
 )
-from walt.diffusion.self_conditioning import estimate_input, self_condition, x0_estimate
+from walt.diffusion.self_conditioning import estimate_input, self_condition, takes_estimate, x0_estimate
 
 __all__ = [
     "SAMPLERS",
     "ConditionFn",
     "ConditionalModel",
     "CosineSchedule",
+    "Distillation",
     "Generators",
     "GuidanceDistillation",
     "ModelFn",
     "NoiseSchedule",
     "Objective",
     "ProgressiveDistillation",
+    "Schedule",
     "VPrediction",
     "ZeroTerminalSNRLinearSchedule",
     "alpha_sigma",
@@ -87,6 +91,7 @@ __all__ = [
     "self_condition",
     "self_conditioned",
     "student_times",
+    "takes_estimate",
     "time_grid",
     "two_step_target",
     "v_from_eps",

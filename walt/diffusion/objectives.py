@@ -20,17 +20,27 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from walt.checks import check_probability
 from walt.conditioning import Conditioning, frames_to_generate
 from walt.diffusion.distillation import guidance_scales, guided_target, student_times, two_step_target
 from walt.diffusion.guidance import ConditionalModel, guided, self_conditioned
 from walt.diffusion.loss import corrupt, v_loss
 from walt.diffusion.samplers import ModelFn
-from walt.diffusion.schedule import NoiseSchedule, ZeroTerminalSNRLinearSchedule
-from walt.diffusion.self_conditioning import self_condition
+from walt.diffusion.schedule import CosineSchedule, ZeroTerminalSNRLinearSchedule
+from walt.diffusion.self_conditioning import self_condition, takes_estimate
 
-__all__ = ["ConditionFn", "GuidanceDistillation", "Objective", "ProgressiveDistillation", "VPrediction"]
+__all__ = [
+    "ConditionFn",
+    "Distillation",
+    "GuidanceDistillation",
+    "Objective",
+    "ProgressiveDistillation",
+    "Schedule",
+    "VPrediction",
+]
 
 ConditionFn = Callable[[torch.Generator | None], Conditioning]
+Schedule = ZeroTerminalSNRLinearSchedule | CosineSchedule  # the schedules a config may name
 Objective = Callable[
     [ConditionalModel, Tensor, "Conditioning | ConditionFn", "torch.Generator | None"], Tensor
 ]
@@ -43,12 +53,14 @@ def _resolve(cond: Conditioning | ConditionFn, generator: torch.Generator | None
 class VPrediction:
     """``E || net(x_t, t, cond) - v ||^2`` over t ~ U[0, 1) per sample (per frame for packed images).
 
+    ``schedule``: the noise schedule (default: W.A.L.T's, linear betas rescaled to zero terminal SNR).
     ``self_condition_prob``: the fraction of samples given the network's own x0 estimate (from a pass without
-    one, no gradient) as ``cond.self_cond``; 0 for a backbone without self-conditioning. Given context frames
-    (``cond.context_mask``) are left out of the loss.
+    one, no gradient) as ``cond.self_cond``, when the network takes one (built with ``self_conditioning``);
+    0.9 as in W.A.L.T. Given context frames (``cond.context_mask``) are left out of the loss.
     """
 
-    def __init__(self, schedule: NoiseSchedule | None = None, self_condition_prob: float = 0.0) -> None:
+    def __init__(self, schedule: Schedule | None = None, self_condition_prob: float = 0.9) -> None:
+        check_probability("self_condition_prob", self_condition_prob)
         self.schedule = schedule or ZeroTerminalSNRLinearSchedule()
         self.self_condition_prob = self_condition_prob
 
@@ -68,34 +80,37 @@ class VPrediction:
             frame_t = torch.rand(B, T, device=z.device, generator=generator)  # (B, T)
             t = torch.where(cond.is_image[:, None], frame_t, t[:, None])  # (B, T)
         x_t, v_target = corrupt(z, t, noise, self.schedule)  # (B, C, T, H, W) each
-        if self.self_condition_prob > 0:
+        if takes_estimate(net, self.self_condition_prob):
             estimate = self_condition(net, x_t, t, cond, self.schedule, self.self_condition_prob, generator)
             cond = dataclasses.replace(cond, self_cond=estimate)  # (B, C, T, H, W)
         v = net(x_t, t, cond)  # (B, C, T, H, W)
         return v_loss(v, v_target, frames_to_generate(cond.context_mask))
 
 
-class _Distillation:
+class Distillation:
     """A student trained at the times of its own ``student_steps``-step DDIM grid, at guidance scales drawn from
     ``guidance_range`` (``cond.guidance``, an input of student and teacher alike).
 
     ``teacher`` returns the frozen teacher (a function, so the module can load it lazily and keep it on the
-    student's device). Self-conditioning: teacher and student get the same estimate, the teacher's own x0 at
-    (x_t, t) (the guided teacher's in the guidance stage), for ``self_condition_prob`` of the samples. The loss
-    is MSE on v: the x0 error weighted by SNR + 1, which keeps weight 1 at t = 1 (SNR 0), where the SNR-weighted
-    (eps) loss would give the first, most consequential step of a few-step sampler none.
+    student's device); a training module gives it from its ``teacher`` (:class:`walt.lightning.Teacher`), so a
+    config leaves it out. Self-conditioning: teacher and student get the same estimate, the teacher's own x0 at
+    (x_t, t) (the guided teacher's in the guidance stage), for ``self_condition_prob`` of the samples of a
+    self-conditioned student. The loss is MSE on v: the x0 error weighted by SNR + 1, which keeps weight 1 at
+    t = 1 (SNR 0), where the SNR-weighted (eps) loss would give the first, most consequential step of a few-step
+    sampler none.
     """
 
     def __init__(
         self,
-        teacher: Callable[[], ConditionalModel],
-        schedule: NoiseSchedule | None = None,
+        teacher: Callable[[], ConditionalModel] | None = None,
+        schedule: Schedule | None = None,
         student_steps: int = 8,
         guidance_range: tuple[float, float] = (0.0, 4.0),
-        self_condition_prob: float = 0.0,
+        self_condition_prob: float = 0.9,
     ) -> None:
         if student_steps < 1:
             raise ValueError(f"student_steps must be >= 1, got {student_steps}")
+        check_probability("self_condition_prob", self_condition_prob)
         guidance_scales(1, *guidance_range)  # checks the range now, not at the first training step
         self.teacher = teacher
         self.schedule = schedule or ZeroTerminalSNRLinearSchedule()
@@ -118,8 +133,12 @@ class _Distillation:
         x_t, _ = corrupt(z, t, noise, self.schedule)  # (B, C, T, H, W)
         cond = _resolve(cond, generator)
         cond.guidance = guidance_scales(B, *self.guidance_range, z.device, generator)  # (B,)
+        if self.teacher is None:
+            raise ValueError(
+                "this distillation objective has no teacher: give it one (a training module does)"
+            )
         teacher = self.teacher()
-        if self.self_condition_prob > 0:
+        if takes_estimate(net, self.self_condition_prob):
             model = self.teacher_model(teacher, cond)
             cond.self_cond = self_condition(
                 model, x_t, t, cond, self.schedule, self.self_condition_prob, generator
@@ -145,7 +164,7 @@ class _Distillation:
         raise NotImplementedError
 
 
-class GuidanceDistillation(_Distillation):
+class GuidanceDistillation(Distillation):
     """Guided distillation, stage one (Meng et al., 2023): the target is the classifier-free-guided teacher's v,
     ``v_u + w (v_c - v_u)`` at the sample's w (two passes, batched), for a student that takes w as an input."""
 
@@ -164,7 +183,7 @@ class GuidanceDistillation(_Distillation):
         return guided_target(teacher, x_t, t.to(x_t.dtype), cond, cond.guidance)  # (B, C, T, H, W)
 
 
-class ProgressiveDistillation(_Distillation):
+class ProgressiveDistillation(Distillation):
     """Progressive distillation (Salimans & Ho, 2022): the v with which ONE DDIM step t -> s lands where TWO
     teacher steps t -> (t + s) / 2 -> s do; the teacher (a guidance-distilled model) takes w as its input. A
     self-conditioned teacher's second step gets the x0 of its first, as in sampling."""

@@ -18,7 +18,7 @@ from walt.conditioning import Conditioning
 from walt.diffusion.parameterization import expand_time, x0_from_v
 from walt.diffusion.schedule import NoiseSchedule
 
-__all__ = ["estimate_input", "self_condition", "x0_estimate"]
+__all__ = ["estimate_input", "self_condition", "takes_estimate", "x0_estimate"]
 
 ConditionalModel = Callable[[Tensor, Tensor, Conditioning], Tensor]
 
@@ -26,6 +26,12 @@ ConditionalModel = Callable[[Tensor, Tensor, Conditioning], Tensor]
 def estimate_input(self_cond: Tensor | None, x: Tensor) -> Tensor:
     """What a self-conditioned network is given: the estimate, or zeros (B, C, T, H, W) when there is none."""
     return self_cond if self_cond is not None else torch.zeros_like(x)
+
+
+def takes_estimate(net: object, prob: float) -> bool:
+    """Whether training gives ``net`` estimates: a fraction ``prob`` > 0 of the samples, for a network built
+    with self-conditioning (``net.self_conditioning``; other networks never get one)."""
+    return prob > 0 and bool(getattr(net, "self_conditioning", False))
 
 
 def x0_estimate(

@@ -1,24 +1,27 @@
-"""LightningModules and training utilities."""
+"""LightningModules and training utilities: :class:`DiffusionModule` (the base model, super-resolution stages
+and distillation rounds, by configuration), :class:`TokenizerModule`, and what they share."""
 
 from walt.lightning.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
-from walt.lightning.diffusion import BaseDiffusionModule
-from walt.lightning.distillation import DistillationModule
+from walt.lightning.diffusion import DiffusionModule
+from walt.lightning.distillation import Teacher
 from walt.lightning.ema import EMA
 from walt.lightning.finetune import FineTune, LoRAFineTune
+from walt.lightning.legacy import BaseDiffusionModule, DistillationModule, SuperResolutionModule
 from walt.lightning.module import WaltModule
 from walt.lightning.strategies import WaltFSDPStrategy
-from walt.lightning.super_resolution import SuperResolutionModule
 from walt.lightning.tokenizer import TokenizerModule
 
 __all__ = [
     "EMA",
     "AtomicCheckpointIO",
     "BaseDiffusionModule",
+    "DiffusionModule",
     "DistillationModule",
     "FineTune",
     "LoRAFineTune",
     "PeriodicCheckpoint",
     "SuperResolutionModule",
+    "Teacher",
     "TokenizerModule",
     "WaltFSDPStrategy",
     "WaltModule",

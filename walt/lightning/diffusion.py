@@ -1,32 +1,53 @@
-"""The base latent diffusion model: a WALT backbone trained with v-prediction on tokenizer latents."""
+"""One LightningModule for every diffusion model of the cascade: :class:`DiffusionModule`.
+
+The base model, a super-resolution stage and a distillation round are configurations of it, not subclasses: what
+differs between them is a part it is given (as EDM splits the loss from the network and the sampler).
+
+- ``objective`` (:mod:`walt.diffusion.objectives`): what a training step draws and what the loss is:
+  :class:`~walt.diffusion.VPrediction` (W.A.L.T's), or a distillation objective, which learns from a ``teacher``
+  (:class:`walt.lightning.Teacher`);
+- ``conditioner`` (:class:`walt.conditioning.Conditioner`): what the backbone is conditioned on, with its
+  training dropout: labels, text, context frames, and the low-res input of a super-resolution stage.
+
+The module holds what every stage shares: the frozen tokenizer (latents from pixels, videos from latents), the
+optimizer with warmup, the EMA used for sampling, validation videos, checkpoints that describe the model, and
+each rank's random stream.
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
 from walt.checkpoint import read_checkpoint
-from walt.checks import check_int, check_positive, check_probability
-from walt.conditioning import Conditioner, Conditioning, TextEncoder, frames_to_generate
+from walt.checks import check_int, check_positive
+from walt.conditioning import Conditioner, TextEncoder, downsample_video, pixel_video, upsample_video
 from walt.data.transforms import to_uint8
-from walt.diffusion import CosineSchedule, VPrediction, ZeroTerminalSNRLinearSchedule
+from walt.diffusion import (
+    Distillation,
+    GuidanceDistillation,
+    NoiseSchedule,
+    ProgressiveDistillation,
+    VPrediction,
+)
 from walt.distributed import check_compile, is_fsdp
+from walt.lightning.distillation import Teacher, load_teacher_weights
 from walt.lightning.ema import EMA
-from walt.lightning.module import WaltModule
+from walt.lightning.module import OptimizerFactory, WaltModule
 from walt.lightning.video_logging import add_video
-from walt.pipeline import Pipeline, SuperResolution, describe_pipeline
-from walt.rng import seed_per_rank
+from walt.pipeline import Pipeline, describe_pipeline
 from walt.tokenizer import CausalVAE, load_vae_weights
 from walt.transformer import WALT
 
-__all__ = ["BaseDiffusionModule"]
+__all__ = ["DiffusionModule", "adamw_for_diffusion"]
 
 
 def adamw_for_diffusion(params) -> Optimizer:
@@ -34,135 +55,98 @@ def adamw_for_diffusion(params) -> Optimizer:
     return torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.99), weight_decay=0.0)
 
 
-class Setting:
-    """A module attribute that is a setting of one of its parts (``"objective"``, ``"conditioner.lowres"``):
-    reading and setting it reach the part, so the value exists once."""
+class DiffusionModule(WaltModule):
+    """Trains ``backbone`` with ``objective`` on latents, conditioned by ``conditioner`` (module docstring).
 
-    def __init__(self, part: str) -> None:
-        self.path = part.split(".")
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def _part(self, module: object) -> object:
-        for name in self.path:
-            module = getattr(module, name)
-        return module
-
-    def __get__(self, module: object, owner: type | None = None) -> object:
-        return self if module is None else getattr(self._part(module), self.name)
-
-    def __set__(self, module: object, value: object) -> None:
-        setattr(self._part(module), self.name, value)
-
-
-class BaseDiffusionModule(WaltModule):
-    """Trains ``backbone`` to predict v on latents, conditioned on what the backbone was built for.
-
-    Batches hold either pixels (``video`` (B, 3, T, H, W), encoded by the frozen ``tokenizer``) or latents
+    Batches hold pixels (``video`` (B, 3, T, H, W), encoded by the frozen ``tokenizer``) or latents
     (``latent`` (B, C, T', H', W'), e.g. from :class:`walt.data.LatentShards`), plus ``label`` for a
-    class-conditional backbone and ``caption`` (list of str) for a text-conditional one. Image batches (T = 1)
-    train through the same step.
+    class-conditional backbone and ``caption`` (list of str) for a text-conditional one. A super-resolution
+    stage (a backbone built with ``lowres=True``, a conditioner with ``lowres``) trains on pixels: its low-res
+    inputs are made from them. Image batches (T = 1) train through the same step.
 
     Args:
-        backbone: the denoiser.
+        backbone: the denoiser (a distillation student: built with ``guidance_input=True``).
+        objective: the loss (default: :class:`~walt.diffusion.VPrediction`, W.A.L.T's schedule and
+            self-conditioning probability 0.9).
+        conditioner: the batch's conditioning (default: labels as the backbone takes them, dropout 0.1).
         tokenizer: the frozen autoencoder; needed to train on pixels and to decode samples.
         tokenizer_weights: a TokenizerModule checkpoint or the ``vae.safetensors`` written by ``walt encode``
             (which holds the latent normalization); loaded at construction.
-        schedule: the noise schedule (default: linear betas rescaled to zero terminal SNR).
+        teacher: what a distillation objective learns from (:class:`walt.lightning.Teacher`).
         optimizer: builds the optimizer from the trainable parameters.
         warmup_steps: linear learning-rate warmup, then constant.
         ema_decay: EMA of the backbone, used for sampling; None disables it.
-        label_dropout: probability of replacing a label by the null label (-1), for guidance.
-        text_encoder: the frozen text encoder of a text-conditional backbone (``text_dim`` set); its token
-            embeddings reach the backbone through cross-attention. Not part of the checkpoint.
-        text_dropout: probability of replacing a caption by the null prompt ``""`` (no text token: the same
-            null condition guidance uses at sampling time).
-        self_condition_prob: probability that a sample gets the model's own x0 estimate as input.
-        frame_prediction_prob: probability that a sample is trained to continue given frames (a backbone built
-            with ``context_frames``): 1 .. ``max_context_frames`` latent frames are given, the loss covers the rest.
-        max_context_frames: most latent frames given in frame-prediction training.
         train_only_spatiotemporal: freeze everything but the spatiotemporal blocks and the temporal position
             embedding (Video LDM's temporal alignment of a pretrained image model).
-        sample_steps / num_log_samples: DDIM steps and class-conditional videos logged after each validation.
+        sample_steps: sampling steps of the validation videos and the model's default (None: 50; for a
+            distilled student its ``student_steps``).
+        num_log_samples / video_fps: videos logged after each validation, and their frame rate.
         tokenizer_chunk_size: latent frames per tokenizer chunk when encoding or decoding (the causal cache
             bounds memory on large videos; results are identical); None = one pass.
         compile: ``torch.compile`` the backbone and its EMA copy (whole graph, in place, so checkpoints keep
             their keys); on a GPU it roughly halves the step time (benchmarks/RESULTS.md), at a compilation
             cost of a minute or so per input shape at the start of a run.
-
-    The loss is ``objective`` (:class:`walt.diffusion.VPrediction`) and the batch's conditioning
-    ``conditioner`` (:class:`walt.conditioning.Conditioner`); the dropout and self-conditioning settings
-    below are theirs.
     """
-
-    schedule = Setting("objective")
-    text_encoder = Setting("conditioner")
-    label_dropout = Setting("conditioner")
-    text_dropout = Setting("conditioner")
-    frame_prediction_prob = Setting("conditioner")
-    max_context_frames = Setting("conditioner")
-    self_condition_prob = Setting("objective")
 
     def __init__(
         self,
         backbone: WALT,
+        objective: VPrediction | GuidanceDistillation | ProgressiveDistillation | None = None,
+        conditioner: Conditioner | None = None,
         tokenizer: CausalVAE | None = None,
         tokenizer_weights: str | None = None,
-        schedule: ZeroTerminalSNRLinearSchedule | CosineSchedule | None = None,
-        optimizer: OptimizerCallable = adamw_for_diffusion,
+        teacher: Teacher | None = None,
+        optimizer: OptimizerFactory = adamw_for_diffusion,
+        # One default each for every stage: W.A.L.T's base recipe (tens of thousands of steps). The EMA averages
+        # over about 1 / (1 - decay) = 10,000 steps, so a short run (a distillation round, a CPU quickstart)
+        # sets a smaller decay (0.999 or less) and a shorter warmup in its config, as configs/ do.
         warmup_steps: int = 1000,
         ema_decay: float | None = 0.9999,
-        label_dropout: float = 0.1,
-        text_encoder: TextEncoder | None = None,
-        text_dropout: float = 0.1,
-        self_condition_prob: float = 0.9,
-        frame_prediction_prob: float = 0.0,
-        max_context_frames: int = 2,
         train_only_spatiotemporal: bool = False,
-        sample_steps: int = 50,
+        sample_steps: int | None = None,
         num_log_samples: int = 4,
         video_fps: float = 8.0,
         tokenizer_chunk_size: int | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
-        # Out of range, these would train without a word (a probability of 3, a negative warmup); `walt fit`
-        # shows the error before the first step.
-        check_probability("label_dropout", label_dropout)
-        check_probability("text_dropout", text_dropout)
-        check_probability("self_condition_prob", self_condition_prob)
-        check_probability("frame_prediction_prob", frame_prediction_prob)
+        # Out of range, these would train without a word (a negative warmup); `walt fit` shows the error first.
         check_int("warmup_steps", warmup_steps, 0)
-        check_int("max_context_frames", max_context_frames, 1)
-        check_int("sample_steps", sample_steps, 1)
+        if sample_steps is not None:
+            check_int("sample_steps", sample_steps, 1)
         check_int("num_log_samples", num_log_samples, 0)
         check_positive("video_fps", video_fps)
-        if frame_prediction_prob > 0 and not backbone.context_frames:
-            raise ValueError("frame_prediction_prob > 0 needs a backbone built with context_frames=True")
-        _check_text_encoder(backbone, text_encoder)
+        objective = objective if objective is not None else VPrediction()
+        if isinstance(objective, Distillation):
+            if not backbone.guidance_input:
+                raise ValueError(
+                    "the student takes the guidance scale as an input: build its backbone with guidance_input: true"
+                )
+            if teacher is None:
+                raise ValueError(
+                    f"{type(objective).__name__} learns from a teacher: give the module a teacher "
+                    "(walt.lightning.Teacher with the teacher's checkpoint)"
+                )
+            objective = copy.copy(objective)  # the given object stays as it was
+            # A function, not a model: the teacher is loaded on first use, after Lightning has placed the student.
+            objective.teacher = partial(getattr, self, "teacher_model")
+            sample_steps = sample_steps or objective.student_steps
+        elif teacher is not None:
+            raise ValueError(f"a teacher was given but {type(objective).__name__} learns from none")
         self.backbone = backbone
         self.tokenizer = tokenizer
         if tokenizer is not None:
             if tokenizer_weights is not None:
                 load_vae_weights(tokenizer, tokenizer_weights)
             tokenizer.requires_grad_(False).eval()
-        self.objective = VPrediction(
-            schedule or ZeroTerminalSNRLinearSchedule(),
-            self_condition_prob if backbone.self_conditioning else 0.0,
+        self.objective = objective
+        self.conditioner = (conditioner or Conditioner()).for_model(
+            backbone, tokenizer, objective.schedule, tokenizer_chunk_size
         )
-        self.conditioner = Conditioner(
-            labels=backbone.num_classes is not None,
-            text_encoder=text_encoder,  # frozen, outside the state dict
-            context=backbone.context_frames,
-            label_dropout=label_dropout,
-            text_dropout=text_dropout,
-            frame_prediction_prob=frame_prediction_prob,
-            max_context_frames=max_context_frames,
-        )
+        self.teacher = teacher
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
-        self.sample_steps = sample_steps
+        self.sample_steps = sample_steps or 50
         self.num_log_samples = num_log_samples
         self.video_fps = video_fps
         self.tokenizer_chunk_size = tokenizer_chunk_size
@@ -174,13 +158,25 @@ class BaseDiffusionModule(WaltModule):
             backbone.compile(fullgraph=True)
             if self.ema is not None:
                 self.ema.module.compile(fullgraph=True)
+        if teacher is not None:  # saved with the weights, so neither a resume nor a second fit() starts over
+            self.register_buffer("student_initialized", torch.tensor(False))
         self._latent_shape: tuple[int, ...] | None = None  # seen in validation; shapes the logged samples
-        self._log_prompts: list[str] = []  # captions of the first validation batch, for text models
+        self._log_batch: dict = {}  # the first validation batch's captions (and low-res clips), to log samples
         self._class_names: list[str] = []  # read from the training data when first asked for
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        """The noise schedule: the objective's."""
+        return self.objective.schedule
+
+    @property
+    def text_encoder(self) -> TextEncoder | None:
+        """The text encoder: the conditioner's."""
+        return self.conditioner.text_encoder
 
     # ---- training ----------------------------------------------------------------------------------------
 
-    def train(self, mode: bool = True) -> BaseDiffusionModule:
+    def train(self, mode: bool = True) -> DiffusionModule:
         super().train(mode)
         if self.tokenizer is not None:
             self.tokenizer.eval()  # frozen: never in training mode
@@ -201,10 +197,10 @@ class BaseDiffusionModule(WaltModule):
     def setup(self, stage: str) -> None:
         if self.compile_models:
             check_compile(self.trainer.strategy)
-
-    def on_fit_start(self) -> None:
-        if self.trainer.world_size > 1:
-            seed_per_rank(self.global_rank)
+        # Before Lightning restores a checkpoint (resuming), which then overwrites the student as it should.
+        if stage == "fit" and self.teacher is not None and self.teacher.init_student:
+            if not bool(self.student_initialized):
+                self.initialize_student()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -222,7 +218,7 @@ class BaseDiffusionModule(WaltModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size(batch))
         if batch_idx == 0:
             self._latent_shape = tuple(self.latents(batch).shape[1:])
-            self._log_prompts = list(batch.get("caption", []))
+            self._log_batch = self._videos_to_log(batch)
 
     @torch.no_grad()
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -231,26 +227,99 @@ class BaseDiffusionModule(WaltModule):
         loss = self._loss(batch, train=False, generator=generator)
         self.log("test/loss", loss, sync_dist=True, batch_size=batch_size(batch))
 
+    def _loss(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> Tensor:
+        z = self.latents(batch)  # (B, C, T, H, W)
+        return self.objective(self.backbone, z, lambda g: self.conditioner(batch, z, train, g), generator)
+
+    def latents(self, batch: dict) -> Tensor:
+        """The batch's normalized latents: given, or encoded from pixels with the frozen tokenizer."""
+        if "latent" in batch:
+            return batch["latent"].float()
+        if self.tokenizer is None:
+            raise ValueError(
+                "the batch holds pixels ('video') but the module has no tokenizer to encode them"
+            )
+        with torch.no_grad():
+            return self.tokenizer.encode(batch["video"], self.tokenizer_chunk_size)
+
+    # ---- distillation ------------------------------------------------------------------------------------
+
+    @property
+    def teacher_model(self) -> WALT:
+        """The frozen teacher on the student's device, loaded from the teacher's checkpoint on first use."""
+        if self.teacher is None:
+            raise ValueError("this module has no teacher: it trains a model from data, not by distillation")
+        return self.teacher.model(self.backbone, self.objective, self.compile_models)
+
+    def initialize_student(self) -> None:
+        """Copies the teacher's weights into the student and its EMA (a guidance-stage student keeps its new,
+        zero-output guidance embedding, so it starts as exactly the teacher)."""
+        load_teacher_weights(self.backbone, self.teacher_model.state_dict())
+        if self.ema is not None:
+            self.ema.module.load_state_dict(self.backbone.state_dict())
+        self.student_initialized.fill_(True)
+
+    # ---- validation videos -------------------------------------------------------------------------------
+
+    def _videos_to_log(self, batch: dict) -> dict:
+        """What the validation videos are made from: the captions of the first batch, and for a
+        super-resolution stage its low-res clips and labels."""
+        n, lowres = self.num_log_samples, self.conditioner.lowres
+        logged: dict = {"captions": list(batch.get("caption", []))}
+        if lowres is not None and n > 0:
+            video = pixel_video(batch)[:n]  # (n, 3, T, H, W)
+            logged["lowres"] = downsample_video(video, lowres.spatial_factor, lowres.temporal_factor)
+            logged["captions"] = logged["captions"][:n]
+            if self.backbone.num_classes is not None:
+                logged["labels"] = batch["label"][:n]
+        return logged
+
     def on_validation_epoch_end(self) -> None:
         if self.num_log_samples <= 0 or self.tokenizer is None or self._latent_shape is None:
             return
         if not self._logs_samples_here():
             return
+        if self.conditioner.lowres is not None:
+            self._log_upsampled()
+        else:
+            self._log_samples()
+
+    def _log_samples(self) -> None:
+        """Generated videos side by side: every class in turn (or the batch's captions), seeds 0 .. n-1."""
         n = self.num_log_samples
-        prompts = None
-        if self.backbone.text_dim is not None:
-            captions = self._log_prompts or [""]
-            prompts = [captions[i % len(captions)] for i in range(n)]
+        prompts = self._prompts(self._log_batch.get("captions"), n)
         _, T, H, W = self._latent_shape
         time, space = self.tokenizer.temporal_factor, self.tokenizer.spatial_factor
-        videos = self.pipeline().generate(  # every class in turn, seeds 0 .. n-1
+        videos = self.pipeline().generate(
             prompts=prompts, num_samples=n, num_frames=1 + time * (T - 1), height=space * H, width=space * W,
             output="float", progress=False,
         )  # fmt: skip
         grid = torch.cat(list(videos), dim=-1)  # (3, T, H, n*W)
-        add_video(
-            self.logger.experiment, "samples", to_uint8(grid).cpu().numpy(), self.global_step, self.video_fps
-        )
+        self._add_video("samples", grid)
+
+    def _log_upsampled(self) -> None:
+        """A super-resolution stage's low-res inputs (upsampled in pixels) above its outputs."""
+        low = self._log_batch.get("lowres")
+        if low is None:
+            return
+        s, t = self.conditioner.lowres.spatial_factor, self.conditioner.lowres.temporal_factor
+        prompts = self._prompts(self._log_batch["captions"], len(low))
+        videos = self.pipeline().generate(
+            labels=self._log_batch.get("labels"), prompts=prompts, lowres=low, output="float", progress=False
+        )  # (n, 3, T, H, W)
+        inputs = upsample_video(low, s, t).clamp(-1, 1)  # (n, 3, T, H, W)
+        grid = torch.cat([torch.cat(list(inputs), dim=-1), torch.cat(list(videos), dim=-1)], dim=-2)
+        self._add_video("upsampled", grid)
+
+    def _prompts(self, captions: list[str] | None, n: int) -> list[str] | None:
+        if self.backbone.text_dim is None:
+            return None
+        captions = captions or [""]
+        return [captions[i % len(captions)] for i in range(n)]
+
+    def _add_video(self, tag: str, grid: Tensor) -> None:
+        frames = to_uint8(grid).cpu().numpy()  # (T, H', W', 3)
+        add_video(self.logger.experiment, tag, frames, self.global_step, self.video_fps)
 
     def _logs_samples_here(self) -> bool:
         """Whether this process generates the validation videos: rank 0 alone (the EMA backbone runs outside the
@@ -265,28 +334,6 @@ class BaseDiffusionModule(WaltModule):
             )
             return False
         return True
-
-    def _loss(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> Tensor:
-        z = self.latents(batch)  # (B, C, T, H, W)
-        return self.objective(self.backbone, z, lambda g: self.conditioner(batch, z, train, g), generator)
-
-    def _conditioning(
-        self, batch: dict, z: Tensor, train: bool, generator: torch.Generator | None
-    ) -> tuple[Conditioning, Tensor | None]:
-        """The batch's conditioning and the loss weight it implies (0 on given context frames)."""
-        cond = self.conditioner(batch, z, train, generator)
-        return cond, frames_to_generate(cond.context_mask)
-
-    def latents(self, batch: dict) -> Tensor:
-        """The batch's normalized latents: given, or encoded from pixels with the frozen tokenizer."""
-        if "latent" in batch:
-            return batch["latent"].float()
-        if self.tokenizer is None:
-            raise ValueError(
-                "the batch holds pixels ('video') but the module has no tokenizer to encode them"
-            )
-        with torch.no_grad():
-            return self.tokenizer.encode(batch["video"], self.tokenizer_chunk_size)
 
     # ---- sampling ----------------------------------------------------------------------------------------
 
@@ -309,12 +356,8 @@ class BaseDiffusionModule(WaltModule):
             sample_steps=self.sample_steps,
             tokenizer_chunk_size=self.tokenizer_chunk_size,
             fps=self.video_fps,
-            super_resolution=self.super_resolution_settings(),
+            super_resolution=self.conditioner.lowres,
         )
-
-    def super_resolution_settings(self) -> SuperResolution | None:
-        """How a super-resolution subclass makes its low-res input; None for a base model."""
-        return None
 
     @property
     def class_names(self) -> list[str]:
@@ -350,31 +393,43 @@ class BaseDiffusionModule(WaltModule):
             record["config"] = config.read_text()
         return record
 
+    # ---- checkpoints -------------------------------------------------------------------------------------
+
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, strict: bool = True, **kwargs):
         """The module of a ``walt fit`` checkpoint, rebuilt from the model description it carries (backbone,
         tokenizer, schedule, text encoder, sampling and super-resolution settings) with its weights, EMA
-        included. ``kwargs`` set the other constructor arguments (optimizer, dropout, ...), which checkpoints
-        do not record. For inference, ``walt.pipeline.Pipeline.from_pretrained`` is the lighter path."""
+        included. ``kwargs`` set the other constructor arguments (optimizer, objective, teacher, ...), which
+        checkpoints do not record; a distilled checkpoint loads as a plain model unless given its teacher. For
+        inference, ``walt.pipeline.Pipeline.from_pretrained`` is the lighter path."""
         from walt.pipeline import ModelFileError, load_model
 
         checkpoint = read_checkpoint(checkpoint_path)
         if "walt_model" not in checkpoint:
             raise ModelFileError(f"{checkpoint_path} holds no model description (written by an older walt)")
         pipe = load_model(checkpoint_path, weights="live")
-        built = dict(backbone=pipe.backbone, tokenizer=pipe.tokenizer, schedule=pipe.schedule, text_encoder=pipe.text_encoder,
-                     sample_steps=pipe.sample_steps, tokenizer_chunk_size=pipe.tokenizer_chunk_size, video_fps=pipe.fps)  # fmt: skip
-        if pipe.super_resolution is not None:
-            sr = pipe.super_resolution
-            built.update(spatial_factor=sr.spatial_factor, temporal_factor=sr.temporal_factor,
-                         lowres_path=sr.lowres_path, sample_aug_level=sr.aug_level)  # fmt: skip
         pipe.backbone.requires_grad_(True).train()
-        module = cls(**{**built, **kwargs})
-        module.load_state_dict(checkpoint["state_dict"], strict=strict)
+        module = cls(**cls._arguments(pipe, kwargs))
+        state = dict(checkpoint["state_dict"])
+        if module.teacher is None:
+            state.pop("student_initialized", None)  # a distilled student, loaded as a model of its own
+        module.load_state_dict(state, strict=strict)
         module.set_class_names(pipe.class_names)
         return module.to(map_location) if map_location is not None else module
 
-    # ---- checkpoints: exact resumption ----------------------------------------------------------------------
+    @classmethod
+    def _arguments(cls, pipe: Pipeline, kwargs: dict) -> dict:
+        """The constructor arguments of the module of ``pipe``'s model; ``kwargs`` add to them or replace them."""
+        built = dict(
+            backbone=pipe.backbone,
+            objective=VPrediction(pipe.schedule),
+            conditioner=Conditioner(text_encoder=pipe.text_encoder, lowres=pipe.super_resolution),
+            tokenizer=pipe.tokenizer,
+            sample_steps=pipe.sample_steps,
+            tokenizer_chunk_size=pipe.tokenizer_chunk_size,
+            video_fps=pipe.fps,
+        )
+        return {**built, **kwargs}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # WaltModule's: refuses diverged weights, records the weights' hash and the random stream.
@@ -385,25 +440,6 @@ class BaseDiffusionModule(WaltModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)  # the random stream
         self.set_class_names((checkpoint.get("walt_model") or {}).get("class_names") or self._class_names)
-
-
-def _check_text_encoder(backbone: WALT, text_encoder: TextEncoder | None) -> None:
-    if backbone.text_dim is None:
-        if text_encoder is not None:
-            raise ValueError(
-                "a text_encoder was given but the backbone has no text_dim: set text_dim to its width"
-            )
-        return
-    if text_encoder is None:
-        raise ValueError(
-            f"the backbone is text-conditional (text_dim={backbone.text_dim}) but no text_encoder was given; "
-            "add one, e.g. walt.conditioning.MiniLMTextEncoder (384-d) or T5TextEncoder"
-        )
-    if text_encoder.dim != backbone.text_dim:
-        raise ValueError(
-            f"the text encoder gives {text_encoder.dim}-d tokens but the backbone has text_dim={backbone.text_dim}; "
-            "make them equal"
-        )
 
 
 def batch_size(batch: dict) -> int:

@@ -1,52 +1,37 @@
-"""Distilling a trained diffusion model into a few-step sampler: Imagen Video's recipe, in rounds.
+"""The teacher of a distillation round: Imagen Video's recipe for a few-step sampler, in rounds.
 
-Round 1, ``stage="guidance"`` (Meng et al., 2023): the student learns the classifier-free-guided teacher's v,
-``v_u + w (v_c - v_u)``, for scales w drawn from ``guidance_range``, with w as an input
-(``WALT(guidance_input=True)``); sampling at scale w then costs one pass per step instead of two.
-Rounds 2.., ``stage="progressive"`` (Salimans & Ho, 2022): the student learns to take in ONE DDIM step what the
-previous round's model (now the teacher) does in TWO, so each round halves the steps (32 -> 16 -> 8 -> 4).
-Each round is a ``walt fit`` whose ``teacher_checkpoint`` is the previous round's checkpoint (the first round's:
-the base model's); the student starts from the teacher's weights.
-
-Everything else (latents, labels and label dropout, text, EMA, optimizer, checkpoints, validation, sampling)
-is :class:`BaseDiffusionModule`'s; this module replaces only the objective
-(:class:`walt.diffusion.GuidanceDistillation` or :class:`walt.diffusion.ProgressiveDistillation`).
+Round 1, :class:`walt.diffusion.GuidanceDistillation` (Meng et al., 2023): the student learns the
+classifier-free-guided teacher's v, ``v_u + w (v_c - v_u)``, for scales w drawn from ``guidance_range``, with w
+as an input (``WALT(guidance_input=True)``); sampling at scale w then costs one pass per step instead of two.
+Rounds 2.., :class:`walt.diffusion.ProgressiveDistillation` (Salimans & Ho, 2022): the student learns to take in
+ONE DDIM step what the previous round's model (now the teacher) does in TWO, so each round halves the steps
+(32 -> 16 -> 8 -> 4). Each round is a ``walt fit`` of :class:`walt.lightning.DiffusionModule` with one of these
+objectives and a :class:`Teacher`: the previous round's checkpoint (the first round's: the base model's); the
+student starts from the teacher's weights. Everything else (latents, labels and their dropout, text, EMA,
+optimizer, checkpoints, validation, sampling) is the module's, as for any diffusion model.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from functools import partial
 from pathlib import Path
-from typing import Literal
 
-import torch
-from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from walt.checkpoint import CheckpointError, module_weights, read_checkpoint
-from walt.conditioning import TextEncoder
-from walt.diffusion import (
-    CosineSchedule,
-    GuidanceDistillation,
-    ProgressiveDistillation,
-    ZeroTerminalSNRLinearSchedule,
-)
-from walt.lightning.diffusion import BaseDiffusionModule, Setting, adamw_for_diffusion
-from walt.tokenizer import CausalVAE
+from walt.diffusion import Distillation, GuidanceDistillation
 from walt.transformer import WALT
 
-__all__ = ["DistillationModule", "load_teacher_weights", "teacher_weights"]
+__all__ = ["Teacher", "load_teacher_weights", "teacher_weights"]
 
-Stage = Literal["guidance", "progressive"]
 GUIDANCE_KEYS = "guidance_embed."  # the weights a plain model lacks and a guidance-input student adds
 
 
 def teacher_weights(checkpoint: str | Path) -> dict[str, Tensor]:
     """The backbone weights of a diffusion-module checkpoint: its EMA weights when it has them.
 
-    Works for :class:`BaseDiffusionModule` checkpoints and for earlier distillation rounds alike. The file is read
+    Works for the base model's checkpoints and for earlier distillation rounds alike. The file is read
     without running any pickled code (:func:`walt.checkpoint.read_checkpoint`, which ``walt.pipeline`` uses too).
     """
     path = Path(checkpoint)
@@ -61,7 +46,7 @@ def teacher_weights(checkpoint: str | Path) -> dict[str, Tensor]:
     except CheckpointError:
         raise ValueError(
             f"{path} holds no diffusion backbone (no 'ema.module.*' or 'backbone.*' weights); give the checkpoint "
-            "of a BaseDiffusionModule or DistillationModule run, not a tokenizer's"
+            "of a diffusion model's or a distillation round's run, not a tokenizer's"
         ) from None
     return weights
 
@@ -93,156 +78,54 @@ def load_teacher_weights(model: WALT, weights: Mapping[str, Tensor]) -> None:
     model.load_state_dict(weights, strict=False)
 
 
-class DistillationModule(BaseDiffusionModule):
-    """One round of guided (``stage="guidance"``) or progressive (``stage="progressive"``) distillation.
+class Teacher:
+    """The frozen teacher of a distillation round: the backbone of ``checkpoint`` (its EMA weights when present)
+    in the student's architecture, in eval mode, outside the checkpoint and the optimizer.
 
-    The teacher is the backbone of ``teacher_checkpoint`` (its EMA weights when present) in the student's
-    architecture, frozen and in eval mode. It is kept out of the checkpoint and the optimizer, and it is
-    loaded when training starts, so a distilled checkpoint samples (``walt sample``) without it.
+    It is loaded on first use, after Lightning has placed the student, so a distilled checkpoint samples
+    (``walt sample``) without it; it follows the student's device and dtype.
 
-    Training batch: a step (t, s) of the student's K-step DDIM grid per sample, a guidance scale w per sample
-    (``cond.guidance``, the same for teacher and student), and the base module's labels (with its label
-    dropout, so the unconditional mode stays trained) and other conditioning, identical for both. Target:
-    - guidance: the guided teacher's v at (x_t, t) (two passes, batched), for a student trained on the K-step
-      grid (K = ``student_steps``; the next round distills it to K / 2 and calls it only at the K-grid times,
-      so it need not learn the others, unlike Meng et al.'s continuous-time first stage);
-    - progressive: the v with which one DDIM step t -> s lands where two teacher steps t -> (t+s)/2 -> s do.
-
-    Self-conditioning: teacher and student get the same estimate, the teacher's own x0 at (x_t, t) from a pass
-    without one (the guided teacher's in the guidance stage), zeros for 1 - ``self_condition_prob`` of the
-    samples, exactly as base training builds it; the teacher's second step gets the x0 of its first, as in
-    sampling. The teacher's estimate keeps the target a fixed function of what the student sees (the student's
-    own estimate would move as it trains); at sampling the student is fed its own estimates, as any
-    self-conditioned model is.
-
-    Args (the rest as in :class:`BaseDiffusionModule`):
-        backbone: the student, built with the teacher's settings plus ``guidance_input=True``.
-        teacher_checkpoint: a BaseDiffusionModule checkpoint (guidance stage) or the previous round's
-            DistillationModule checkpoint (progressive stage).
-        stage: "guidance" or "progressive".
-        student_steps: the DDIM steps K the student is trained to sample in (the teacher takes 2K in the
-            progressive stage, K in the guidance stage); also the default for its samples.
-        guidance_range: the guidance scales (w_min, w_max) the student learns (w = 1: conditional, 0:
-            unconditional); drawn uniformly per sample in both stages.
-        init_from_teacher: start the student (and its EMA) from the teacher's weights (progressive
-            distillation does); otherwise from the backbone's own initialization.
+    Args:
+        checkpoint: a base model's checkpoint (for :class:`walt.diffusion.GuidanceDistillation`) or the previous
+            round's (for :class:`walt.diffusion.ProgressiveDistillation`).
+        init_student: start the student (and its EMA) from the teacher's weights (a guidance-stage student keeps
+            its new, zero-output guidance embedding, so it starts as exactly the teacher); otherwise from its
+            own initialization.
     """
 
-    student_steps = Setting("objective")
-    guidance_range = Setting("objective")
+    def __init__(self, checkpoint: str, init_student: bool = True) -> None:
+        self.checkpoint = checkpoint
+        self.init_student = init_student
+        self._model: list[WALT] = []  # in a list: a model, yet no submodule of the training module
 
-    def __init__(
-        self,
-        backbone: WALT,
-        teacher_checkpoint: str,
-        stage: Stage = "progressive",
-        student_steps: int = 8,
-        guidance_range: tuple[float, float] = (0.0, 4.0),
-        init_from_teacher: bool = True,
-        tokenizer: CausalVAE | None = None,
-        tokenizer_weights: str | None = None,
-        schedule: ZeroTerminalSNRLinearSchedule | CosineSchedule | None = None,
-        optimizer: OptimizerCallable = adamw_for_diffusion,
-        warmup_steps: int = 100,
-        ema_decay: float | None = 0.999,
-        label_dropout: float = 0.1,
-        text_encoder: TextEncoder | None = None,
-        text_dropout: float = 0.1,
-        self_condition_prob: float = 0.9,
-        frame_prediction_prob: float = 0.0,
-        max_context_frames: int = 2,
-        num_log_samples: int = 4,
-        video_fps: float = 8.0,
-        tokenizer_chunk_size: int | None = None,
-        compile: bool = False,
-    ) -> None:
-        if not backbone.guidance_input:
-            raise ValueError(
-                "the student takes the guidance scale as an input: build its backbone with guidance_input: true"
-            )
-        if stage not in ("guidance", "progressive"):
-            raise ValueError(f"stage must be 'guidance' or 'progressive', got {stage!r}")
-        objective = GuidanceDistillation if stage == "guidance" else ProgressiveDistillation
-        super().__init__(
-            backbone,
-            tokenizer,
-            tokenizer_weights,
-            schedule=schedule,
-            optimizer=optimizer,
-            warmup_steps=warmup_steps,
-            ema_decay=ema_decay,
-            label_dropout=label_dropout,
-            text_encoder=text_encoder,
-            text_dropout=text_dropout,
-            self_condition_prob=self_condition_prob,
-            frame_prediction_prob=frame_prediction_prob,
-            max_context_frames=max_context_frames,
-            sample_steps=student_steps,
-            num_log_samples=num_log_samples,
-            video_fps=video_fps,
-            tokenizer_chunk_size=tokenizer_chunk_size,
-            compile=compile,
-        )
-        # The teacher is loaded on first use (a function, not a model), after Lightning has placed the student.
-        self.objective = objective(
-            partial(getattr, self, "teacher"),
-            self.schedule,
-            student_steps,
-            guidance_range,
-            self.self_condition_prob,
-        )
-        self.teacher_checkpoint = teacher_checkpoint
-        self.stage = stage
-        self.init_from_teacher = init_from_teacher
-        self._teacher: list[WALT] = []  # in a list: a frozen model outside the state dict and the optimizer
-        # Saved with the weights, so neither a resumed run nor a second fit() starts the student over.
-        self.register_buffer("student_initialized", torch.tensor(False))
-
-    # ---- the teacher ---------------------------------------------------------------------------------------
-
-    @property
-    def teacher(self) -> WALT:
-        """The frozen teacher on the module's device, loaded from ``teacher_checkpoint`` on first use."""
-        if not self._teacher:
-            self._teacher.append(self._load_teacher())
-        teacher = self._teacher[0]
-        # Outside the module, so Lightning's device and precision moves (e.g. bf16-true) are mirrored here.
-        dtype = next(self.backbone.parameters()).dtype
-        first = next(teacher.parameters())
-        if first.device != self.device or first.dtype != dtype:
-            teacher.to(device=self.device, dtype=dtype)
+    def model(self, student: WALT, objective: Distillation, compile: bool = False) -> WALT:
+        """The teacher for ``student``, on its device and in its dtype; loaded from the checkpoint once."""
+        if not self._model:
+            self._model.append(self._load(student, objective, compile))
+        teacher = self._model[0]
+        # Outside the training module, so Lightning's device and precision moves (e.g. bf16-true) are mirrored.
+        own, first = next(student.parameters()), next(teacher.parameters())
+        if first.device != own.device or first.dtype != own.dtype:
+            teacher.to(device=own.device, dtype=own.dtype)
         return teacher
 
-    def _load_teacher(self) -> WALT:
-        weights = teacher_weights(self.teacher_checkpoint)
+    def _load(self, student: WALT, objective: Distillation, compile: bool) -> WALT:
+        weights = teacher_weights(self.checkpoint)
         distilled = any(k.startswith(GUIDANCE_KEYS) for k in weights)
-        if self.stage == "guidance" and distilled:
+        if isinstance(objective, GuidanceDistillation) and distilled:
             raise ValueError(
-                f"{self.teacher_checkpoint} is already guidance-distilled (it takes w as an input): distill it "
-                "further with stage: progressive"
+                f"{self.checkpoint} is already guidance-distilled (it takes w as an input): distill it "
+                "further with stage: progressive (objective: walt.diffusion.ProgressiveDistillation)"
             )
-        if self.stage == "progressive" and not distilled:
+        if not isinstance(objective, GuidanceDistillation) and not distilled:
             raise ValueError(
-                f"{self.teacher_checkpoint} is a plain classifier-free-guided model: run stage: guidance on it "
-                "first, then progressive rounds from that round's checkpoint"
+                f"{self.checkpoint} is a plain classifier-free-guided model: run stage: guidance on it first "
+                "(objective: walt.diffusion.GuidanceDistillation), then progressive rounds from that round's "
+                "checkpoint"
             )
-        teacher = copy.deepcopy(self.backbone)  # the student's architecture; every weight is replaced below
+        teacher = copy.deepcopy(student)  # the student's architecture; every weight is replaced below
         load_teacher_weights(teacher, weights)
         teacher.requires_grad_(False).eval()
-        if self.compile_models:  # a deep copy does not carry the student's compiled forward
+        if compile:  # a deep copy does not carry the student's compiled forward
             teacher.compile(fullgraph=True)
         return teacher
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        # Before Lightning restores a checkpoint (resuming), which then overwrites the student as it should.
-        if stage == "fit" and self.init_from_teacher and not bool(self.student_initialized):
-            self.initialize_student()
-
-    def initialize_student(self) -> None:
-        """Copies the teacher's weights into the student and its EMA (a guidance-stage student keeps its new,
-        zero-output guidance embedding, so it starts as exactly the teacher)."""
-        load_teacher_weights(self.backbone, self.teacher.state_dict())
-        if self.ema is not None:
-            self.ema.module.load_state_dict(self.backbone.state_dict())
-        self.student_initialized.fill_(True)

@@ -8,8 +8,9 @@
 - every checkpoint carries the sha256 of its weights (:data:`walt.checkpoint.INTEGRITY_KEY`), which
   :func:`walt.checkpoint.read_checkpoint` checks (a sharded FSDP checkpoint, which no rank holds whole, carries
   its files' hashes instead: :class:`walt.lightning.strategies.WaltFSDPStrategy`);
-- every checkpoint carries the random stream (CPU and CUDA generators) and a resume restores it, so a resumed run
-  draws the same noise, timesteps, dropout and posterior samples as the uninterrupted one;
+- the random stream (:mod:`walt.rng`): each data-parallel rank draws from a stream of its own (timesteps, noise,
+  dropout, posterior samples), and every checkpoint carries the stream (CPU and CUDA generators), which a resume
+  restores, so a resumed run draws the same as the uninterrupted one;
 - ``load_from_checkpoint`` reads with ``weights_only=True``, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,6 +26,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from torch import Tensor
+from torch.optim import Optimizer
 
 from walt.checkpoint import (
     INTEGRITY_KEY,
@@ -34,9 +36,14 @@ from walt.checkpoint import (
     read_checkpoint,
     weights_sha256,
 )
-from walt.rng import rng_states, set_rng_states
+from walt.rng import rng_states, seed_per_rank, set_rng_states
 
-__all__ = ["GROWTH_LIMIT", "WaltModule", "weight_scales"]
+__all__ = ["GROWTH_LIMIT", "OptimizerFactory", "WaltModule", "weight_scales"]
+
+# What a config's ``optimizer:`` builds: a function of the trainable parameters (``class_path: torch.optim.AdamW``
+# with its ``init_args`` but the parameters). The same type as Lightning's OptimizerCallable, without importing
+# Lightning's CLI module into the training modules.
+OptimizerFactory = Callable[[Iterable], Optimizer]
 
 # How much the RMS of a trained part's weights may grow between two checkpoints of a run (or from the run's
 # start to its first checkpoint) before the weights count as exploded. Adam-type optimizers move each weight by
@@ -49,7 +56,7 @@ GROWTH_LIMIT = 100.0
 
 class WaltModule(L.LightningModule):
     """The base of walt's training modules (see the module docstring). A subclass that overrides
-    ``on_save_checkpoint``, ``on_load_checkpoint`` or ``on_train_start`` calls ``super()``'s."""
+    ``on_fit_start``, ``on_save_checkpoint``, ``on_load_checkpoint`` or ``on_train_start`` calls ``super()``'s."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -68,6 +75,14 @@ class WaltModule(L.LightningModule):
                 f"{self.global_step}; the run stops here, before the weights take this step, and the checkpoints "
                 "already written are kept. Lower the learning rate, or check the data and its normalization."
             )
+
+    # ---- the random stream --------------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        # Lightning seeds every rank alike (seed_everything); each rank then derives its own stream, or the ranks
+        # would draw the same timesteps, noise and dropout for their different samples.
+        if self.trainer.world_size > 1:
+            seed_per_rank(self.global_rank)
 
     def on_train_start(self) -> None:
         # Every rank takes part: under FSDP gathering the state dict is collective. Rank 0 alone checks the

@@ -47,6 +47,7 @@ from walt.checkpoint import (
     local_tensors,
     nonfinite_weights,
 )
+from walt.distributed import FSDP_CHECKPOINTED, FSDP_UNITS
 from walt.lightning.checkpoint import AtomicCheckpointIO
 
 __all__ = ["MANIFEST", "WaltFSDPStrategy", "verify_manifest", "write_manifest"]
@@ -56,7 +57,9 @@ MANIFEST = "walt_integrity.json"  # in a sharded checkpoint folder: the sha256 o
 
 class WaltFSDPStrategy(FSDPStrategy):
     """Lightning's ``FSDPStrategy`` (the same arguments: ``configs/distributed/fsdp.yaml``) whose checkpoints are
-    read and written as walt reads and writes them. Also registered as ``strategy: walt_fsdp``.
+    read and written as walt reads and writes them, and which wraps walt's FSDP units by default
+    (:data:`walt.distributed.FSDP_UNITS`, activations of :data:`~walt.distributed.FSDP_CHECKPOINTED`
+    recomputed). Also registered as ``strategy: walt_fsdp``.
 
     **A full checkpoint** (``state_dict_type: full``, walt's default: one file, the state gathered on rank 0,
     the same file a single-GPU run writes) is checked on every rank exactly as ``walt sample`` checks it
@@ -90,6 +93,16 @@ class WaltFSDPStrategy(FSDPStrategy):
 
     strategy_name = "walt_fsdp"
     _registered_strategies: ClassVar[list[str]] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # walt's units and activation checkpointing (walt.distributed says why) unless the config names others.
+        for name, policy in (
+            ("auto_wrap_policy", FSDP_UNITS),
+            ("activation_checkpointing_policy", FSDP_CHECKPOINTED),
+        ):
+            if kwargs.get(name) is None:
+                kwargs[name] = set(policy)
+        super().__init__(*args, **kwargs)
 
     @property
     def checkpoint_io(self) -> CheckpointIO:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -13,7 +12,7 @@ from torch.optim import Optimizer
 from walt.checks import check_int, check_positive
 from walt.data.transforms import to_uint8
 from walt.lightning.ema import EMA
-from walt.lightning.module import WaltModule
+from walt.lightning.module import OptimizerFactory, WaltModule
 from walt.lightning.video_logging import add_video
 from walt.metrics.pixel import SSIM_WINDOW, chroma_error, grid_ratio, psnr, ssim
 from walt.tokenizer.losses import TokenizerLoss, frames_as_images
@@ -52,8 +51,8 @@ class TokenizerModule(WaltModule):
         vae: CausalVAE,
         loss: TokenizerLoss,
         discriminator: nn.Module | None = None,
-        optimizer: OptimizerCallable = adam_for_gan,
-        discriminator_optimizer: OptimizerCallable = adam_for_gan,
+        optimizer: OptimizerFactory = adam_for_gan,
+        discriminator_optimizer: OptimizerFactory = adam_for_gan,
         ema_decay: float | None = None,
         gradient_clip: float | None = 1.0,
         val_metrics: dict[str, nn.Module] | None = None,

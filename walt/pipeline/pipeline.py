@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from walt.conditioning import Conditioning, TextEncoder, augment_lowres, context_mask, lowres_latent
+from walt.conditioning import Conditioning, LowresConditioning, TextEncoder, augment_lowres, context_mask
 from walt.data.transforms import resize_center_crop, to_float_video, to_uint8
 from walt.diffusion import (
     SAMPLERS,
@@ -47,14 +46,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 STAGE_SEED_STRIDE = 1_000_003
 
 
-@dataclass(frozen=True)
-class SuperResolution:
-    """How a super-resolution stage turns a low-res clip into its conditioning (see SuperResolutionModule)."""
-
-    spatial_factor: int = 2
-    temporal_factor: int = 1
-    lowres_path: str = "pixel"
-    aug_level: float = 0.1  # the noise-conditioning augmentation level used when sampling
+# How a super-resolution stage turns a low-res clip into its conditioning: the one description that training
+# (walt.conditioning.Conditioner) and sampling share.
+SuperResolution = LowresConditioning
 
 
 class Pipeline:
@@ -378,14 +372,7 @@ class Pipeline:
         if not 0.0 <= level_value <= 1.0:
             raise ValueError(f"aug_level is a diffusion time in [0, 1], got {level_value}")
         with self._autocast():
-            clean = lowres_latent(
-                self.tokenizer,
-                lowres.to(self.device),
-                sr.spatial_factor,
-                sr.temporal_factor,
-                sr.lowres_path,
-                self.tokenizer_chunk_size,
-            ).float()  # (b, C, T, H, W)
+            clean = sr.latent(self.tokenizer, lowres.to(self.device), self.tokenizer_chunk_size).float()
         level = torch.full((clean.shape[0],), float(level_value), device=self.device)
         generators = per_sample_generators([s + STAGE_SEED_STRIDE for s in seeds], self.device)
         return dataclasses.replace(
@@ -489,17 +476,25 @@ class Pipeline:
             num_frames = frames if num_frames is None else num_frames
         elif self.super_resolution is not None:
             raise ValueError("a super-resolution stage upsamples given videos: pass lowres=(N, 3, T, h, w)")
+        # The tokenizer's factors (4 in time, 8 in space for W.A.L.T's); without one, latents are the pixels.
+        time, space = (1, 1) if self.tokenizer is None else self.tokenizer_factors()
         if num_frames is not None:
-            if num_frames < 1 or (num_frames - 1) % 4:
-                raise ValueError(f"num_frames must be 1 + 4k (e.g. 17), got {num_frames}")
-            t = (num_frames - 1) // 4 + 1
-        patch = 8 * self.backbone.patch_embed.patch_size
+            if num_frames < 1 or (num_frames - 1) % time:
+                raise ValueError(f"num_frames must be 1 + {time}k (e.g. {1 + 4 * time}), got {num_frames}")
+            t = (num_frames - 1) // time + 1
+        patch = space * self.backbone.patch_embed.patch_size
         for name, value in (("height", height), ("width", width)):
             if value is not None and (value < patch or value % patch):
-                raise ValueError(f"{name} must be a multiple of {patch} (8 x the patch size), got {value}")
-        h = h if height is None else height // 8
-        w = w if width is None else width // 8
+                raise ValueError(
+                    f"{name} must be a multiple of {patch} ({space} x the patch size), got {value}"
+                )
+        h = h if height is None else height // space
+        w = w if width is None else width // space
         return self.backbone.in_channels, t, h, w
+
+    def tokenizer_factors(self) -> tuple[int, int]:
+        """(time, space): how many pixel frames and pixels one latent frame and cell stand for."""
+        return self.tokenizer.temporal_factor, self.tokenizer.spatial_factor
 
     def _context(self, context, context_frames, n: int, shape) -> tuple[int, Tensor | None]:
         """Latent frames given and the context latents (N, C, T, h, w), from the pixel context."""
@@ -511,7 +506,7 @@ class Pipeline:
             raise ValueError("a context was given but the model was not trained with context frames")
         video = _context_video(context)  # (B or 1, 3, T, H, W) float
         frames = video.shape[2] if context_frames is None else context_frames
-        time, space = self.tokenizer.temporal_factor, self.tokenizer.spatial_factor
+        time, space = self.tokenizer_factors()
         if frames < 1 or (frames - 1) % time:
             raise ValueError(
                 f"context_frames must be 1 + {time}j (1 = an image, {1 + time}, {1 + 2 * time}, ...), got {frames}"
@@ -533,9 +528,10 @@ class Pipeline:
 
 
 class CascadePipeline:
-    """A base pipeline followed by super-resolution pipelines; labels, prompts and seeds reach every stage that
-    takes them. Stage i > 0 upsamples the previous stage's videos. ``stage_settings``: per stage, keyword
-    arguments for its ``generate`` (steps, guidance, eta, sampler, aug_level)."""
+    """A base pipeline followed by super-resolution pipelines; labels, prompts, given frames (``context``) and
+    seeds reach every stage that takes them. Stage i > 0 upsamples the previous stage's videos.
+    ``stage_settings``: per stage, keyword arguments for its ``generate`` (steps, guidance, eta, sampler,
+    aug_level)."""
 
     def __init__(self, stages: Sequence[Pipeline], stage_settings: Sequence[dict] | None = None) -> None:
         if not stages or stages[0].super_resolution is not None:
@@ -595,6 +591,8 @@ class CascadePipeline:
             videos = stage.generate(
                 labels=self._for_stage(stage, labels, "labels"),
                 prompts=self._for_stage(stage, prompts, "prompts"),
+                context=self._for_stage(stage, base_kwargs.get("context"), "context"),
+                context_frames=self._for_stage(stage, base_kwargs.get("context_frames"), "context"),
                 seeds=[s + index * STAGE_SEED_STRIDE for s in seeds],
                 lowres=videos,
                 batch_size=batch_size,
@@ -606,12 +604,10 @@ class CascadePipeline:
 
     @staticmethod
     def _for_stage(stage: Pipeline, value, kind: str):
-        takes = (
-            stage.backbone.num_classes is not None
-            if kind == "labels"
-            else stage.backbone.text_dim is not None
-        )
-        return value if takes else None
+        """``value`` (labels, prompts or the given frames) if the stage takes it, else None."""
+        backbone = stage.backbone
+        takes = {"labels": backbone.num_classes is not None, "prompts": backbone.text_dim is not None}
+        return value if takes.get(kind, backbone.context_frames) else None
 
 
 def cond_size(cond: Conditioning) -> int:

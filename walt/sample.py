@@ -22,13 +22,13 @@ from walt.atomic import TEMP_SUFFIX, write_atomic
 from walt.checks import finite_float, int_at_least, positive_float
 from walt.data import VideoReadError, write_video
 from walt.diffusion import SAMPLERS
-from walt.lightning.diffusion import BaseDiffusionModule
+from walt.lightning import DiffusionModule
 from walt.pipeline import CascadePipeline, ModelFileError, Pipeline, read_checkpoint
 
 __all__ = ["build_module", "load_module", "load_pipeline", "read_prompts", "sample_main"]
 
 
-def build_module(config: str | Path, compile: bool | None = None) -> tuple[BaseDiffusionModule, dict]:
+def build_module(config: str | Path, compile: bool | None = None) -> tuple[DiffusionModule, dict]:
     """Builds the ``model`` of a training config with fresh weights (the tokenizer's are left to a checkpoint).
 
     ``compile`` overrides the config's ``compile`` (None keeps it).
@@ -45,14 +45,14 @@ def build_module(config: str | Path, compile: bool | None = None) -> tuple[BaseD
     parser = jsonargparse.ArgumentParser(exit_on_error=False)
     parser.add_argument("--model", type=L.LightningModule)
     module = parser.instantiate_classes(parser.parse_object({"model": model_section})).model
-    if not isinstance(module, BaseDiffusionModule):
+    if not isinstance(module, DiffusionModule):
         raise ValueError(f"{config} describes a {type(module).__name__}, not a diffusion model")
     return module, config_dict
 
 
 def load_module(
     config: str | Path, checkpoint: str | Path, device: str = "cpu", compile: bool | None = None
-) -> tuple[BaseDiffusionModule, dict]:
+) -> tuple[DiffusionModule, dict]:
     """A checkpoint's training module, rebuilt from its training ``config`` (for checkpoints that predate model
     descriptions, and for training-side uses such as distillation teachers); weights only."""
     module, config_dict = build_module(config, compile)

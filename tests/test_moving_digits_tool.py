@@ -138,5 +138,7 @@ def test_the_personalize_stage_runs_end_to_end_on_a_cpu(study, tmp_path):
     assert result["models"]["lora"]["merged_vs_unmerged_max_abs_pixel"] < 1e-3
     table = (tmp_path / "personalize.md").read_text()
     assert "| new subject recognized (top 2) |" in table
-    assert "in training (CPU)" in table  # on a CPU the memory row is the process's, as finetune.json records it
+    assert (
+        "in training (CPU)" in table
+    )  # on a CPU the memory row is the process's, as finetune.json records it
     assert (tmp_path / "personalize.png").is_file()

@@ -133,3 +133,43 @@ def test_bad_loss_choice_is_rejected():
         TokenizerLoss(reconstruction="l3")
     with pytest.raises(ValueError, match="gan_loss"):
         TokenizerLoss(gan_loss="wgan")
+
+
+class WindowL1(nn.Module):
+    """A perceptual stand-in that is a real distance: per-image mean |a - b|, and the sizes it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, ...]] = []
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(tuple(a.shape))
+        return (a - b).abs().mean(dim=(1, 2, 3))  # (N,)
+
+
+def test_perceptual_shift_compares_the_same_window_of_both_images():
+    """A reconstruction equal to the clip costs nothing whatever the windows (the two crops line up); an error
+    confined to the outer 4 pixels is seen only by the windows that reach it, so less than without the shift,
+    and more than never; each image is a window ``shift`` pixels smaller."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 5, 24, 24) * 2 - 1  # (B, 3, T, H, W)
+    loss = TokenizerLoss(WindowL1(), perceptual_frames=2, perceptual_shift=8)
+    assert loss.perceptual_loss(x, x.clone()).item() == 0.0
+    assert loss.perceptual.sizes == [(4, 3, 16, 16)]
+    rim = x.clone()
+    rim[..., :4, :] += 0.5  # an error in the top 4 rows alone
+    whole = TokenizerLoss(WindowL1(), perceptual_frames=2).perceptual_loss(x, rim).item()
+    shifted = [loss.perceptual_loss(x, rim).item() for _ in range(200)]
+    assert 0.0 < sum(shifted) / len(shifted) < whole  # windows starting below row 4 miss it
+    assert min(shifted) < max(shifted)  # the offsets vary
+
+
+def test_perceptual_shift_of_zero_feeds_whole_frames_and_bad_shifts_are_refused():
+    x = torch.rand(1, 3, 5, 16, 16)
+    loss = TokenizerLoss(WindowL1(), perceptual_shift=0)
+    loss.perceptual_loss(x, x)
+    assert loss.perceptual.sizes == [(5, 3, 16, 16)]
+    with pytest.raises(ValueError, match="perceptual_shift must be a whole number of pixels >= 0, got -1"):
+        TokenizerLoss(WindowL1(), perceptual_shift=-1)
+    with pytest.raises(ValueError, match=r"perceptual_shift \(16 pixels\) must be smaller than the frames"):
+        TokenizerLoss(WindowL1(), perceptual_shift=16).perceptual_loss(x, x)

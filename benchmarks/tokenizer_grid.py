@@ -1,0 +1,173 @@
+"""The 8-pixel grid early in tokenizer training: how the decoder's upsamplers start, and the loss.
+
+Trains one CausalVAE per variant on RealFootage crops (the training split) with plain Adam steps and measures
+the grid ratio (walt.metrics.grid_ratio: the mean neighbour difference across 8-pixel boundaries over the mean
+elsewhere; 1.06 for the footage itself) and PSNR of the held-out test clips every --eval-every steps. Variants:
+
+  upsampler      nearest: walt's depth-to-space layers as they start (a convolution, then nearest-neighbour
+                 upsampling: ICNR); bilinear: the same layers started as bilinear upsampling; resize: no
+                 depth-to-space but nearest-neighbour upsampling followed by a convolution
+  loss           l1, l1+lpips (L1 plus 0.1 x LPIPS on 4 frames per clip, configs/tokenizer/real_footage.yaml),
+                 or l1+lpips-shiftN (LPIPS on windows N pixels smaller at random offsets: perceptual_shift=N)
+
+Every variant sees the same crops in the same order from the same initial encoder.
+
+  python benchmarks/tokenizer_grid.py --out grid.json                        # CPU: 16 channels, 9x64x64
+  python benchmarks/tokenizer_grid.py --channels 48 --frames 17 --size 128 --batch-size 8 --steps 1000 \
+      --device cuda --out grid.json                                          # the "small" preset on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from walt.data import RealFootage
+from walt.metrics import grid_ratio, psnr
+from walt.nn import CausalCache, CausalConv3d
+from walt.tokenizer import CausalVAE
+from walt.tokenizer.layers import DepthToSpaceUpsample
+from walt.tokenizer.losses import TokenizerLoss
+
+
+class ResizeConvUpsample(nn.Module):
+    """An experiment: nearest-neighbour upsampling, then a causal convolution (Odena et al., 2016), in place of
+    depth-to-space; it has no sub-pixel phases to drift apart."""
+
+    def __init__(self, channels: int, temporal: bool) -> None:
+        super().__init__()
+        self.factor_t = 2 if temporal else 1
+        self.conv = CausalConv3d(channels, channels, 3)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        first_chunk = cache.first_visit(self)
+        x = x.repeat_interleave(self.factor_t, dim=2).repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
+        if first_chunk:  # latent frame 0 decodes to one frame, as with depth-to-space
+            x = x[:, :, self.factor_t - 1 :]  # (B, C, T', 2H, 2W)
+        return self.conv(x, cache)  # (B, C, T', 2H, 2W)
+
+
+@torch.no_grad()
+def init_as_bilinear(up: DepthToSpaceUpsample) -> None:
+    """An experiment: the depth-to-space layer starts as bilinear upsampling of its input (sub-pixel (p, q) of
+    channel c reads channel c of the current frame with the bilinear weights of its phase) instead of walt's
+    ICNR start (a convolution, then nearest-neighbour upsampling)."""
+    conv = up.conv.conv
+    channels = conv.in_channels
+    phases = torch.tensor([[0.25, 0.75, 0.0], [0.0, 0.75, 0.25]])  # (p, kernel tap)
+    kernel = phases[:, None, :, None] * phases[None, :, None, :]  # (p, q, kh, kw)
+    weight = torch.zeros_like(conv.weight).view(channels, up.factor_t, 2, 2, channels, *conv.kernel_size)
+    for c in range(channels):  # the causal kernel's last temporal tap is the current frame
+        weight[c, :, :, :, c, -1] = kernel
+    conv.weight.copy_(weight.view_as(conv.weight))
+    conv.bias.zero_()
+
+
+def build(args: argparse.Namespace, upsampler: str) -> CausalVAE:
+    torch.manual_seed(args.seed)  # the same encoder and decoder weights, but for the upsamplers
+    vae = CausalVAE(
+        latent_channels=8, channels=args.channels, multipliers=(1, 2, 2, 4), num_res_blocks=1,
+        temporal_downsample=(True, True, False), num_groups=8, variational=False,
+    )  # fmt: skip
+    ups = vae.decoder.upsamples
+    for i, up in enumerate(ups):
+        if upsampler == "bilinear":
+            init_as_bilinear(up)
+        elif upsampler == "resize":
+            ups[i] = ResizeConvUpsample(up.conv.conv.in_channels, up.factor_t == 2)
+        elif upsampler != "nearest":
+            raise SystemExit(f"unknown upsampler {upsampler!r}: nearest, bilinear or resize")
+    return vae.to(args.device)
+
+
+def loss_fn(name: str, device: str):
+    """Loss "l1", or "l1+lpips" / "l1+lpips-shiftN": walt's TokenizerLoss with L1 plus 0.1 x LPIPS on 4 frames
+    per clip, as configs/tokenizer/real_footage.yaml, and its perceptual_shift N (default 0)."""
+    if name == "l1":
+        return TokenizerLoss(perceptual=None).pixel_loss
+    from walt.metrics import LPIPS
+
+    base, _, shift = name.partition("-shift")
+    if base != "l1+lpips":
+        raise SystemExit(f"unknown loss {name!r}: l1, l1+lpips or l1+lpips-shiftN")
+    loss = TokenizerLoss(
+        LPIPS(), perceptual_weight=0.1, perceptual_frames=4, perceptual_shift=int(shift or 0)
+    )
+    loss = loss.to(device)
+    return lambda x_rec, x: (
+        loss.pixel_loss(x_rec, x) + loss.perceptual_weight * loss.perceptual_loss(x, x_rec)
+    )
+
+
+@torch.no_grad()
+def evaluate(vae: CausalVAE, held: torch.Tensor, device: str) -> dict[str, float]:
+    vae.eval()
+    rec = torch.cat([vae.decode(vae.encode(c.to(device))).clamp(-1, 1).cpu() for c in held.split(8)])
+    vae.train()
+    # Period 8 is the latent cell; 2 and 4 tell a sub-pixel checkerboard of the upsamplers from it (a cell edge
+    # is also a 4- and 2-pixel boundary, so only a ratio at 8 well above those at 2 and 4 points at the cells).
+    ratios = {f"grid_ratio_{p}": grid_ratio(rec, period=p).mean().item() for p in (2, 4)}
+    return {"grid_ratio": grid_ratio(rec).mean().item(), **ratios, "psnr": psnr(rec, held).mean().item()}
+
+
+def run(args: argparse.Namespace, upsampler: str, loss_name: str, held: torch.Tensor) -> dict:
+    vae = build(args, upsampler)
+    opt = torch.optim.Adam(vae.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    loss = loss_fn(loss_name, args.device)
+    data = RealFootage("train", args.frames, args.size, num_samples=args.steps * args.batch_size, seed=0)
+    loader = DataLoader(data, batch_size=args.batch_size, num_workers=args.workers)
+    curve = [{"step": 0, **evaluate(vae, held, args.device)}]
+    tic = time.perf_counter()
+    for step, batch in enumerate(itertools.islice(loader, args.steps), start=1):
+        x = batch["video"].to(args.device)  # (B, 3, T, H, W)
+        value = loss(vae.decode(vae.encode(x)), x)  # (reconstruction, clip)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % args.eval_every == 0:
+            curve.append({"step": step, "loss": value.item(), **evaluate(vae, held, args.device)})
+            print(f"{upsampler:8s} {loss_name:8s} {curve[-1]}", flush=True)
+    return {"upsampler": upsampler, "loss": loss_name, "seconds": time.perf_counter() - tic, "curve": curve}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="JSON of every curve")
+    p.add_argument("--upsamplers", default="nearest,bilinear")
+    p.add_argument("--losses", default="l1,l1+lpips")
+    p.add_argument("--channels", type=int, default=16)
+    p.add_argument("--frames", type=int, default=9)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--held-out", type=int, default=24, help="test-split shots to measure on")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    test = RealFootage("test", args.frames, args.size, num_samples=args.held_out)
+    held = torch.stack([test[i]["video"] for i in range(len(test))])  # (N, 3, T, H, W)
+    runs = [
+        run(args, init, loss, held) for loss in args.losses.split(",") for init in args.upsamplers.split(",")
+    ]
+    original = grid_ratio(held).mean().item()
+    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                    "grid_ratio_original": original, "runs": runs}, indent=1))  # fmt: skip
+    print(f"held-out clips themselves: grid ratio {original:.3f}")
+    for r in runs:
+        cells = " ".join(f"{c['step']}:{c['grid_ratio']:.3f}/{c['psnr']:.1f}" for c in r["curve"])
+        print(f"{r['upsampler']:8s} {r['loss']:8s} {r['seconds']:.0f} s  step:grid/PSNR {cells}")
+
+
+if __name__ == "__main__":
+    main()

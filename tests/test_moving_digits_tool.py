@@ -72,7 +72,8 @@ def personalize(study):
 
 
 def personalize_args(out: Path, **kwargs) -> Namespace:
-    defaults = dict(out=out, smoke=True, personalize_steps=4, lora_rank=4, lora_lr=1e-3, full_lr=1e-4)
+    defaults = dict(out=out, smoke=True, personalize_steps=4, lora_rank=4, lora_lr=1e-3, full_lr=1e-4,
+                    fine_tune_only=False)  # fmt: skip
     return Namespace(**{**defaults, **kwargs})
 
 
@@ -104,6 +105,16 @@ def test_personalize_configs_lay_the_fine_tuning_over_the_base_config(
     with pytest.raises(SystemExit) as done:  # the real parser takes it
         WaltCLI(args=["--config", str(path), "--print_config"], run=False)
     assert done.value.code in (0, None), capsys.readouterr().err
+
+
+def test_fine_tune_only_runs_validate_nothing(study, personalize, tmp_path):
+    """--fine-tune-only measures the two runs' cost: no validation loss, no validation videos."""
+    configs = study.write_configs(tmp_path, smoke=True, accelerator="cpu")
+    for method in ("lora", "full"):
+        args = personalize_args(tmp_path, fine_tune_only=True)
+        config = yaml.safe_load(personalize.write_config(args, configs, tmp_path / "m", method).read_text())
+        assert config["trainer"]["limit_val_batches"] == 0
+        assert config["model"]["init_args"]["num_log_samples"] == 0
 
 
 @pytest.mark.slow

@@ -911,6 +911,12 @@ def main() -> None:
     p.add_argument(
         "--personalize-steps", type=int, help="personalize: steps of each run (default 300; 6 with --smoke)"
     )
+    p.add_argument(
+        "--fine-tune-only",
+        action="store_true",
+        help="personalize: the two fine-tunings and their cost (parameters, adapter size, step time, memory) "
+        "alone, without validation, samples or the classifier",
+    )
     p.add_argument("--lora-rank", type=int, default=8, help="personalize: the adapter's rank")
     p.add_argument("--lora-lr", type=float, default=1e-3, help="personalize: the adapter's learning rate")
     p.add_argument(

@@ -2,6 +2,8 @@
 
   python tools/moving_digits.py personalize --out runs/md        # after the base stage; one H200: ~6 minutes
   python tools/moving_digits.py personalize --out /tmp/md --smoke --base-model <model>   # CPU, tiny: the path
+  python tools/moving_digits.py personalize --out /tmp/md --base-model <model> --fine-tune-only \
+      --personalize-steps 12 --device cpu          # the two fine-tunings' cost alone, on any machine
 
 1. The trained MovingDigits base model is fine-tuned on 8 clips of a subject it never saw: scikit-image's horse
    silhouette bouncing beside a handwritten digit (walt.data.MovingSubject), as a new class ("horse", label 10).
@@ -97,6 +99,9 @@ def write_config(args: argparse.Namespace, configs: dict[str, Path], base_model:
     if args.smoke:
         model.update(num_log_samples=2, warmup_steps=1)
         data["val"]["init_args"]["num_samples"] = 8
+    if args.fine_tune_only:  # the cost alone: no validation loss or videos
+        cfg["trainer"]["limit_val_batches"] = 0
+        model["num_log_samples"] = 0
     path = args.out / "configs" / f"personalize_{method}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -178,6 +183,11 @@ def personalize(args: argparse.Namespace, configs: dict[str, Path], helpers) -> 
         runs[method] = fine_tune(args, write_config(args, configs, base_model, method), root, h.walt)
         h.log(f"{method} fine-tuning: {runs[method]}")
 
+    if args.fine_tune_only:
+        result = {"subject": SUBJECT, "training_clips": 8, "steps": args.personalize_steps,
+                  "base_model": str(base_model), "runs": runs}  # fmt: skip
+        (args.out / "personalize.md").write_text(cost_table(result))
+        return result
     ref = h.Reference(args, configs)
     resolution = ref.videos.shape[-1]
     grown = copy.copy(ref)  # the same test clips, named with the new class too: the fine-tuned models have 11
@@ -284,23 +294,48 @@ def memory(run: dict) -> str:
     return f"{gib(peak)} process, +{gib(peak - before)} in training (CPU)"
 
 
+def ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{1000 * seconds:.1f} ms"
+
+
+def cost_rows(runs: dict) -> list[tuple[str, str, str]]:
+    """(what, LoRA, full fine-tuning): what each run trained, shares, took and held."""
+    r = runs
+    mb = lambda b: f"{b / 1e6:.1f} MB"
+    backbone_bytes = 4 * r["full"]["backbone_parameters"]
+    return [
+        ("trainable parameters", f"{r['lora']['trainable_parameters']:,}", f"{r['full']['trainable_parameters']:,}"),
+        ("what is shared", f"adapter {mb(r['lora']['adapter_bytes'])}", f"model {mb(backbone_bytes)} (float32)"),
+        ("training step (median)", ms(r["lora"]["seconds_per_step"]), ms(r["full"]["seconds_per_step"])),
+        ("training time (steps)", *(f"{r[k]['train_seconds']:.1f} s ({r[k]['steps']})" for k in ("lora", "full"))),
+        ("peak memory in training", memory(r["lora"]), memory(r["full"])),
+    ]  # fmt: skip
+
+
+def cost_table(result: dict) -> str:
+    """The markdown table of a --fine-tune-only run: the two fine-tunings' costs."""
+    lines = [
+        f"Fine-tuning cost: a new class ({result['subject']}) from {result['training_clips']} clips, "
+        f"{result['steps']} steps on {result['runs']['lora']['device']}; no samples were measured.",
+        "",
+        "| | LoRA | full fine-tuning |",
+        "|---|---|---|",
+        *("| " + " | ".join(row) + " |" for row in cost_rows(result["runs"])),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
     """The markdown table of personalize.json."""
     m, r = result["models"], result["runs"]
     pct = lambda x: f"{100 * x:.1f} %"
-    mb = lambda b: f"{b / 1e6:.1f} MB"
-    ms = lambda s: "n/a" if s is None else f"{1000 * s:.1f} ms"
-    backbone_bytes = 4 * m["full"]["backbone_parameters"]
     rows = [
         ("new subject recognized (top 2)", *(pct(m[k]["subject_recognized"]) for k in ("base", "lora", "full"))),
         ("FVD, classes 0-9 vs the test split", *(f"{m[k]['fvd2048_16f']:.1f}" for k in ("base", "lora", "full"))),
         ("digit accuracy, classes 0-9 (top 2)", *(pct(m[k]["digit_accuracy_top2"]) for k in ("base", "lora", "full"))),
         ("subject in class 0-9 samples", *(pct(m[k]["subject_in_base_class_samples"]) for k in ("base", "lora", "full"))),
-        ("trainable parameters", "", f"{r['lora']['trainable_parameters']:,}", f"{r['full']['trainable_parameters']:,}"),
-        ("what is shared", "", f"adapter {mb(r['lora']['adapter_bytes'])}", f"model {mb(backbone_bytes)} (float32)"),
-        ("training step (median)", "", ms(r["lora"]["seconds_per_step"]), ms(r["full"]["seconds_per_step"])),
-        ("training time (steps)", "", *(f"{r[k]['train_seconds']:.1f} s ({r[k]['steps']})" for k in ("lora", "full"))),
-        ("peak memory in training", "", memory(r["lora"]), memory(r["full"])),
+        *(("", *row) for row in cost_rows(r)),
         ("sampling, per video (the FVD samples)", *(ms(m[k]["seconds_per_video"]) for k in ("base", "lora", "full"))),
         ("new-class samples, per video", ms(m["base"]["subject_seconds_per_video"]),
          f"{ms(m['lora']['subject_seconds_per_video'])}, merged {ms(m['lora']['merged_subject_seconds_per_video'])}",

@@ -8,7 +8,7 @@ elsewhere; 1.06 for the footage itself) and PSNR of the held-out test clips ever
                  upsampling: ICNR); bilinear: the same layers started as bilinear upsampling; resize: no
                  depth-to-space but nearest-neighbour upsampling followed by a convolution
   loss           l1, l1+lpips (L1 plus 0.1 x LPIPS on 4 frames per clip, configs/tokenizer/real_footage.yaml),
-                 or l1+lpips-shiftN (LPIPS on windows N pixels smaller at random offsets: perceptual_shift=N)
+                 or l1+lpips-shiftN (LPIPS on windows N pixels smaller, at a random offset per image)
 
 Every variant sees the same crops in the same order from the same initial encoder.
 
@@ -34,7 +34,7 @@ from walt.metrics import grid_ratio, psnr
 from walt.nn import CausalCache, CausalConv3d
 from walt.tokenizer import CausalVAE
 from walt.tokenizer.layers import DepthToSpaceUpsample
-from walt.tokenizer.losses import TokenizerLoss
+from walt.tokenizer.losses import TokenizerLoss, frames_as_images
 
 
 class ResizeConvUpsample(nn.Module):
@@ -87,9 +87,26 @@ def build(args: argparse.Namespace, upsampler: str) -> CausalVAE:
     return vae.to(args.device)
 
 
+class ShiftedPerceptual(TokenizerLoss):
+    """An experiment: LPIPS on windows ``shift`` pixels smaller than the frames, at a random offset per image, so
+    VGG's pooling grid (2, 4, 8, 16 pixels) does not line up with the latent cells in every step."""
+
+    def __init__(self, shift: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.shift = shift
+
+    def perceptual_loss(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
+        idx = torch.randperm(x.shape[2], device=x.device)[: self.perceptual_frames]
+        real, fake = (frames_as_images(v[:, :, idx]) for v in (x, x_rec))  # (B*F, 3, H, W) each
+        h, w = real.shape[-2] - self.shift, real.shape[-1] - self.shift
+        offsets = torch.randint(0, self.shift + 1, (len(real), 2)).tolist()
+        crop = lambda v: torch.stack([img[:, i : i + h, j : j + w] for img, (i, j) in zip(v, offsets)])
+        return self.perceptual(crop(fake), crop(real)).mean()  # on (B*F, 3, h, w)
+
+
 def loss_fn(name: str, device: str):
-    """Loss "l1", or "l1+lpips" / "l1+lpips-shiftN": walt's TokenizerLoss with L1 plus 0.1 x LPIPS on 4 frames
-    per clip, as configs/tokenizer/real_footage.yaml, and its perceptual_shift N (default 0)."""
+    """Loss "l1", or "l1+lpips": walt's TokenizerLoss with L1 plus 0.1 x LPIPS on 4 frames per clip, as
+    configs/tokenizer/real_footage.yaml; "l1+lpips-shiftN": the same with LPIPS on shifted windows."""
     if name == "l1":
         return TokenizerLoss(perceptual=None).pixel_loss
     from walt.metrics import LPIPS
@@ -97,10 +114,8 @@ def loss_fn(name: str, device: str):
     base, _, shift = name.partition("-shift")
     if base != "l1+lpips":
         raise SystemExit(f"unknown loss {name!r}: l1, l1+lpips or l1+lpips-shiftN")
-    loss = TokenizerLoss(
-        LPIPS(), perceptual_weight=0.1, perceptual_frames=4, perceptual_shift=int(shift or 0)
-    )
-    loss = loss.to(device)
+    kwargs = dict(perceptual=LPIPS(), perceptual_weight=0.1, perceptual_frames=4)
+    loss = (ShiftedPerceptual(int(shift), **kwargs) if shift else TokenizerLoss(**kwargs)).to(device)
     return lambda x_rec, x: (
         loss.pixel_loss(x_rec, x) + loss.perceptual_weight * loss.perceptual_loss(x, x_rec)
     )

@@ -89,19 +89,6 @@ def frames_as_images(x: Tensor) -> Tensor:
 # ---- the combined objective ----------------------------------------------------------------------------
 
 
-def random_windows(a: Tensor, b: Tensor, shrink: int) -> tuple[Tensor, Tensor]:
-    """The same window of each image pair of ``a`` and ``b`` (N, C, H, W), ``shrink`` pixels smaller in height
-    and width, at an offset drawn per pair from torch's global generator (as the perceptual frames are)."""
-    n, _, h, w = a.shape
-    if shrink >= min(h, w):
-        raise ValueError(f"perceptual_shift ({shrink} pixels) must be smaller than the frames ({h}x{w})")
-    offsets = torch.randint(0, shrink + 1, (n, 2)).tolist()
-    window = lambda img, i, j: img[:, i : i + h - shrink, j : j + w - shrink]  # (C, H - s, W - s)
-    a = torch.stack([window(img, i, j) for img, (i, j) in zip(a, offsets)])  # (N, C, H - s, W - s)
-    b = torch.stack([window(img, i, j) for img, (i, j) in zip(b, offsets)])  # (N, C, H - s, W - s)
-    return a, b
-
-
 class TokenizerLoss(nn.Module):
     """Autoencoder and discriminator objectives of the tokenizer.
 
@@ -111,11 +98,6 @@ class TokenizerLoss(nn.Module):
         reconstruction: pixel loss, "l1" or "l2".
         perceptual_weight, kl_weight, gan_weight, gradient_penalty_weight, lecam_weight: term weights.
         perceptual_frames: frames per clip (picked at random) fed to the perceptual loss; None = all.
-        perceptual_shift: each image reaches the perceptual network as a window this many pixels smaller in
-            height and width, at a random offset per image (0: whole images). The network pools on a fixed grid
-            (VGG's at 2, 4, 8 and 16 pixels) that lines up with the latent cells; fed whole images, its
-            gradients teach the decoder to draw the cells' edges early in training (benchmarks/RESULTS.md, "the
-            early grid"). 16 covers every phase of VGG's grids.
         gan_loss: "hinge" or "non_saturating".
         gan_start_step: training step at which the adversarial terms switch on (autoencoder warm-up).
         adaptive_weight: multiply `gan_weight` by the gradient-norm ratio at the decoder's last layer.
@@ -128,7 +110,6 @@ class TokenizerLoss(nn.Module):
         reconstruction: Literal["l1", "l2"] = "l1",
         perceptual_weight: float = 1.0,
         perceptual_frames: int | None = None,
-        perceptual_shift: int = 0,
         kl_weight: float = 1e-6,
         gan_loss: Literal["hinge", "non_saturating"] = "hinge",
         gan_weight: float = 0.1,
@@ -151,11 +132,6 @@ class TokenizerLoss(nn.Module):
         self.g_loss = hinge_g_loss if gan_loss == "hinge" else non_saturating_g_loss
         self.perceptual_weight = perceptual_weight
         self.perceptual_frames = perceptual_frames
-        if not isinstance(perceptual_shift, int) or perceptual_shift < 0:
-            raise ValueError(
-                f"perceptual_shift must be a whole number of pixels >= 0, got {perceptual_shift!r}"
-            )
-        self.perceptual_shift = perceptual_shift
         self.kl_weight = kl_weight
         self.gan_weight = gan_weight
         self.gan_start_step = gan_start_step
@@ -177,10 +153,7 @@ class TokenizerLoss(nn.Module):
         if self.perceptual_frames is not None and self.perceptual_frames < x.shape[2]:
             idx = torch.randperm(x.shape[2], device=x.device)[: self.perceptual_frames]
             x, x_rec = x[:, :, idx], x_rec[:, :, idx]  # (B, 3, F, H, W)
-        fake, real = frames_as_images(x_rec), frames_as_images(x)  # (B*F, 3, H, W) each
-        if self.perceptual_shift > 0:
-            fake, real = random_windows(fake, real, self.perceptual_shift)  # (B*F, 3, H - s, W - s) each
-        return self.perceptual(fake, real).mean()
+        return self.perceptual(frames_as_images(x_rec), frames_as_images(x)).mean()
 
     def generator_loss(
         self,

@@ -237,16 +237,7 @@ def stage_tokenizer(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     result = out / "tokenizer_metrics.json"
     if already_done(args, result, "tokenizer"):
         return
-    tic = time.perf_counter()
-    walt(
-        "fit",
-        "--config",
-        str(configs["tokenizer"]),
-        "--trainer.enable_progress_bar",
-        "false",
-        *budget(args.tokenizer_seconds),
-    )
-    train_s = time.perf_counter() - tic
+    train_s = train_tokenizer(args, configs)
     walt(
         "encode", "--config", str(configs["tokenizer"]), "--data", str(configs["latents"]),
         "--checkpoint", str(newest_checkpoint(out / "tokenizer")), "--output", str(out / "tokenizer_export"),
@@ -265,6 +256,28 @@ def stage_tokenizer(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     save_json(out / "tokenizer_curves.json", scalars(out / "tokenizer"))
     save_json(result, metrics)
     log("tokenizer: " + json.dumps(metrics))
+
+
+def train_tokenizer(args: argparse.Namespace, configs: dict[str, Path]) -> float:
+    """The tokenizer's `walt fit`, or, when a finished one is on record (``tokenizer_train.json``) and --force is
+    not given, nothing: a stage that failed while measuring (a missing weights file, a killed process) then
+    measures again without training again. Returns the training's seconds."""
+    record = args.out / "tokenizer_train.json"
+    if record.exists() and not args.force:
+        log(f"tokenizer training done ({record}); measuring its checkpoint")
+        return json.loads(record.read_text())["train_seconds"]
+    tic = time.perf_counter()
+    walt(
+        "fit",
+        "--config",
+        str(configs["tokenizer"]),
+        "--trainer.enable_progress_bar",
+        "false",
+        *budget(args.tokenizer_seconds),
+    )
+    train_s = time.perf_counter() - tic
+    save_json(record, {"command": " ".join(sys.argv), "train_seconds": train_s})
+    return train_s
 
 
 def pixel_metrics(real: torch.Tensor, rec: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:

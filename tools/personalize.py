@@ -46,6 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OVERLAY = ROOT / "configs" / "lora" / "moving_digits_personalize.yaml"
 SUBJECT = "horse"
 SUBJECT_LABEL = 10  # the class after the ten digits
+# Below this share of the tokenizer's reconstructions of real subject clips recognized, a sample's score says more
+# about the classifier than about the model: the study says so instead of reporting it as a result.
+RECOGNIZABLE = 0.5
 
 
 # ---- the two fine-tuning runs -------------------------------------------------------------------------------
@@ -156,9 +159,12 @@ def object_classifier(args: argparse.Namespace, resolution: int):
     from walt.metrics.digits import train_digit_classifier
 
     data = Objects(args.classifier_clips, resolution)
+    # Degraded frames: the silhouette is drawn crisper than the digits, and a classifier of clean frames learns
+    # that crispness, which no decoded frame has (it read 0 % of the subject in the tokenizer's reconstructions).
     return train_digit_classifier(
-        data, steps=args.classifier_steps, device=args.device, num_classes=SUBJECT_LABEL + 1, progress=False
-    )
+        data, steps=args.classifier_steps, device=args.device, num_classes=SUBJECT_LABEL + 1, progress=False,
+        augment=True,
+    )  # fmt: skip
 
 
 def shows_subject(classifier, videos: torch.Tensor) -> float:
@@ -234,6 +240,8 @@ def personalize(args: argparse.Namespace, configs: dict[str, Path], helpers) -> 
         if name == "base":  # what the decoder, trained on digits only, lets through of the subject
             reconstructions = h.reconstruct(pipe.tokenizer, held_out, args.device)
             ceiling["reconstructed_subject_clips_recognized"] = shows_subject(classifier, reconstructions)
+            if ceiling["reconstructed_subject_clips_recognized"] < RECOGNIZABLE:
+                h.log(f"warning: {unrecognizable(ceiling)}")
         row["backbone_parameters"] = sum(p.numel() for p in pipe.backbone.parameters())
         rows[name] = row
         h.log(f"{name}: {row}")
@@ -244,6 +252,7 @@ def personalize(args: argparse.Namespace, configs: dict[str, Path], helpers) -> 
         "steps": args.personalize_steps,
         "base_model": str(base_model),
         "classifier_on_real_clips": ceiling,
+        "recognition_valid": ceiling["reconstructed_subject_clips_recognized"] >= RECOGNIZABLE,
         "models": rows,
         "runs": runs,
         "num_samples": len(ref.labels),
@@ -254,6 +263,15 @@ def personalize(args: argparse.Namespace, configs: dict[str, Path], helpers) -> 
     }
     (args.out / "personalize.md").write_text(table(result))
     return result
+
+
+def unrecognizable(ceiling: dict) -> str:
+    return (
+        f"the object classifier recognizes {100 * ceiling['real_subject_clips_recognized']:.1f} % of real subject "
+        f"clips but {100 * ceiling['reconstructed_subject_clips_recognized']:.1f} % of their tokenizer "
+        "reconstructions, so the 'new subject recognized' figures measure the classifier, not the models; "
+        "judge personalize.png by eye"
+    )
 
 
 def merged_sampling(pipe, h, args: argparse.Namespace, label: int, unmerged: torch.Tensor) -> dict:
@@ -270,6 +288,7 @@ def merged_sampling(pipe, h, args: argparse.Namespace, label: int, unmerged: tor
     return {
         "merged_subject_seconds_per_video": seconds,
         "merged_vs_unmerged_max_abs_pixel": (merged - unmerged).abs().max().item(),
+        "merged_vs_unmerged_mean_abs_pixel": (merged - unmerged).abs().mean().item(),
     }
 
 
@@ -356,7 +375,14 @@ def table(result: dict) -> str:
         f"ceiling for samples), {pct(c['real_test_clips_with_subject'])} of test clips (digits only) taken for "
         f"the subject, digit accuracy {pct(c['real_test_digit_accuracy_top2'])}. The base model has no class "
         "for the subject: its column shows its null-label samples. Merged and unmerged adapter samples differ by "
-        f"at most {m['lora']['merged_vs_unmerged_max_abs_pixel']:.2g} (pixels in [-1, 1]).",
+        f"at most {m['lora']['merged_vs_unmerged_max_abs_pixel']:.2g} (pixels in [-1, 1]"
+        + (
+            f"; {m['lora']['merged_vs_unmerged_mean_abs_pixel']:.2g} on average)."
+            if "merged_vs_unmerged_mean_abs_pixel" in m["lora"]
+            else ")."
+        ),
         "",
     ]
+    if not result.get("recognition_valid", True):
+        lines += [f"**The recognition row is not a result:** {unrecognizable(c)}.", ""]
     return "\n".join(lines)

@@ -5,6 +5,11 @@ digit it was asked for. This classifier is trained on real frames only (never on
 digit's presence in a frame (10 independent sigmoids, since a frame shows up to two digits, possibly
 overlapping). A clip's score for a digit is the mean over its frames, and the clip shows the ``k`` digits with the
 highest scores (``k`` = digits per clip).
+
+With ``augment=True`` the training frames are degraded at random (blur, dimming, noise) so that the classifier
+reads shapes rather than the crispness of the rendering: an object drawn crisper than the digits (MovingSubject's
+silhouette) is otherwise recognized in real frames and missed in every decoded one, since a tokenizer's output is
+always softer than its input.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from tqdm.auto import tqdm
 
 from walt.data.synthetic import MovingDigits
 
-__all__ = ["DigitClassifier", "clip_digit_scores", "digit_accuracy", "train_digit_classifier"]
+__all__ = ["DigitClassifier", "clip_digit_scores", "degrade", "digit_accuracy", "train_digit_classifier"]
 
 
 class DigitClassifier(nn.Module):
@@ -62,6 +67,36 @@ def _frames_and_targets(
     return torch.cat(frames), torch.cat(targets)
 
 
+def degrade(
+    frames: Tensor,
+    generator: torch.Generator,
+    max_sigma: float = 2.0,
+    min_gain: float = 0.6,
+    max_noise: float = 0.05,
+) -> Tensor:
+    """Frames ``(N, 1, H, W)`` in [-1, 1], each blurred by a Gaussian of a random width in [0, ``max_sigma``] pixels,
+    its brightness above black scaled by a random gain in [``min_gain``, 1], and Gaussian noise of a random
+    strength in [0, ``max_noise``] added; what decoding does to a frame, roughly, drawn at random per frame."""
+    n = frames.shape[0]
+    draw = lambda low, high: low + (high - low) * torch.rand(n, generator=generator)
+    sigma, gain, noise = draw(0.0, max_sigma), draw(min_gain, 1.0), draw(0.0, max_noise)
+    radius = max(1, int(3 * max_sigma + 0.5))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)  # (K,)
+    kernel = torch.exp(-0.5 * (offsets / sigma.clamp_min(1e-3).view(n, 1)) ** 2)  # (n, K); sigma 0: a delta
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(frames)  # (n, K)
+    x = frames.transpose(0, 1)  # (1, n, H, W): one group per frame, each with its own kernel
+    x = F.conv2d(
+        F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(n, 1, 1, -1), groups=n
+    )  # rows
+    x = F.conv2d(
+        F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(n, 1, -1, 1), groups=n
+    )  # cols
+    x = x.transpose(0, 1)  # (n, 1, H, W)
+    x = (x + 1) * gain.to(x).view(n, 1, 1, 1) - 1  # (n, 1, H, W): black stays black
+    x = x + noise.to(x).view(n, 1, 1, 1) * torch.randn(x.shape, generator=generator).to(x)  # (n, 1, H, W)
+    return x.clamp(-1, 1)
+
+
 def train_digit_classifier(
     dataset: MovingDigits,
     steps: int = 2000,
@@ -72,9 +107,11 @@ def train_digit_classifier(
     seed: int = 0,
     progress: bool = True,
     num_classes: int = 10,
+    augment: bool = False,
 ) -> DigitClassifier:
     """Trains a :class:`DigitClassifier` on the frames of every clip of ``dataset`` (a real, training split;
-    anything with ``digits_of(i)``, the classes clip ``i`` shows)."""
+    anything with ``digits_of(i)``, the classes clip ``i`` shows); with ``augment``, on frames :func:`degrade`
+    draws from them."""
     torch.manual_seed(seed)
     frames, targets = _frames_and_targets(dataset, list(range(len(dataset))), num_classes)
     frames, targets = frames.to(device), targets.to(device)
@@ -85,7 +122,8 @@ def train_digit_classifier(
     model.train()
     for _ in tqdm(range(steps), desc="digit classifier", disable=not progress):
         idx = torch.randint(len(frames), (batch_size,), generator=gen).to(device)
-        loss = F.binary_cross_entropy_with_logits(model(frames[idx]), targets[idx])
+        batch = degrade(frames[idx], gen) if augment else frames[idx]  # (B, 1, H, W)
+        loss = F.binary_cross_entropy_with_logits(model(batch), targets[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

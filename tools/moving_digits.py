@@ -266,18 +266,17 @@ def train_tokenizer(args: argparse.Namespace, configs: dict[str, Path]) -> float
     if record.exists() and not args.force:
         log(f"tokenizer training done ({record}); measuring its checkpoint")
         return json.loads(record.read_text())["train_seconds"]
-    tic = time.perf_counter()
-    walt(
-        "fit",
-        "--config",
-        str(configs["tokenizer"]),
-        "--trainer.enable_progress_bar",
-        "false",
-        *budget(args.tokenizer_seconds),
-    )
-    train_s = time.perf_counter() - tic
+    train_s = timed_fit(configs["tokenizer"], args.tokenizer_seconds)
     save_json(record, {"command": " ".join(sys.argv), "train_seconds": train_s})
     return train_s
+
+
+def timed_fit(config: Path, seconds: float | None) -> float:
+    """`walt fit --config config`, bounded to ``seconds`` of training (None: the config's own limit); its wall
+    time."""
+    tic = time.perf_counter()
+    walt("fit", "--config", str(config), "--trainer.enable_progress_bar", "false", *budget(seconds))
+    return time.perf_counter() - tic
 
 
 def pixel_metrics(real: torch.Tensor, rec: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
@@ -348,16 +347,7 @@ def stage_base(args: argparse.Namespace, configs: dict[str, Path]) -> None:
         "--device", args.device, "--batch-size", "128", "--num-workers", str(args.workers), "--dtype", "float16",
     )  # fmt: skip
     encode_s = time.perf_counter() - tic
-    tic = time.perf_counter()
-    walt(
-        "fit",
-        "--config",
-        str(configs["base"]),
-        "--trainer.enable_progress_bar",
-        "false",
-        *budget(args.base_seconds),
-    )
-    train_s = time.perf_counter() - tic
+    train_s = timed_fit(configs["base"], args.base_seconds)
     save_json(out / "base_curves.json", scalars(out / "base"))
     save_json(result, {"command": " ".join(sys.argv), "encode_seconds": encode_s, "train_seconds": train_s})
 

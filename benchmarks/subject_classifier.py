@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from walt.metrics.digits import clip_digit_scores, digit_accuracy, train_digit_classifier
+from walt.metrics.digits import clip_digit_scores, digit_accuracy, gaussian_blur, train_digit_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -47,17 +47,11 @@ def picture_clips(path: Path, tile: int = 64, frames: int = 3) -> torch.Tensor:
 
 
 def fixed_blur(videos: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Clips (N, 3, T, H, W) through a Gaussian blur of width exactly ``sigma``."""
-    radius = max(1, int(3 * sigma + 0.5))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()  # (K,)
-    n, c, t, h, w = videos.shape
-    x = videos.permute(0, 2, 1, 3, 4).reshape(n * t * c, 1, h, w)  # (N*T*C, 1, H, W)
-    pad = torch.nn.functional.pad
-    x = torch.nn.functional.conv2d(pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-    x = torch.nn.functional.conv2d(pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
-    return x.reshape(n, t, c, h, w).permute(0, 2, 1, 3, 4)  # (N, C, T, H, W)
+    """Grey clips (N, 3, T, H, W) through a Gaussian blur of width exactly ``sigma``."""
+    n, _, t, h, w = videos.shape
+    frames = videos[:, 0].reshape(n * t, 1, h, w)  # (N*T, 1, H, W)
+    out = gaussian_blur(frames, torch.full((n * t,), sigma), radius=max(1, int(3 * sigma + 0.5)))
+    return out.reshape(n, 1, t, h, w).expand(-1, 3, -1, -1, -1)  # (N, 3, T, H, W)
 
 
 def stack(dataset, count: int) -> tuple[torch.Tensor, torch.Tensor]:

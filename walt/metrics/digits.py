@@ -21,7 +21,14 @@ from tqdm.auto import tqdm
 
 from walt.data.synthetic import MovingDigits
 
-__all__ = ["DigitClassifier", "clip_digit_scores", "degrade", "digit_accuracy", "train_digit_classifier"]
+__all__ = [
+    "DigitClassifier",
+    "clip_digit_scores",
+    "degrade",
+    "digit_accuracy",
+    "gaussian_blur",
+    "train_digit_classifier",
+]
 
 
 class DigitClassifier(nn.Module):
@@ -67,6 +74,21 @@ def _frames_and_targets(
     return torch.cat(frames), torch.cat(targets)
 
 
+def gaussian_blur(frames: Tensor, sigma: Tensor, radius: int) -> Tensor:
+    """Frames ``(N, 1, H, W)``, frame i blurred by a Gaussian of width ``sigma[i]`` pixels (0: unchanged), cut at
+    ``radius``; edges replicated."""
+    n = frames.shape[0]
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)  # (K,)
+    kernel = torch.exp(-0.5 * (offsets / sigma.float().clamp_min(1e-3).view(n, 1)) ** 2)  # (n, K)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(frames)  # (n, K)
+    x = frames.transpose(0, 1)  # (1, n, H, W): one group per frame, each with its own kernel
+    rows = F.pad(x, (radius, radius, 0, 0), mode="replicate")  # (1, n, H, W + 2r)
+    x = F.conv2d(rows, kernel.view(n, 1, 1, -1), groups=n)  # (1, n, H, W)
+    cols = F.pad(x, (0, 0, radius, radius), mode="replicate")  # (1, n, H + 2r, W)
+    x = F.conv2d(cols, kernel.view(n, 1, -1, 1), groups=n)  # (1, n, H, W)
+    return x.transpose(0, 1)  # (n, 1, H, W)
+
+
 def degrade(
     frames: Tensor,
     generator: torch.Generator,
@@ -80,18 +102,7 @@ def degrade(
     n = frames.shape[0]
     draw = lambda low, high: low + (high - low) * torch.rand(n, generator=generator)
     sigma, gain, noise = draw(0.0, max_sigma), draw(min_gain, 1.0), draw(0.0, max_noise)
-    radius = max(1, int(3 * max_sigma + 0.5))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)  # (K,)
-    kernel = torch.exp(-0.5 * (offsets / sigma.clamp_min(1e-3).view(n, 1)) ** 2)  # (n, K); sigma 0: a delta
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(frames)  # (n, K)
-    x = frames.transpose(0, 1)  # (1, n, H, W): one group per frame, each with its own kernel
-    x = F.conv2d(
-        F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(n, 1, 1, -1), groups=n
-    )  # rows
-    x = F.conv2d(
-        F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(n, 1, -1, 1), groups=n
-    )  # cols
-    x = x.transpose(0, 1)  # (n, 1, H, W)
+    x = gaussian_blur(frames, sigma, radius=max(1, int(3 * max_sigma + 0.5)))  # (n, 1, H, W)
     x = (x + 1) * gain.to(x).view(n, 1, 1, 1) - 1  # (n, 1, H, W): black stays black
     x = x + noise.to(x).view(n, 1, 1, 1) * torch.randn(x.shape, generator=generator).to(x)  # (n, 1, H, W)
     return x.clamp(-1, 1)

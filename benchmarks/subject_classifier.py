@@ -50,7 +50,7 @@ def fixed_blur(videos: torch.Tensor, sigma: float) -> torch.Tensor:
     """Grey clips (N, 3, T, H, W) through a Gaussian blur of width exactly ``sigma``."""
     n, _, t, h, w = videos.shape
     frames = videos[:, 0].reshape(n * t, 1, h, w)  # (N*T, 1, H, W)
-    out = gaussian_blur(frames, torch.full((n * t,), sigma), radius=max(1, int(3 * sigma + 0.5)))
+    out = gaussian_blur(frames, torch.full((n * t,), sigma))  # (N*T, 1, H, W)
     return out.reshape(n, 1, t, h, w).expand(-1, 3, -1, -1, -1)  # (N, 3, T, H, W)
 
 

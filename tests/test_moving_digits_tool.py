@@ -84,10 +84,6 @@ def test_reconstruction_fvd_is_zero_for_a_perfect_tokenizer_and_positive_otherwi
 # ---- the personalize stage (tools/personalize.py) -----------------------------------------------------------
 
 
-def personalize_module():
-    return importlib.import_module("personalize")
-
-
 @pytest.fixture(scope="module")
 def personalize(study):
     return importlib.import_module("personalize")
@@ -140,7 +136,7 @@ def test_fine_tune_only_runs_validate_nothing(study, personalize, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_personalize_stage_runs_end_to_end_on_a_cpu(study, tmp_path):
+def test_the_personalize_stage_runs_end_to_end_on_a_cpu(study, personalize, tmp_path):
     """Both fine-tuning runs, the object classifier, FVD rows and the table, on a tiny random "trained" model
     (about 5 minutes on 2 cores: the two `walt fit` start-ups and I3D on a CPU dominate)."""
     import subprocess
@@ -171,7 +167,7 @@ def test_the_personalize_stage_runs_end_to_end_on_a_cpu(study, tmp_path):
     assert result["models"]["lora"]["merged_vs_unmerged_max_abs_pixel"] < 1e-3
     assert result["models"]["lora"]["merged_vs_unmerged_mean_abs_pixel"] < 1e-4
     ceiling = result["classifier_on_real_clips"]["reconstructed_subject_clips_recognized"]
-    assert result["recognition_valid"] == (ceiling >= personalize_module().RECOGNIZABLE)
+    assert result["recognition_valid"] == (ceiling >= personalize.RECOGNIZABLE)
     table = (tmp_path / "personalize.md").read_text()
     assert "| new subject recognized (top 2) |" in table
     assert (

@@ -74,10 +74,11 @@ def _frames_and_targets(
     return torch.cat(frames), torch.cat(targets)
 
 
-def gaussian_blur(frames: Tensor, sigma: Tensor, radius: int) -> Tensor:
+def gaussian_blur(frames: Tensor, sigma: Tensor, radius: int | None = None) -> Tensor:
     """Frames ``(N, 1, H, W)``, frame i blurred by a Gaussian of width ``sigma[i]`` pixels (0: unchanged), cut at
-    ``radius``; edges replicated."""
+    ``radius`` (default: three of the widest sigma); edges replicated."""
     n = frames.shape[0]
+    radius = max(1, int(3 * float(sigma.max()) + 0.5)) if radius is None else radius
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)  # (K,)
     kernel = torch.exp(-0.5 * (offsets / sigma.float().clamp_min(1e-3).view(n, 1)) ** 2)  # (n, K)
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(frames)  # (n, K)

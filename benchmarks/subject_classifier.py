@@ -74,6 +74,12 @@ def main() -> None:
     p.add_argument("--pictures", type=Path, default=ROOT / "benchmarks" / "moving_digits_gan")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    for name in ("personalize.png", "samples.png"):
+        if not (args.pictures / name).is_file():
+            raise SystemExit(
+                f"--pictures {args.pictures}: no {name} there; give the folder of a personalize run's pictures "
+                "(<out> of tools/moving_digits.py, or benchmarks/moving_digits_gan)"
+            )
 
     subject, _ = stack(MovingSubject(SUBJECT, args.held_out, 17, 64, seed=4), args.held_out)
     test, test_labels = stack(MovingDigits("test", args.held_out, 17, 64, label="first"), args.held_out)

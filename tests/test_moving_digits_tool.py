@@ -185,3 +185,22 @@ def test_the_table_says_when_the_recognition_row_measures_the_classifier(study, 
     flagged = personalize.table(result)
     assert "**The recognition row is not a result:**" in flagged
     assert "100.0 % of real subject clips but 0.0 % of their tokenizer reconstructions" in flagged
+
+
+def test_cooldown_reaches_the_tokenizer_and_base_configs(study, tmp_path):
+    import subprocess
+
+    paths = study.write_configs(tmp_path, smoke=True, accelerator="cpu", cooldown=0.25)
+    callback = {"class_path": "walt.lightning.LearningRateCooldown", "init_args": {"fraction": 0.25}}
+    for name in ("tokenizer", "base"):
+        assert yaml.safe_load(paths[name].read_text())["trainer"]["callbacks"] == [callback]
+    assert (
+        "callbacks"
+        not in yaml.safe_load(study.write_configs(tmp_path / "b", True, "cpu")["base"].read_text())["trainer"]
+    )
+    # walt fit accepts it: the CLI resolves and checks the whole config without training
+    printed = subprocess.run(
+        [sys.executable, "-m", "walt", "fit", "--config", str(paths["tokenizer"]), "--print_config"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "walt.lightning.LearningRateCooldown" in printed and "fraction: 0.25" in printed

@@ -80,10 +80,15 @@ CONFIGS = ROOT / "configs" / "moving_digits"
 
 
 def write_configs(
-    out: Path, smoke: bool, accelerator: str, tokenizer: Path = CONFIGS / "tokenizer.yaml"
+    out: Path,
+    smoke: bool,
+    accelerator: str,
+    tokenizer: Path = CONFIGS / "tokenizer.yaml",
+    cooldown: float | None = None,
 ) -> dict[str, Path]:
     """The four configs (the tokenizer's from ``tokenizer``), pointed at ``out`` (and shrunk to CPU size with
-    ``smoke``)."""
+    ``smoke``). ``cooldown``: the tokenizer's and the base model's learning rates fall to zero over this last part
+    of their budgets (`walt.lightning.LearningRateCooldown`)."""
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
     tok, lat, base, distill = (
@@ -103,6 +108,10 @@ def write_configs(
             cfg["trainer"]["precision"] = "32-true"
     if smoke:
         _shrink(tok, lat, base, distill)
+    if cooldown:
+        callback = {"class_path": "walt.lightning.LearningRateCooldown", "init_args": {"fraction": cooldown}}
+        for cfg in (tok, base):
+            cfg["trainer"]["callbacks"] = [*(cfg["trainer"].get("callbacks") or []), callback]
     # The student is the teacher's architecture plus the guidance input, whatever the base config says.
     teacher = base["model"]["init_args"]
     distill["model"]["init_args"]["backbone"]["init_args"] = {
@@ -943,6 +952,12 @@ def main() -> None:
         default=CONFIGS / "tokenizer.yaml",
         help="the tokenizer stage's recipe (default: configs/moving_digits/tokenizer.yaml)",
     )
+    p.add_argument(
+        "--cooldown",
+        type=float,
+        help="decay the tokenizer's and base model's learning rates linearly to 0 over this last part of their "
+        "budgets, e.g. 0.2 (default: constant rates, as the configs say)",
+    )
     p.add_argument("--tokenizer-seconds", type=float, help="tokenizer training time (default: its config's)")
     p.add_argument("--base-seconds", type=float, help="base model training time (default: its config's)")
     p.add_argument(
@@ -980,7 +995,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage != "report":
         accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
-        configs = write_configs(args.out, args.smoke, accelerator, args.tokenizer_config)
+        configs = write_configs(args.out, args.smoke, accelerator, args.tokenizer_config, args.cooldown)
     if args.stage in ("tokenizer", "all"):
         stage_tokenizer(args, configs)
     if args.stage in ("base", "all"):

@@ -2,6 +2,7 @@
 and distillation rounds, by configuration), :class:`TokenizerModule`, and what they share."""
 
 from walt.lightning.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
+from walt.lightning.cooldown import LearningRateCooldown
 from walt.lightning.diffusion import DiffusionModule
 from walt.lightning.distillation import Teacher
 from walt.lightning.ema import EMA
@@ -18,6 +19,7 @@ __all__ = [
     "DiffusionModule",
     "DistillationModule",
     "FineTune",
+    "LearningRateCooldown",
     "LoRAFineTune",
     "PeriodicCheckpoint",
     "SuperResolutionModule",

@@ -13,7 +13,6 @@ the end on the test split with the EMA weights. Only the rate schedule differs: 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -22,18 +21,11 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))  # the MovingDigits study writes the configs and runs `walt`
+import moving_digits as study  # noqa: E402
 
 
-def study_tool():
-    """tools/moving_digits.py, which writes the configs and runs `walt`."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        return importlib.import_module("moving_digits")
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-
-
-def run_variant(study, args: argparse.Namespace, fraction: float) -> dict:
+def run_variant(args: argparse.Namespace, fraction: float) -> dict:
     out = args.out / f"fraction_{fraction:g}"
     config = study.write_configs(
         out, smoke=not args.gpu, accelerator="gpu" if args.gpu else "cpu", tokenizer=args.tokenizer_config,
@@ -75,10 +67,9 @@ def main() -> None:
     fractions = [float(f) for f in args.fractions.split(",")]
     if any(not 0 <= f <= 1 for f in fractions):
         p.error(f"--fractions must lie in [0, 1], got {args.fractions}")
-    study = study_tool()
     rows = []
     for fraction in fractions:
-        rows.append(run_variant(study, args, fraction))
+        rows.append(run_variant(args, fraction))
         print(json.dumps(rows[-1]), flush=True)
         (args.out / "cooldown.json").write_text(
             json.dumps({"command": " ".join(sys.argv), "runs": rows}, indent=2)

@@ -106,6 +106,25 @@ def test_time_budget_counts_when_it_ends_first(monkeypatch):
     assert cooldown_factor(budget_progress(trainer), 0.2) == pytest.approx(0.5)
 
 
+def test_several_ranks_take_rank_zeros_progress(monkeypatch):
+    """Time read on each rank differs a little; replicas must never step with different rates."""
+    broadcasts = []
+
+    def broadcast(self, obj, src=0):
+        broadcasts.append((obj, src))
+        return 0.9  # rank 0's progress
+
+    monkeypatch.setattr(L.Trainer, "world_size", property(lambda self: 2))
+    monkeypatch.setattr(type(L.Trainer(accelerator="cpu", logger=False).strategy), "broadcast", broadcast)
+    module = Recorder()
+    fit(module, LearningRateCooldown(0.2), DataLoader(torch.randn(8, 2), batch_size=2), max_steps=2)
+    assert module.rates == pytest.approx(
+        [0.5, 0.5]
+    )  # factor (1 - 0.9) / 0.2, whatever this rank's clock says
+    progress = [b for b in broadcasts if isinstance(b[0], float)]  # Lightning broadcasts other things too
+    assert progress == [(0.0, 0), (0.5, 0)]  # this rank's own progress: steps 0 and 1 of 2
+
+
 def test_run_without_an_end_is_refused():
     with pytest.raises(ValueError, match="needs the run's end"):
         fit(Recorder(), LearningRateCooldown(), DataLoader(torch.randn(4, 2), batch_size=2), max_epochs=-1)

@@ -41,7 +41,8 @@ class LearningRateCooldown(Callback):
 
     It multiplies whatever rate the module's own scheduler set (the diffusion module's warmup, say), and
     with no scheduler the rate the optimizer started with. Resumed runs continue the schedule: Lightning's
-    timer and step count are in the checkpoint. Logs ``train/lr_factor``.
+    timer and step count are in the checkpoint. On several GPUs every rank takes rank 0's progress, so that
+    their clocks' small differences never give the replicas different rates. Logs ``train/lr_factor``.
 
     YAML, under ``trainer:``::
 
@@ -83,7 +84,10 @@ class LearningRateCooldown(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
     ) -> None:
-        factor = cooldown_factor(budget_progress(trainer) or 0.0, self.fraction)
+        progress = budget_progress(trainer) or 0.0
+        if trainer.world_size > 1:  # each rank's clock reads a little differently: all take rank 0's rate
+            progress = trainer.strategy.broadcast(progress, src=0)
+        factor = cooldown_factor(progress, self.fraction)
         for i, optimizer in enumerate(trainer.optimizers):
             for j, group in enumerate(optimizer.param_groups):
                 key = (i, j)

@@ -128,6 +128,25 @@ def test_discriminator_loss_combines_terms_and_gan_start():
     assert {"d", "gp", "lecam"} <= set(logs)
 
 
+def test_lazy_gradient_penalty_applies_every_kth_step_at_k_times_the_weight():
+    loss = TokenizerLoss(gradient_penalty_weight=2.0, gradient_penalty_every=4, gan_start_step=10)
+    assert [s for s in range(8, 20) if loss.penalty_due(s)] == [10, 14, 18]
+    assert all(TokenizerLoss(gradient_penalty_weight=2.0).penalty_due(s) for s in range(3))
+    assert not TokenizerLoss(gradient_penalty_every=4).penalty_due(0)  # no penalty weight, no penalty
+    w = torch.randn(3, 1, 4, 4)
+    real = torch.randn(2, 3, 1, 4, 4, requires_grad=True)
+    logits_real = (real * w).flatten(1).sum(1)
+    logits_fake = torch.tensor([-0.3, 0.4])
+    d = hinge_d_loss(logits_real, logits_fake)
+    total, logs = loss.discriminator_loss(real, logits_real, logits_fake, penalty=True)
+    torch.testing.assert_close(total, d + 4 * 2.0 * w.pow(2).sum())  # 4 steps' penalty on one step
+    total, logs = loss.discriminator_loss(real, logits_real.detach(), logits_fake, penalty=False)
+    torch.testing.assert_close(total, d.detach())
+    assert "gp" not in logs
+    with pytest.raises(ValueError, match="gradient_penalty_every"):
+        TokenizerLoss(gradient_penalty_every=0)
+
+
 def test_bad_loss_choice_is_rejected():
     with pytest.raises(ValueError, match="reconstruction"):
         TokenizerLoss(reconstruction="l3")

@@ -88,6 +88,30 @@ def test_ema_warmup_forgets_the_initialization():
     assert EMA(live, decay=0.999).current_decay() == 0.1  # the first update keeps 10% of the initialization
 
 
+class RecordingLoss(TokenizerLoss):
+    """The real loss, noting for each discriminator step whether R1 ran and whether D's input could carry it."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.calls: list[tuple[bool, bool, bool]] = []
+
+    def discriminator_loss(self, real, logits_real, logits_fake, penalty=True):
+        total, logs = super().discriminator_loss(real, logits_real, logits_fake, penalty)
+        self.calls.append((penalty, real.requires_grad, "gp" in logs))
+        return total, logs
+
+
+def test_lazy_gradient_penalty_runs_on_every_kth_discriminator_step(tmp_path):
+    torch.manual_seed(0)
+    loss = RecordingLoss(gan_start_step=1, gradient_penalty_weight=1.0, gradient_penalty_every=2)
+    module = TokenizerModule(
+        CausalVAE(**presets["tiny"]), loss, Discriminator3D(channels=4, multipliers=(2,))
+    )
+    trainer(tmp_path, limit_train_batches=6, limit_val_batches=0).fit(module, loader(12, 2))
+    # batches 1..5 train D; R1 (and a D input that requires grad) on batches 1, 3 and 5 only
+    assert loss.calls == [(True, True, True), (False, False, False)] * 2 + [(True, True, True)]
+
+
 def test_gan_starts_at_its_step_and_checkpoint_holds_ema(tmp_path):
     torch.manual_seed(0)
     disc = Discriminator3D(channels=4, multipliers=(2,))

@@ -111,7 +111,8 @@ class TokenizerModule(WaltModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x = batch["video"]  # (B, 3, T, H, W)
         opts = self._optimizers()
-        gan = self.discriminator is not None and self.loss.gan_active(int(self.train_steps))
+        step = int(self.train_steps)
+        gan = self.discriminator is not None and self.loss.gan_active(step)
 
         mean, logvar = self.vae.encode_moments(x)  # (B, C, 1+k, h, w) each
         z = mean if logvar is None else mean + torch.randn_like(mean) * (0.5 * logvar).exp()
@@ -126,10 +127,11 @@ class TokenizerModule(WaltModule):
 
         if gan:
             self.discriminator.requires_grad_(True)
-            real = x.detach().requires_grad_(self.loss.gradient_penalty_weight > 0)
+            penalty = self.loss.penalty_due(step)
+            real = x.detach().requires_grad_(penalty)
             logits_real = self.discriminator(real)  # (B, 1, T', H', W')
             logits_fake = self.discriminator(x_rec.detach())  # (B, 1, T', H', W')
-            d_loss, d_logs = self.loss.discriminator_loss(real, logits_real, logits_fake)
+            d_loss, d_logs = self.loss.discriminator_loss(real, logits_real, logits_fake, penalty)
             self._step(opts[1], d_loss)
             logs.update(d_logs)
 

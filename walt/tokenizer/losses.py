@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from walt.checks import check_int
+
 # ---- pieces, each a pure function of its inputs ---------------------------------------------------------
 
 
@@ -101,6 +103,8 @@ class TokenizerLoss(nn.Module):
         gan_loss: "hinge" or "non_saturating".
         gan_start_step: training step at which the adversarial terms switch on (autoencoder warm-up).
         adaptive_weight: multiply `gan_weight` by the gradient-norm ratio at the decoder's last layer.
+        gradient_penalty_every: apply R1 on every k-th discriminator step only, weighted k times (StyleGAN2's
+            lazy regularization): the same penalty on average, at 1/k of its double backward's cost.
         lecam_decay: decay of LeCam's moving averages.
     """
 
@@ -116,10 +120,12 @@ class TokenizerLoss(nn.Module):
         gan_start_step: int = 0,
         adaptive_weight: bool = True,
         gradient_penalty_weight: float = 0.0,
+        gradient_penalty_every: int = 1,
         lecam_weight: float = 0.0,
         lecam_decay: float = 0.999,
     ) -> None:
         super().__init__()
+        check_int("gradient_penalty_every", gradient_penalty_every, 1)
         if reconstruction not in ("l1", "l2"):
             raise ValueError(f'reconstruction must be "l1" or "l2", got {reconstruction!r}')
         if gan_loss not in ("hinge", "non_saturating"):
@@ -137,6 +143,7 @@ class TokenizerLoss(nn.Module):
         self.gan_start_step = gan_start_step
         self.adaptive_weight = adaptive_weight
         self.gradient_penalty_weight = gradient_penalty_weight
+        self.gradient_penalty_every = gradient_penalty_every
         self.lecam_weight = lecam_weight
         self.lecam = LeCam(lecam_decay)
 
@@ -148,6 +155,13 @@ class TokenizerLoss(nn.Module):
 
     def gan_active(self, step: int) -> bool:
         return self.gan_weight > 0 and step >= self.gan_start_step
+
+    def penalty_due(self, step: int) -> bool:
+        """Whether the discriminator step of batch ``step`` applies R1: the first adversarial batch and every
+        ``gradient_penalty_every``-th after it."""
+        if self.gradient_penalty_weight <= 0 or not self.gan_active(step):
+            return False
+        return (step - self.gan_start_step) % self.gradient_penalty_every == 0
 
     def perceptual_loss(self, x: Tensor, x_rec: Tensor) -> Tensor:
         if self.perceptual_frames is not None and self.perceptual_frames < x.shape[2]:
@@ -185,14 +199,18 @@ class TokenizerLoss(nn.Module):
         return total, {k: v.detach() for k, v in logs.items()}
 
     def discriminator_loss(
-        self, real: Tensor, logits_real: Tensor, logits_fake: Tensor
+        self, real: Tensor, logits_real: Tensor, logits_fake: Tensor, penalty: bool = True
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Discriminator loss; `real` is D's input for `logits_real` (with requires_grad when GP is on)."""
+        """Discriminator loss; `real` is D's input for `logits_real` (with requires_grad when R1 applies).
+
+        ``penalty``: apply R1 on this step (`penalty_due`); it then weighs ``gradient_penalty_every`` times, so
+        that lazy regularization keeps the penalty's average strength."""
         logs = {"d": self.d_loss(logits_real, logits_fake)}
         total = logs["d"]
-        if self.gradient_penalty_weight > 0:
+        if penalty and self.gradient_penalty_weight > 0:
             logs["gp"] = gradient_penalty(real, logits_real)
-            total = total + self.gradient_penalty_weight * logs["gp"]
+            weight = self.gradient_penalty_weight * self.gradient_penalty_every
+            total = total + weight * logs["gp"]
         if self.lecam_weight > 0:
             self.lecam.update(logits_real, logits_fake)
             logs["lecam"] = self.lecam(logits_real, logits_fake)

@@ -8,12 +8,18 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 import yaml
+from torch.utils.data import DataLoader
 
-from walt.data import to_uint8
+from walt.data import SyntheticVideos, to_uint8
+from walt.data.datamodule import collate_items
+from walt.lightning import TokenizerModule
+from walt.tokenizer import CausalVAE, presets
+from walt.tokenizer.losses import TokenizerLoss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +44,18 @@ def test_the_tokenizer_recipe_is_chosen_and_pointed_at_the_run(study, tmp_path):
     assert (
         default["model"]["init_args"]["loss"]["init_args"]["perceptual"]["class_path"] == "walt.metrics.LPIPS"
     )
+
+
+def test_later_stages_keep_the_tokenizer_config_that_was_trained(study, tmp_path):
+    gan = ROOT / "configs/moving_digits/tokenizer_gan.yaml"
+    trained = study.write_configs(tmp_path, False, "gpu", tokenizer=gan)["tokenizer"].read_text()
+    # the base stage, run without --tokenizer-config (or with another), must not swap the recipe under the run
+    later = study.write_configs(tmp_path, False, "gpu", cooldown=0.2, keep_tokenizer=True)
+    assert later["tokenizer"].read_text() == trained
+    assert "callbacks" in yaml.safe_load(later["base"].read_text())["trainer"]
+    # a fresh run folder has nothing to keep: the named recipe is written
+    fresh = study.write_configs(tmp_path / "fresh", False, "gpu", keep_tokenizer=True)["tokenizer"]
+    assert yaml.safe_load(fresh.read_text())["model"]["init_args"]["discriminator"] is None
 
 
 def test_a_finished_tokenizer_training_is_not_run_again(study, tmp_path, monkeypatch):
@@ -204,3 +222,35 @@ def test_cooldown_reaches_the_tokenizer_and_base_configs(study, tmp_path):
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert "walt.lightning.LearningRateCooldown" in printed and "fraction: 0.25" in printed
+
+
+# ---- the EMA and the trained weights ---------------------------------------------------------------------------
+
+
+def tokenizer_checkpoint(path: Path, ema_decay: float | None) -> TokenizerModule:
+    """A tiny tokenizer trained for two steps by `walt fit`'s module and Lightning, saved at ``path``."""
+    torch.manual_seed(0)
+    module = TokenizerModule(CausalVAE(**presets["tiny"]), TokenizerLoss(), ema_decay=ema_decay)
+    fit = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    data = SyntheticVideos(num_samples=4, num_frames=5, resolution=16)
+    fit.fit(module, DataLoader(data, batch_size=2, collate_fn=collate_items))
+    fit.save_checkpoint(path)
+    return module
+
+
+def test_the_trained_weights_are_measured_beside_the_ema(study, tmp_path):
+    args = Namespace(device="cpu", lpips_weights=str(tmp_path / "none"), i3d_weights=str(tmp_path / "none"))
+    real = torch.rand(3, 3, 5, 16, 16) * 2 - 1  # (N, 3, T, H, W)
+    module = tokenizer_checkpoint(tmp_path / "ema.ckpt", ema_decay=0.5)
+    assert study.has_ema(tmp_path / "ema.ckpt")
+    live = study.live_weight_metrics(tmp_path / "ema.ckpt", real, args)
+    of = {name: study.pixel_metrics(real, study.reconstruct(vae, real, "cpu"), args)
+          for name, vae in (("live", module.vae.eval()), ("ema", module.ema.module))}  # fmt: skip
+    assert live == pytest.approx(of["live"], rel=1e-6) and live["psnr"] != pytest.approx(of["ema"]["psnr"])
+
+    tokenizer_checkpoint(tmp_path / "plain.ckpt", ema_decay=None)
+    assert not study.has_ema(tmp_path / "plain.ckpt")
+    assert (
+        study.live_weight_metrics(tmp_path / "plain.ckpt", real, args) is None
+    )  # its export is those weights

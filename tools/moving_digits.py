@@ -67,9 +67,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 from demo import newest_checkpoint, walt  # noqa: E402  (tools/demo.py: `walt` commands as a user runs them)
 
 from walt.atomic import write_atomic  # noqa: E402
+from walt.checkpoint import read_checkpoint  # noqa: E402
 from walt.data import MovingDigits, to_uint8  # noqa: E402
 from walt.data.datamodule import collate_items  # noqa: E402
 from walt.diffusion import SAMPLERS  # noqa: E402
+from walt.pipeline import load_tokenizer  # noqa: E402
 from walt.tokenizer import CausalVAE  # noqa: E402
 from walt.tokenizer.encode import load_config, load_vae_weights, vae_section  # noqa: E402
 
@@ -85,17 +87,24 @@ def write_configs(
     accelerator: str,
     tokenizer: Path = CONFIGS / "tokenizer.yaml",
     cooldown: float | None = None,
+    keep_tokenizer: bool = False,
 ) -> dict[str, Path]:
     """The four configs (the tokenizer's from ``tokenizer``), pointed at ``out`` (and shrunk to CPU size with
     ``smoke``). ``cooldown``: the tokenizer's and the base model's learning rates fall to zero over this last part
-    of their budgets (`walt.lightning.LearningRateCooldown`)."""
+    of their budgets (`walt.lightning.LearningRateCooldown`). ``keep_tokenizer``: leave a tokenizer config already
+    in ``out`` as it is (the stages after the tokenizer's: it describes the tokenizer that was trained)."""
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
+    recorded = folder / "tokenizer.yaml"
+    keep_tokenizer = keep_tokenizer and recorded.is_file()
+    if keep_tokenizer:
+        print(f"using {recorded}: the tokenizer config this run was trained with")
+        tokenizer = recorded
     tok, lat, base, distill = (
         yaml.safe_load(path.read_text())
         for path in (tokenizer, *(CONFIGS / f"{n}.yaml" for n in ("latents", "base", "distill")))
     )
-    tok["trainer"]["default_root_dir"] = str(out / "tokenizer")
+    tok["trainer"]["default_root_dir"] = str(out / "tokenizer")  # already so in a kept config
     base["trainer"]["default_root_dir"] = str(out / "base")
     distill["trainer"]["default_root_dir"] = str(out / "distill")
     for cfg in (base, distill):
@@ -110,7 +119,7 @@ def write_configs(
         _shrink(tok, lat, base, distill)
     if cooldown:
         callback = {"class_path": "walt.lightning.LearningRateCooldown", "init_args": {"fraction": cooldown}}
-        for cfg in (tok, base):
+        for cfg in (base,) if keep_tokenizer else (tok, base):
             cfg["trainer"]["callbacks"] = [*(cfg["trainer"].get("callbacks") or []), callback]
     # The student is the teacher's architecture plus the guidance input, whatever the base config says.
     teacher = base["model"]["init_args"]
@@ -122,7 +131,8 @@ def write_configs(
     paths = {}
     for name, cfg in (("tokenizer", tok), ("latents", lat), ("base", base), ("distill", distill)):
         paths[name] = folder / f"{name}.yaml"
-        paths[name].write_text(yaml.safe_dump(cfg, sort_keys=False))
+        if not (name == "tokenizer" and keep_tokenizer):
+            paths[name].write_text(yaml.safe_dump(cfg, sort_keys=False))
     return paths
 
 
@@ -261,10 +271,29 @@ def stage_tokenizer(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     metrics = {"command": " ".join(sys.argv), "train_seconds": train_s, "clips": len(real)}
     metrics.update(pixel_metrics(real, rec, args))
     metrics.update(reconstruction_fvd(real, rec, args))
+    live = live_weight_metrics(newest_checkpoint(out / "tokenizer"), real, args)
+    if live is not None:
+        metrics["live_weights"] = live
     side_by_side(real[:4], rec[:4], out / "reconstructions.png")
     save_json(out / "tokenizer_curves.json", scalars(out / "tokenizer"))
     save_json(result, metrics)
     log("tokenizer: " + json.dumps(metrics))
+
+
+def has_ema(checkpoint: Path) -> bool:
+    """Whether a `walt fit` checkpoint keeps an EMA of its weights beside the trained ones."""
+    return any(k.startswith("ema.module.") for k in read_checkpoint(checkpoint)["state_dict"])
+
+
+def live_weight_metrics(checkpoint: Path, real: torch.Tensor, args: argparse.Namespace) -> dict | None:
+    """The tokenizer's measures (PSNR, SSIM, LPIPS, rFVD) for the trained weights of a checkpoint that also
+    holds an EMA (None without one). The EMA is a passive copy, so this is what the same training gives without
+    it: a paired comparison at no training cost. In a short run that still improves fast, the EMA lags."""
+    if not has_ema(checkpoint):
+        return None
+    vae = load_tokenizer(checkpoint, weights="live").to(args.device).eval()
+    rec = reconstruct(vae, real, args.device)
+    return {**pixel_metrics(real, rec, args), **reconstruction_fvd(real, rec, args)}
 
 
 def train_tokenizer(args: argparse.Namespace, configs: dict[str, Path]) -> float:
@@ -441,7 +470,11 @@ def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
     classifier = digit_classifier(args, res)
     accuracy = {"real_test": top2_accuracy(classifier, test_videos, test_labels)}
     samples = {}
-    for name, pipe in (("untrained", untrained), ("trained", trained)):
+    rows = [("untrained", untrained), ("trained", trained)]
+    checkpoint = newest_checkpoint(args.out / "base")
+    if has_ema(checkpoint):  # the trained weights too: what the same training gives without the EMA
+        rows.append(("trained_live", load_pipeline(checkpoint, args, weights="live")))
+    for name, pipe in rows:
         row, samples[name] = measure(pipe, ref, classifier, args, name, args.steps, args.sampler)
         fvd[f"{name}_samples_vs_test"] = row["fvd2048_16f"]
         fvd[f"{name}_sampling_seconds"] = row["seconds_per_video"] * len(samples[name])
@@ -459,13 +492,14 @@ def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
     }
 
 
-def load_pipeline(checkpoint: Path, args: argparse.Namespace):
-    """The EMA weights of a `walt fit` checkpoint as a Pipeline on ``args.device``; eager (compiling would take
-    longer than sampling 2048 videos of this size), bfloat16 autocast on a GPU."""
+def load_pipeline(checkpoint: Path, args: argparse.Namespace, weights: str = "ema"):
+    """A `walt fit` checkpoint (its EMA weights, or with ``weights="live"`` the trained ones) as a Pipeline on
+    ``args.device``; eager (compiling would take longer than sampling 2048 videos of this size), bfloat16
+    autocast on a GPU."""
     from walt.pipeline import Pipeline
 
     dtype = None if torch.device(args.device).type == "cpu" else torch.bfloat16
-    return Pipeline.from_pretrained(checkpoint, device=args.device, dtype=dtype)
+    return Pipeline.from_pretrained(checkpoint, device=args.device, dtype=dtype, weights=weights)
 
 
 def generate(
@@ -995,7 +1029,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage != "report":
         accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
-        configs = write_configs(args.out, args.smoke, accelerator, args.tokenizer_config, args.cooldown)
+        keep = args.stage not in ("tokenizer", "all")  # later stages use the tokenizer that was trained
+        configs = write_configs(args.out, args.smoke, accelerator, args.tokenizer_config, args.cooldown, keep)
     if args.stage in ("tokenizer", "all"):
         stage_tokenizer(args, configs)
     if args.stage in ("base", "all"):

@@ -284,12 +284,14 @@ def prompt_following(module: BaseDiffusionModule, guidance: float) -> dict[str, 
 
 
 def test_a_tiny_model_trained_on_captions_follows_the_prompt_colour(minilm):
-    """After 250 steps the prompt's colour is shown far above chance (4 of 16).
+    """After 500 steps the prompt's colour is shown far above chance (4 of 16).
 
+    500 steps gave 16 of 16 for each of five seeds. 250 steps gave 5 to 15: too early, and so sensitive that the
+    last bits of a cached caption embedding (batched with other captions by an earlier test) flipped the result.
     Motion is not asserted: this pixel-space toy does not learn it even in 2500 steps (about 5 of 16, chance
     8); the text quickstart on real tokenizer latents measures colour and motion (benchmarks/RESULTS.md).
     """
-    counts = prompt_following(train_on_captions(minilm, steps=250), guidance=3.0)
-    print("prompt following after 250 steps, guidance 3:", counts)
+    counts = prompt_following(train_on_captions(minilm, steps=500), guidance=3.0)
+    print("prompt following after 500 steps, guidance 3:", counts)
     # P(>= 10 of 16 | chance 1/4) < 0.001.
     assert counts["colour"] >= 10, counts

@@ -2,13 +2,14 @@
 
 Stages (each resumable: a stage whose outputs exist is skipped unless --force):
 
-  tokenizer  walt fit configs/moving_digits/tokenizer.yaml; export its weights with latent statistics
-             (walt encode --stats-only); reconstruction PSNR / SSIM / LPIPS on the test split.
+  tokenizer  walt fit configs/moving_digits/tokenizer.yaml (or --tokenizer-config); export its weights with
+             latent statistics (walt encode --stats-only); reconstruction PSNR / SSIM / LPIPS / rFVD on the test
+             split, and when the checkpoint keeps an EMA the same for its trained weights (live_weights).
   base       walt encode the training clips; walt fit configs/moving_digits/base.yaml.
   evaluate   FVD (fvd2048_16f protocol: 2048 clips of 16 frames, I3D) against the test split of (a) fresh
              training clips, the floor, (b) reconstructions, (c) samples of an untrained model, (d) samples of
-             the trained model; class faithfulness: a digit classifier trained on real training frames reads
-             the conditioned digit in the samples.
+             the trained model (and of its trained weights beside their EMA: trained_live); class faithfulness:
+             a digit classifier trained on real training frames reads the conditioned digit in the samples.
   distill    distillation of the base model in rounds (configs/moving_digits/distill.yaml), each a walt fit
              whose teacher is the previous round's checkpoint: the guided teacher on the 16-step DDIM grid into
              a student that takes the guidance scale as input (one pass per step), then progressive halving
@@ -38,7 +39,7 @@ Stages (each resumable: a stage whose outputs exist is skipped unless --force):
   python tools/moving_digits.py all --out /tmp/md --smoke               # CPU, tiny models, minutes
 
 The training configs are copied into <out>/configs (with --smoke shrunk to CPU size) and run from there, so
-<out> records exactly what was run.
+<out> records exactly what was run. Stages after the tokenizer's keep the tokenizer config found there.
 
 Every sample row is scored through `walt evaluate` (walt.metrics.generated.evaluate_model: fvd2048_16f against the
 test clips, --labels data), on walt.pipeline.Pipeline (trained models: Pipeline.from_pretrained of their walt fit

@@ -1,8 +1,9 @@
 """What one training batch of the tokenizer costs, by part: without the discriminator, with it (R1 every step), without
 R1 (the steps that lazy R1 skips), without the adaptive weight; optionally in channels-last memory format.
 
-The networks, loss and optimizers are the config's own (its ``model`` section, built as `walt fit` builds it); the
-step is `TokenizerModule.training_step`'s: autoencoder step, then discriminator step, bf16 autocast on a GPU.
+The networks, loss and optimizers are the config's own (its ``model`` section, built as `walt fit` builds it), and
+each batch is `TokenizerModule.training_step` under a Lightning Trainer (bf16-mixed on a GPU), on one batch kept on
+the device, so that the data loader costs nothing. The variants switch the loss's terms between runs.
 
     python benchmarks/tokenizer_step.py --config configs/moving_digits/tokenizer_gan.yaml --batch-size 32 \
         --frames 17 --size 64 --out benchmarks/tokenizer_step/moving_digits_h200.json
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -42,57 +44,58 @@ def build(config: Path) -> TokenizerModule:
     return module
 
 
-class Step:
-    """One batch as `TokenizerModule.training_step` takes it, outside a Trainer."""
+class SameBatch(torch.utils.data.Dataset):
+    """``length`` times one batch, already on its device: the data loader costs nothing."""
 
-    def __init__(self, module: TokenizerModule, device: str) -> None:
-        self.vae, self.disc, self.loss = module.vae, module.discriminator, module.loss
-        self.opt_g = module.optimizer_factory(self.vae.parameters())
-        self.opt_d = module.discriminator_optimizer_factory(self.disc.parameters())
-        self.clip = module.gradient_clip
-        self.device = device
+    def __init__(self, video: torch.Tensor, length: int) -> None:
+        self.video, self.length = video, length
 
-    def __call__(self, x: torch.Tensor, gan: bool, r1: bool, adaptive: bool) -> None:
-        self.loss.adaptive_weight = adaptive
-        with torch.autocast(torch.device(self.device).type, torch.bfloat16, enabled=self.device != "cpu"):
-            mean, logvar = self.vae.encode_moments(x)  # (B, C, 1+k, h, w)
-            x_rec = self.vae.decode_raw(mean)  # (B, 3, T, H, W)
-            logits_fake = self.disc.requires_grad_(False)(x_rec) if gan else None
-            loss, _ = self.loss.generator_loss(
-                x, x_rec, mean, logvar, logits_fake, self.vae.last_decoder_layer
-            )
-        self._update(self.opt_g, loss, self.vae)
-        if not gan:
-            return
-        self.disc.requires_grad_(True)
-        with torch.autocast(torch.device(self.device).type, torch.bfloat16, enabled=self.device != "cpu"):
-            real = x.detach().requires_grad_(r1)
-            logits_real, logits_fake = self.disc(real), self.disc(x_rec.detach())  # (B, 1, T', H', W') each
-            d_loss, _ = self.loss.discriminator_loss(real, logits_real, logits_fake, penalty=r1)
-        self._update(self.opt_d, d_loss, self.disc)
+    def __len__(self) -> int:
+        return self.length
 
-    def _update(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, net: torch.nn.Module) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.clip is not None:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), self.clip)
-        optimizer.step()
+    def __getitem__(self, index: int) -> dict:
+        return {"video": self.video}
 
 
-def milliseconds(step: Step, x: torch.Tensor, variant: tuple, warmup: int, iters: int) -> float:
+class BatchTimer(L.Callback):
+    """Wall time of each training batch, the GPU's work included."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        synchronize(module.device)
+        self.tic = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        synchronize(module.device)
+        self.seconds.append(time.perf_counter() - self.tic)
+
+
+def milliseconds(module: TokenizerModule, video: torch.Tensor, variant: tuple, args) -> float:
+    """Mean ms per batch of `TokenizerModule.training_step` under a Lightning Trainer, after ``args.warmup``
+    batches, with the loss switched to ``variant``."""
     gan, r1, adaptive = variant
-    for _ in range(warmup):
-        step(x, gan, r1, adaptive)
-    synchronize(step.device)
-    tic = time.perf_counter()
-    for _ in range(iters):
-        step(x, gan, r1, adaptive)
-    synchronize(step.device)
-    return (time.perf_counter() - tic) / iters * 1000
+    loss = module.loss
+    loss.gan_start_step = 0 if gan else 10**9
+    loss.gradient_penalty_weight = args.r1_weight if r1 else 0.0
+    loss.gradient_penalty_every = 1
+    loss.adaptive_weight = adaptive
+    timer = BatchTimer()
+    gpu = video.device.type == "cuda"
+    trainer = L.Trainer(
+        accelerator="gpu" if gpu else "cpu", devices=1, precision="bf16-mixed" if gpu else "32-true",
+        benchmark=True, max_epochs=1, limit_val_batches=0, callbacks=[timer], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    batches = args.warmup + args.iters
+    loader = torch.utils.data.DataLoader(SameBatch(video, batches), batch_size=None)
+    trainer.fit(module, loader)
+    return sum(timer.seconds[args.warmup :]) / args.iters * 1000
 
 
-def synchronize(device: str) -> None:
-    if torch.device(device).type == "cuda":
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
@@ -111,23 +114,25 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="write the figures here (JSON)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one Trainer per variant: no banners
     if args.smoke:
         args.batch_size, args.frames, args.size, args.warmup, args.iters = 1, 5, 32, 1, 1
-    torch.backends.cudnn.benchmark = True  # as the config's trainer sets it: fixed clip size
     result = {"config": str(args.config), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "torch": torch.__version__, "batch": [args.batch_size, 3, args.frames, args.size, args.size],
               "ms_per_batch": {}}  # fmt: skip
     for layout in ("contiguous", "channels_last_3d") if args.channels_last else ("contiguous",):
         torch.manual_seed(0)
-        module = build(args.config).to(device)
-        x = torch.rand(args.batch_size, 3, args.frames, args.size, args.size, device=device) * 2 - 1
+        module = build(args.config)
+        args.r1_weight = (
+            module.loss.gradient_penalty_weight or 10.0
+        )  # the config's R1 weight, 10 if it has none
+        video = torch.rand(args.batch_size, 3, args.frames, args.size, args.size, device=device) * 2 - 1
         if layout == "channels_last_3d":
             for net in (module.vae, module.discriminator):  # the loss holds 2D networks (LPIPS)
                 net.to(memory_format=torch.channels_last_3d)
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        step = Step(module, device)
+            video = video.contiguous(memory_format=torch.channels_last_3d)
         for name, variant in VARIANTS.items():
-            ms = milliseconds(step, x, variant, args.warmup, args.iters)
+            ms = milliseconds(module, video, variant, args)
             result["ms_per_batch"][f"{layout}/{name}"] = round(ms, 1)
             print(f"{layout:>16} {name:<32} {ms:8.1f} ms/batch", flush=True)
     if args.out is not None:

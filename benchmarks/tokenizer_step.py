@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,9 @@ import torch
 import yaml
 
 from walt.lightning import TokenizerModule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tokenizer import sync  # benchmarks/tokenizer.py
 
 VARIANTS = {  # name: (discriminator step, R1 on it, adaptive GAN weight)
     "autoencoder_only": (False, False, True),
@@ -64,21 +68,23 @@ class BatchTimer(L.Callback):
         self.seconds: list[float] = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        synchronize(module.device)
+        sync(module.device)
         self.tic = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        synchronize(module.device)
+        sync(module.device)
         self.seconds.append(time.perf_counter() - self.tic)
 
 
-def milliseconds(module: TokenizerModule, video: torch.Tensor, variant: tuple, args) -> float:
+def milliseconds(
+    module: TokenizerModule, video: torch.Tensor, variant: tuple, r1_weight: float, args: argparse.Namespace
+) -> float:
     """Mean ms per batch of `TokenizerModule.training_step` under a Lightning Trainer, after ``args.warmup``
-    batches, with the loss switched to ``variant``."""
+    batches, with the loss switched to ``variant`` (R1 at ``r1_weight`` where it is on)."""
     gan, r1, adaptive = variant
     loss = module.loss
     loss.gan_start_step = 0 if gan else 10**9
-    loss.gradient_penalty_weight = args.r1_weight if r1 else 0.0
+    loss.gradient_penalty_weight = r1_weight if r1 else 0.0
     loss.gradient_penalty_every = 1
     loss.adaptive_weight = adaptive
     timer = BatchTimer()
@@ -92,11 +98,6 @@ def milliseconds(module: TokenizerModule, video: torch.Tensor, variant: tuple, a
     loader = torch.utils.data.DataLoader(SameBatch(video, batches), batch_size=None)
     trainer.fit(module, loader)
     return sum(timer.seconds[args.warmup :]) / args.iters * 1000
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -123,16 +124,14 @@ def main() -> None:
     for layout in ("contiguous", "channels_last_3d") if args.channels_last else ("contiguous",):
         torch.manual_seed(0)
         module = build(args.config)
-        args.r1_weight = (
-            module.loss.gradient_penalty_weight or 10.0
-        )  # the config's R1 weight, 10 if it has none
+        r1_weight = module.loss.gradient_penalty_weight or 10.0  # the config's, 10 if it has none
         video = torch.rand(args.batch_size, 3, args.frames, args.size, args.size, device=device) * 2 - 1
         if layout == "channels_last_3d":
             for net in (module.vae, module.discriminator):  # the loss holds 2D networks (LPIPS)
                 net.to(memory_format=torch.channels_last_3d)
             video = video.contiguous(memory_format=torch.channels_last_3d)
         for name, variant in VARIANTS.items():
-            ms = milliseconds(module, video, variant, args)
+            ms = milliseconds(module, video, variant, r1_weight, args)
             result["ms_per_batch"][f"{layout}/{name}"] = round(ms, 1)
             print(f"{layout:>16} {name:<32} {ms:8.1f} ms/batch", flush=True)
     if args.out is not None:

@@ -461,7 +461,8 @@ def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
     train_videos, _ = clips(MovingDigits("train", n, 17, res, seed=1, label="first"), args.workers)
     log("rendered the real clips")
     fvd = {"train_vs_test": ref.fvd(train_videos, "train")}
-    trained = load_pipeline(newest_checkpoint(args.out / "base"), args)
+    checkpoint = newest_checkpoint(args.out / "base")
+    trained = load_pipeline(checkpoint, args)
     fvd["reconstruction_vs_test"] = ref.fvd(reconstruct(trained.tokenizer, test_videos, dev), "recon")
     log(f"FVD so far: {fvd}")
     module = build_module(configs["base"], compile=False)[0].eval()  # fresh weights: the untrained model
@@ -472,7 +473,6 @@ def evaluate(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
     accuracy = {"real_test": top2_accuracy(classifier, test_videos, test_labels)}
     samples = {}
     rows = [("untrained", untrained), ("trained", trained)]
-    checkpoint = newest_checkpoint(args.out / "base")
     if has_ema(checkpoint):  # the trained weights too: what the same training gives without the EMA
         rows.append(("trained_live", load_pipeline(checkpoint, args, weights="live")))
     for name, pipe in rows:

@@ -318,6 +318,7 @@ def test_compile_compiles_backbone_and_ema_in_place_and_sampling_overrides_it(tm
 
     config = yaml.safe_load((ROOT / "configs/moving_digits/base.yaml").read_text())
     assert config["model"]["init_args"]["compile"] is True
+    config["model"]["init_args"]["ema_decay"] = 0.999  # the EMA copy is compiled too
     path = tmp_path / "base.yaml"
     path.write_text(yaml.safe_dump(config))
     compiled, _ = build_module(path)

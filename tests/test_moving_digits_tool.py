@@ -208,14 +208,22 @@ def test_the_table_says_when_the_recognition_row_measures_the_classifier(study, 
 def test_cooldown_reaches_the_tokenizer_and_base_configs(study, tmp_path):
     import subprocess
 
+    def callbacks(paths: dict, name: str) -> list | None:
+        return yaml.safe_load(paths[name].read_text())["trainer"].get("callbacks")
+
+    def cooldown(fraction: float) -> dict:
+        return {"class_path": "walt.lightning.LearningRateCooldown", "init_args": {"fraction": fraction}}
+
+    # as the configs say: base.yaml cools down over its last 20 %, the tokenizer trains at a constant rate
+    shipped = study.write_configs(tmp_path / "a", smoke=True, accelerator="cpu")
+    assert callbacks(shipped, "base") == [cooldown(0.2)] and callbacks(shipped, "tokenizer") is None
+    # --cooldown F replaces the base config's own (two callbacks would multiply their factors)
     paths = study.write_configs(tmp_path, smoke=True, accelerator="cpu", cooldown=0.25)
-    callback = {"class_path": "walt.lightning.LearningRateCooldown", "init_args": {"fraction": 0.25}}
     for name in ("tokenizer", "base"):
-        assert yaml.safe_load(paths[name].read_text())["trainer"]["callbacks"] == [callback]
-    assert (
-        "callbacks"
-        not in yaml.safe_load(study.write_configs(tmp_path / "b", True, "cpu")["base"].read_text())["trainer"]
-    )
+        assert callbacks(paths, name) == [cooldown(0.25)]
+    # --cooldown 0: constant rates for both
+    constant = study.write_configs(tmp_path / "b", True, "cpu", cooldown=0)
+    assert callbacks(constant, "base") is None and callbacks(constant, "tokenizer") is None
     # walt fit accepts it: the CLI resolves and checks the whole config without training
     printed = subprocess.run(
         [sys.executable, "-m", "walt", "fit", "--config", str(paths["tokenizer"]), "--print_config"],

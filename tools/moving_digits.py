@@ -92,8 +92,9 @@ def write_configs(
 ) -> dict[str, Path]:
     """The four configs (the tokenizer's from ``tokenizer``), pointed at ``out`` (and shrunk to CPU size with
     ``smoke``). ``cooldown``: the tokenizer's and the base model's learning rates fall to zero over this last part
-    of their budgets (`walt.lightning.LearningRateCooldown`). ``keep_tokenizer``: leave a tokenizer config already
-    in ``out`` as it is (the stages after the tokenizer's: it describes the tokenizer that was trained)."""
+    of their budgets (`walt.lightning.LearningRateCooldown`), in place of the configs' own; 0: constant rates.
+    ``keep_tokenizer``: leave a tokenizer config already in ``out`` as it is (the stages after the tokenizer's: it
+    describes the tokenizer that was trained)."""
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
     recorded = folder / "tokenizer.yaml"
@@ -118,10 +119,9 @@ def write_configs(
             cfg["trainer"]["precision"] = "32-true"
     if smoke:
         _shrink(tok, lat, base, distill)
-    if cooldown:
-        callback = {"class_path": "walt.lightning.LearningRateCooldown", "init_args": {"fraction": cooldown}}
+    if cooldown is not None:
         for cfg in (base,) if keep_tokenizer else (tok, base):
-            cfg["trainer"]["callbacks"] = [*(cfg["trainer"].get("callbacks") or []), callback]
+            _set_cooldown(cfg, cooldown)
     # The student is the teacher's architecture plus the guidance input, whatever the base config says.
     teacher = base["model"]["init_args"]
     distill["model"]["init_args"]["backbone"]["init_args"] = {
@@ -135,6 +135,21 @@ def write_configs(
         if not (name == "tokenizer" and keep_tokenizer):
             paths[name].write_text(yaml.safe_dump(cfg, sort_keys=False))
     return paths
+
+
+COOLDOWN = "walt.lightning.LearningRateCooldown"
+
+
+def _set_cooldown(cfg: dict, fraction: float) -> None:
+    """Give ``cfg`` one LearningRateCooldown over ``fraction`` of its budget, in place of any the config has
+    (two would multiply their factors); 0 removes it."""
+    callbacks = [c for c in cfg["trainer"].get("callbacks") or [] if c.get("class_path") != COOLDOWN]
+    if fraction > 0:
+        callbacks.append({"class_path": COOLDOWN, "init_args": {"fraction": fraction}})
+    if callbacks:
+        cfg["trainer"]["callbacks"] = callbacks
+    else:
+        cfg["trainer"].pop("callbacks", None)
 
 
 def _shrink(tok: dict, lat: dict, base: dict, distill: dict) -> None:
@@ -991,7 +1006,8 @@ def main() -> None:
         "--cooldown",
         type=float,
         help="decay the tokenizer's and base model's learning rates linearly to 0 over this last part of their "
-        "budgets, e.g. 0.2 (default: constant rates, as the configs say)",
+        "budgets, e.g. 0.2, in place of what the configs say (base.yaml: 0.2; the tokenizer configs: constant); "
+        "0: constant rates for both",
     )
     p.add_argument("--tokenizer-seconds", type=float, help="tokenizer training time (default: its config's)")
     p.add_argument("--base-seconds", type=float, help="base model training time (default: its config's)")

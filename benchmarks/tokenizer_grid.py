@@ -8,7 +8,9 @@ elsewhere; 1.06 for the footage itself) and PSNR of the held-out test clips ever
                  upsampling: ICNR); bilinear: the same layers started as bilinear upsampling; resize: no
                  depth-to-space but nearest-neighbour upsampling followed by a convolution
   loss           l1, l1+lpips (L1 plus 0.1 x LPIPS on 4 frames per clip, configs/tokenizer/real_footage.yaml),
-                 or l1+lpips-shiftN (LPIPS on windows N pixels smaller, at a random offset per image)
+                 l1+lpips-shiftN (LPIPS on windows N pixels smaller, at a random offset per image), or l1+gradW
+                 (L1 plus W x the L1 distance of horizontal and vertical neighbour differences)
+  --ema D        also measure an EMA of the weights (decay D) at every evaluation
 
 Every variant sees the same crops in the same order from the same initial encoder.
 
@@ -30,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from walt.data import RealFootage
+from walt.lightning.ema import EMA
 from walt.metrics import grid_ratio, psnr
 from walt.nn import CausalCache, CausalConv3d
 from walt.tokenizer import CausalVAE
@@ -104,16 +107,26 @@ class ShiftedPerceptual(TokenizerLoss):
         return self.perceptual(crop(fake), crop(real)).mean()  # on (B*F, 3, h, w)
 
 
+def gradient_difference(x_rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """An experiment: mean |d rec - d x| over horizontal and vertical neighbour differences. A step between two
+    latent cells that the clip does not have is penalized directly, even where each side's pixel error is small."""
+    return sum((x_rec.diff(dim=d) - x.diff(dim=d)).abs().mean() for d in (-1, -2)) / 2  # on (B, C, T, H, W)
+
+
 def loss_fn(name: str, device: str):
     """Loss "l1", or "l1+lpips": walt's TokenizerLoss with L1 plus 0.1 x LPIPS on 4 frames per clip, as
-    configs/tokenizer/real_footage.yaml; "l1+lpips-shiftN": the same with LPIPS on shifted windows."""
+    configs/tokenizer/real_footage.yaml; "l1+lpips-shiftN": the same with LPIPS on shifted windows;
+    "l1+gradW": L1 plus W x `gradient_difference`."""
     if name == "l1":
         return TokenizerLoss(perceptual=None).pixel_loss
+    if name.startswith("l1+grad"):
+        weight, pixel = float(name.removeprefix("l1+grad") or 1), TokenizerLoss(perceptual=None).pixel_loss
+        return lambda x_rec, x: pixel(x_rec, x) + weight * gradient_difference(x_rec, x)
     from walt.metrics import LPIPS
 
     base, _, shift = name.partition("-shift")
     if base != "l1+lpips":
-        raise SystemExit(f"unknown loss {name!r}: l1, l1+lpips or l1+lpips-shiftN")
+        raise SystemExit(f"unknown loss {name!r}: l1, l1+gradW, l1+lpips or l1+lpips-shiftN")
     kwargs = dict(perceptual=LPIPS(), perceptual_weight=0.1, perceptual_frames=4)
     loss = (ShiftedPerceptual(int(shift), **kwargs) if shift else TokenizerLoss(**kwargs)).to(device)
     return lambda x_rec, x: (
@@ -134,6 +147,7 @@ def evaluate(vae: CausalVAE, held: torch.Tensor, device: str) -> dict[str, float
 
 def run(args: argparse.Namespace, upsampler: str, loss_name: str, held: torch.Tensor) -> dict:
     vae = build(args, upsampler)
+    ema = EMA(vae, args.ema) if args.ema else None
     opt = torch.optim.Adam(vae.parameters(), lr=args.lr, betas=(0.5, 0.9))
     loss = loss_fn(loss_name, args.device)
     data = RealFootage("train", args.frames, args.size, num_samples=args.steps * args.batch_size, seed=0)
@@ -147,8 +161,12 @@ def run(args: argparse.Namespace, upsampler: str, loss_name: str, held: torch.Te
         value.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
+        if ema is not None:
+            ema.update(vae)
         if step % args.eval_every == 0:
             curve.append({"step": step, "loss": value.item(), **evaluate(vae, held, args.device)})
+            if ema is not None:  # the same run's average: does it damp what the trained weights draw?
+                curve[-1].update({f"ema_{k}": v for k, v in evaluate(ema.module, held, args.device).items()})
             print(f"{upsampler:8s} {loss_name:8s} {curve[-1]}", flush=True)
     return {"upsampler": upsampler, "loss": loss_name, "seconds": time.perf_counter() - tic, "curve": curve}
 
@@ -167,6 +185,7 @@ def main() -> None:
     p.add_argument("--held-out", type=int, default=24, help="test-split shots to measure on")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema", type=float, default=None, help="also measure an EMA of the weights at this decay")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()

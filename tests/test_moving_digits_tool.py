@@ -58,6 +58,28 @@ def test_later_stages_keep_the_tokenizer_config_that_was_trained(study, tmp_path
     assert yaml.safe_load(fresh.read_text())["model"]["init_args"]["discriminator"] is None
 
 
+def test_train_seed_reaches_every_training_run_but_not_a_kept_tokenizer(study, tmp_path):
+    def seeds(paths: dict) -> dict:
+        return {
+            n: yaml.safe_load(paths[n].read_text()).get("seed_everything")
+            for n in ("tokenizer", "base", "distill")
+        }
+
+    assert seeds(study.write_configs(tmp_path / "a", False, "gpu")) == {
+        "tokenizer": 0,
+        "base": 0,
+        "distill": 0,
+    }
+    assert seeds(study.write_configs(tmp_path, False, "gpu", train_seed=3)) == {
+        "tokenizer": 3,
+        "base": 3,
+        "distill": 3,
+    }
+    # the base stage of that run, with another seed: the tokenizer's config records how it was trained
+    later = study.write_configs(tmp_path, False, "gpu", keep_tokenizer=True, train_seed=5)
+    assert seeds(later) == {"tokenizer": 3, "base": 5, "distill": 5}
+
+
 def test_a_finished_tokenizer_training_is_not_run_again(study, tmp_path, monkeypatch):
     """The stage's measuring part can fail (weights missing, a killed process); rerunning it must not train again."""
     calls = []

@@ -89,12 +89,14 @@ def write_configs(
     tokenizer: Path = CONFIGS / "tokenizer.yaml",
     cooldown: float | None = None,
     keep_tokenizer: bool = False,
+    train_seed: int | None = None,
 ) -> dict[str, Path]:
     """The four configs (the tokenizer's from ``tokenizer``), pointed at ``out`` (and shrunk to CPU size with
     ``smoke``). ``cooldown``: the tokenizer's and the base model's learning rates fall to zero over this last part
     of their budgets (`walt.lightning.LearningRateCooldown`), in place of the configs' own; 0: constant rates.
     ``keep_tokenizer``: leave a tokenizer config already in ``out`` as it is (the stages after the tokenizer's: it
-    describes the tokenizer that was trained)."""
+    describes the tokenizer that was trained). ``train_seed``: `seed_everything` of the training runs in place of
+    the configs' 0 (initial weights, noise, batch order; the clips are the same), for a second draw of a recipe."""
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
     recorded = folder / "tokenizer.yaml"
@@ -122,6 +124,9 @@ def write_configs(
     if cooldown is not None:
         for cfg in (base,) if keep_tokenizer else (tok, base):
             _set_cooldown(cfg, cooldown)
+    if train_seed is not None:
+        for cfg in (base, distill) if keep_tokenizer else (tok, base, distill):
+            cfg["seed_everything"] = train_seed
     # The student is the teacher's architecture plus the guidance input, whatever the base config says.
     teacher = base["model"]["init_args"]
     distill["model"]["init_args"]["backbone"]["init_args"] = {
@@ -1009,6 +1014,12 @@ def main() -> None:
         "budgets, e.g. 0.2, in place of what the configs say (base.yaml: 0.2; the tokenizer configs: constant); "
         "0: constant rates for both",
     )
+    p.add_argument(
+        "--train-seed",
+        type=int,
+        help="seed_everything of the tokenizer, base and distillation runs (default: the configs' 0): another "
+        "draw of the same recipe, to see how far results spread from run to run. Sampling seeds do not change",
+    )
     p.add_argument("--tokenizer-seconds", type=float, help="tokenizer training time (default: its config's)")
     p.add_argument("--base-seconds", type=float, help="base model training time (default: its config's)")
     p.add_argument(
@@ -1047,7 +1058,9 @@ def main() -> None:
     if args.stage != "report":
         accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
         keep = args.stage not in ("tokenizer", "all")  # later stages use the tokenizer that was trained
-        configs = write_configs(args.out, args.smoke, accelerator, args.tokenizer_config, args.cooldown, keep)
+        configs = write_configs(
+            args.out, args.smoke, accelerator, args.tokenizer_config, args.cooldown, keep, args.train_seed
+        )
     if args.stage in ("tokenizer", "all"):
         stage_tokenizer(args, configs)
     if args.stage in ("base", "all"):

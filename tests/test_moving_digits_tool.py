@@ -246,6 +246,9 @@ def test_cooldown_reaches_the_tokenizer_and_base_configs(study, tmp_path):
     # --cooldown 0: constant rates for both
     constant = study.write_configs(tmp_path / "b", True, "cpu", cooldown=0)
     assert callbacks(constant, "base") is None and callbacks(constant, "tokenizer") is None
+    for wrong in (-0.1, 1.5):  # refused before any stage runs, not at the base stage's walt fit
+        with pytest.raises(ValueError, match=r"--cooldown .* in \[0, 1\]"):
+            study.write_configs(tmp_path / "c", True, "cpu", cooldown=wrong)
     # walt fit accepts it: the CLI resolves and checks the whole config without training
     printed = subprocess.run(
         [sys.executable, "-m", "walt", "fit", "--config", str(paths["tokenizer"]), "--print_config"],

@@ -148,6 +148,10 @@ COOLDOWN = "walt.lightning.LearningRateCooldown"
 def _set_cooldown(cfg: dict, fraction: float) -> None:
     """Give ``cfg`` one LearningRateCooldown over ``fraction`` of its budget, in place of any the config has
     (two would multiply their factors); 0 removes it."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(
+            f"--cooldown is the part of a run that cools down, in [0, 1] (0: none); got {fraction}"
+        )
     callbacks = [c for c in cfg["trainer"].get("callbacks") or [] if c.get("class_path") != COOLDOWN]
     if fraction > 0:
         callbacks.append({"class_path": COOLDOWN, "init_args": {"fraction": fraction}})
@@ -1058,9 +1062,12 @@ def main() -> None:
     if args.stage != "report":
         accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
         keep = args.stage not in ("tokenizer", "all")  # later stages use the tokenizer that was trained
-        configs = write_configs(
-            args.out, args.smoke, accelerator, args.tokenizer_config, args.cooldown, keep, args.train_seed
-        )
+        try:
+            configs = write_configs(
+                args.out, args.smoke, accelerator, args.tokenizer_config, args.cooldown, keep, args.train_seed
+            )
+        except ValueError as err:
+            p.error(str(err))
     if args.stage in ("tokenizer", "all"):
         stage_tokenizer(args, configs)
     if args.stage in ("base", "all"):

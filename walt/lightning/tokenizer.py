@@ -14,7 +14,7 @@ from walt.data.transforms import to_uint8
 from walt.lightning.ema import EMA
 from walt.lightning.module import OptimizerFactory, WaltModule
 from walt.lightning.video_logging import add_video
-from walt.metrics.pixel import SSIM_WINDOW, chroma_error, grid_ratio, psnr, ssim
+from walt.metrics.pixel import SSIM_WINDOW, chroma_error, pooled_grid_ratio, psnr, ssim
 from walt.tokenizer.losses import TokenizerLoss, frames_as_images
 from walt.tokenizer.vae import CausalVAE
 
@@ -153,8 +153,9 @@ class TokenizerModule(WaltModule):
         if x.shape[1] == 3:  # colour drift shows in chroma before PSNR notices it
             values["val/chroma_error"] = chroma_error(x_rec, x).mean().float()
         factor = vae.spatial_factor
-        if min(x.shape[-2:]) > factor:  # the latent cells' edges: about 1 without a block grid
-            values["val/grid_ratio"] = grid_ratio(x_rec, period=factor).mean().float()
+        if min(x.shape[-2:]) > 3 * factor:  # a grid of the latent cells at any phase: about 1 without one
+            # the outermost cells are left out: padding marks a frame's border, and that is no grid
+            values["val/grid_ratio"] = pooled_grid_ratio(x_rec, factor, margin=factor).float()
         for name, metric in self.val_metrics.items():
             values[f"val/{name}"] = metric(frames_as_images(x_rec), frames_as_images(x)).float().mean()
         self.log_dict(values, sync_dist=True, batch_size=x.shape[0])

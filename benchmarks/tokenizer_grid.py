@@ -30,37 +30,14 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from walt.data import RealFootage
 from walt.lightning.ema import EMA
 from walt.metrics import grid_profile, pooled_grid_ratio, psnr
-from walt.nn import CausalCache, CausalConv3d
 from walt.tokenizer import CausalVAE
-from walt.tokenizer.layers import DepthToSpaceUpsample
+from walt.tokenizer.layers import DepthToSpaceUpsample, ResizeUpsample
 from walt.tokenizer.losses import TokenizerLoss, frames_as_images
-
-
-class ResizeConvUpsample(nn.Module):
-    """An experiment: nearest-neighbour (or bilinear) upsampling in space, then a causal convolution (Odena et
-    al., 2016), in place of depth-to-space; it has no sub-pixel phases to drift apart."""
-
-    def __init__(self, channels: int, temporal: bool, mode: str = "nearest") -> None:
-        super().__init__()
-        self.factor_t, self.mode = (2 if temporal else 1), mode
-        self.conv = CausalConv3d(channels, channels, 3)
-
-    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        first_chunk = cache.first_visit(self)
-        b = x.shape[0]
-        x = x.repeat_interleave(self.factor_t, dim=2)  # (B, C, T', H, W)
-        frames = x.transpose(1, 2).flatten(0, 1)  # (B*T', C, H, W)
-        frames = torch.nn.functional.interpolate(frames, scale_factor=2, mode=self.mode)  # (B*T', C, 2H, 2W)
-        x = frames.unflatten(0, (b, -1)).transpose(1, 2)  # (B, C, T', 2H, 2W)
-        if first_chunk:  # latent frame 0 decodes to one frame, as with depth-to-space
-            x = x[:, :, self.factor_t - 1 :]  # (B, C, T', 2H, 2W)
-        return self.conv(x, cache)  # (B, C, T', 2H, 2W)
 
 
 @torch.no_grad()
@@ -89,9 +66,9 @@ def build(args: argparse.Namespace, upsampler: str) -> CausalVAE:
     for i, up in enumerate(ups):
         if upsampler == "bilinear":
             init_as_bilinear(up)
-        elif upsampler in ("resize", "resize-bilinear"):
+        elif upsampler in ("resize", "resize-bilinear"):  # walt's "resize" upsampler is resize-bilinear
             mode = "bilinear" if upsampler == "resize-bilinear" else "nearest"
-            ups[i] = ResizeConvUpsample(up.conv.conv.in_channels, up.factor_t == 2, mode)
+            ups[i] = ResizeUpsample(up.conv.conv.in_channels, up.factor_t == 2, mode)
         elif upsampler != "nearest":
             raise SystemExit(f"unknown upsampler {upsampler!r}: nearest, bilinear, resize or resize-bilinear")
     return vae.to(args.device)

@@ -9,7 +9,7 @@ from walt.metrics import grid_ratio, pooled_grid_ratio
 from walt.nn import CausalCache, CausalConv3d
 from walt.tokenizer import CausalVAE, presets
 from walt.tokenizer.discriminator import Discriminator3D
-from walt.tokenizer.layers import AdaptiveFrameGroupNorm, DepthToSpaceUpsample
+from walt.tokenizer.layers import AdaptiveFrameGroupNorm, DepthToSpaceUpsample, ResizeUpsample
 
 ATOL = 1e-5
 
@@ -23,10 +23,11 @@ def randomized(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torc
     return module.eval()
 
 
-@pytest.fixture(scope="module")
-def vae() -> CausalVAE:
+@pytest.fixture(scope="module", params=["depth_to_space", "resize"])
+def vae(request) -> CausalVAE:
+    """The tiny preset with each of the decoder's upsamplers: every exactness property must hold for both."""
     torch.manual_seed(0)
-    return randomized(CausalVAE(**presets["tiny"]))
+    return randomized(CausalVAE(**presets["tiny"], upsampler=request.param))
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +258,33 @@ def test_depth_to_space_starts_as_nearest_upsampling(temporal):
     assert torch.equal(blocks, blocks[..., :1, :1].expand_as(blocks))
     if temporal:  # frames 1 + 2k and 2 + 2k come from one input frame
         assert torch.equal(out[:, :, 1::2], out[:, :, 2::2])
+
+
+def test_resize_upsampler_has_no_sub_pixel_phases():
+    """Every output pixel of the resize upsampler comes from the same filter: a constant input gives a constant
+    output away from the borders (depth-to-space with independent sub-pixel filters does not), and a linear ramp
+    stays a ramp, so no phase of the 2-pixel grid differs from another."""
+    up = randomized(ResizeUpsample(4, temporal=False))
+    ramp = torch.arange(12, dtype=torch.float32).expand(1, 4, 3, 12, 12)  # (1, 4, 3, 12, 12), along width
+    with torch.no_grad():
+        out = up(ramp.contiguous(), CausalCache())[..., 4:-4, 4:-4]  # (1, 4, 3, 16, 16) inside the borders
+    steps = out.diff(dim=-1)  # (1, 4, 3, 16, 15)
+    torch.testing.assert_close(steps, steps[..., :1].expand_as(steps), atol=1e-4, rtol=0)
+    d2s = randomized(DepthToSpaceUpsample(4, temporal=False))
+    with torch.no_grad():
+        uneven = d2s(ramp.contiguous(), CausalCache())[..., 4:-4, 4:-4].diff(dim=-1)
+    assert (uneven[..., 0:-1:2] - uneven[..., 1::2]).abs().max() > 1e-2  # its sub-pixel filters differ
+    blocky = randomized(ResizeUpsample(4, temporal=False, mode="nearest"))  # nearest neighbour: a staircase
+    with torch.no_grad():
+        stairs = blocky(ramp.contiguous(), CausalCache())[..., 4:-4, 4:-4].diff(dim=-1)
+    assert (stairs[..., 0:-1:2] - stairs[..., 1::2]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="bilinear or nearest"):
+        ResizeUpsample(4, temporal=False, mode="bicubic")
+
+
+def test_unknown_upsampler_is_refused():
+    with pytest.raises(ValueError, match="upsampler must be one of depth_to_space, resize"):
+        CausalVAE(**presets["tiny"], upsampler="pixelshuffle")
 
 
 def test_unknown_modulation_upsampling_is_refused():

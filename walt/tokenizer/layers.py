@@ -174,3 +174,45 @@ class DepthToSpaceUpsample(nn.Module):
         x = self.conv(x, cache)  # (B, C*s*4, T, H, W)
         x = rearrange(x, "b (c s p q) t h w -> b c (t s) (h p) (w q)", s=self.factor_t, p=2, q=2)
         return x[:, :, self.factor_t - 1 :] if first_chunk else x  # (B, C, T', 2H, 2W)
+
+
+UPSAMPLERS = ("depth_to_space", "resize")
+
+
+class ResizeUpsample(nn.Module):
+    """Frames repeated in time and resized bilinearly in space, then a causal 3x3x3 convolution (Odena et al.,
+    2016). Every output pixel is made by the same filter, so, unlike depth-to-space, there are no sub-pixel
+    filters for training to pull apart into a seam or a checkerboard. The time axis follows
+    :class:`DepthToSpaceUpsample` (1 + k -> 1 + s_t * k frames); space is resized frame by frame, so causality
+    and chunked decoding hold. ``mode="nearest"`` resizes by nearest neighbour instead (an experiment of
+    benchmarks/tokenizer_grid.py: its 2-pixel blocks show).
+    """
+
+    def __init__(self, channels: int, temporal: bool, mode: str = "bilinear") -> None:
+        super().__init__()
+        if mode not in ("bilinear", "nearest"):
+            raise ValueError(f"resize mode must be bilinear or nearest, got {mode!r}")
+        self.factor_t, self.mode = (2 if temporal else 1), mode
+        self.conv = CausalConv3d(channels, channels, 3)
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        first_chunk = cache.first_visit(self)
+        x = x.repeat_interleave(self.factor_t, dim=2)  # (B, C, T*s_t, H, W)
+        if first_chunk:  # latent frame 0 decodes to one frame
+            x = x[:, :, self.factor_t - 1 :]  # (B, C, T', H, W)
+        frames = rearrange(x, "b c t h w -> (b t) c h w")  # (B*T', C, H, W)
+        corners = False if self.mode == "bilinear" else None  # nearest takes no align_corners
+        frames = F.interpolate(
+            frames, scale_factor=2, mode=self.mode, align_corners=corners
+        )  # (B*T', C, 2H, 2W)
+        x = rearrange(frames, "(b t) c h w -> b c t h w", b=x.shape[0])  # (B, C, T', 2H, 2W)
+        return self.conv(x, cache)  # (B, C, T', 2H, 2W)
+
+
+def make_upsampler(kind: str, channels: int, temporal: bool) -> nn.Module:
+    """The decoder's 2x upsampling layer: ``"depth_to_space"`` (MAGVIT-v2's, the default) or ``"resize"``."""
+    if kind == "depth_to_space":
+        return DepthToSpaceUpsample(channels, temporal)
+    if kind == "resize":
+        return ResizeUpsample(channels, temporal)
+    raise ValueError(f"upsampler must be one of {', '.join(UPSAMPLERS)}, got {kind!r}")

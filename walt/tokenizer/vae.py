@@ -18,10 +18,10 @@ from walt.nn import CausalCache, CausalConv3d, causal_repeat_time
 from walt.tokenizer.layers import (
     AdaptiveFrameGroupNorm,
     AdaptiveResBlock,
-    DepthToSpaceUpsample,
     Downsample,
     FrameGroupNorm,
     ResBlock,
+    make_upsampler,
 )
 
 
@@ -71,6 +71,7 @@ class Decoder(nn.Module):
         temporal_downsample: Sequence[bool],
         num_groups: int,
         modulation_upsample: str = "bilinear",
+        upsampler: str = "depth_to_space",
     ) -> None:
         super().__init__()
         widths = [channels * m for m in multipliers]
@@ -90,7 +91,7 @@ class Decoder(nn.Module):
                 in_ch = widths[level]
             self.levels.append(blocks)
             if level > 0:
-                self.upsamples.append(DepthToSpaceUpsample(in_ch, temporal_downsample[level - 1]))
+                self.upsamples.append(make_upsampler(upsampler, in_ch, temporal_downsample[level - 1]))
         self.norm_out = AdaptiveFrameGroupNorm(in_ch, **adaptive)
         self.conv_out = CausalConv3d(in_ch, 3, 3)
 
@@ -131,6 +132,10 @@ class CausalVAE(nn.Module):
             level's resolution: "bilinear" (default) or "nearest", which draws an 8-pixel grid on real footage
             (benchmarks/RESULTS.md); "nearest" is the behaviour of walt's tokenizers before the change, for
             checkpoints trained with it.
+        upsampler: the decoder's 2x upsampling layers: "depth_to_space" (default; a convolution to 4x or 8x
+            the channels, then depth-to-space, started as nearest-neighbour upsampling) or "resize" (bilinear
+            resizing, then a convolution), which has no sub-pixel filters to drift apart into a seam through
+            each latent cell (benchmarks/RESULTS.md, "a grid the old ratio missed").
     """
 
     @records_init_args
@@ -144,6 +149,7 @@ class CausalVAE(nn.Module):
         num_groups: int = 32,
         variational: bool = True,
         modulation_upsample: str = "bilinear",
+        upsampler: str = "depth_to_space",
     ) -> None:
         super().__init__()
         if len(temporal_downsample) != len(multipliers) - 1:
@@ -163,7 +169,9 @@ class CausalVAE(nn.Module):
             num_groups=num_groups,
         )
         self.encoder = Encoder(latent_channels * (2 if variational else 1), **arch)
-        self.decoder = Decoder(latent_channels, **arch, modulation_upsample=modulation_upsample)
+        self.decoder = Decoder(
+            latent_channels, **arch, modulation_upsample=modulation_upsample, upsampler=upsampler
+        )
         self.register_buffer("latent_shift", torch.zeros(latent_channels))
         self.register_buffer("latent_scale", torch.ones(latent_channels))
 

@@ -7,6 +7,8 @@ the device, so that the data loader costs nothing. The variants switch the loss'
 
     python benchmarks/tokenizer_step.py --config configs/moving_digits/tokenizer_gan.yaml --batch-size 32 \
         --frames 17 --size 64 --out benchmarks/tokenizer_step/moving_digits_h200.json
+    python benchmarks/tokenizer_step.py --config configs/tokenizer/real_footage.yaml --batch-size 8 --size 128 \
+        --upsampler resize --no-perceptual --warmup 3 --iters 10   # the decoder's upsamplers side by side
     python benchmarks/tokenizer_step.py --smoke      # CPU: a few small steps, checks the path
 """
 
@@ -37,9 +39,16 @@ VARIANTS = {  # name: (discriminator step, R1 on it, adaptive GAN weight)
 }
 
 
-def build(config: Path) -> TokenizerModule:
-    """The config's TokenizerModule with fresh weights."""
+def build(config: Path, upsampler: str | None = None, perceptual: bool = True) -> TokenizerModule:
+    """The config's TokenizerModule with fresh weights; ``upsampler`` replaces its autoencoder's upsampler, and
+    ``perceptual=False`` drops LPIPS (loss and validation metric) for a machine without its weights."""
     section = yaml.safe_load(config.read_text())["model"]
+    args = section["init_args"]
+    if upsampler is not None:
+        args["vae"].setdefault("init_args", {})["upsampler"] = upsampler
+    if not perceptual:
+        args["loss"]["init_args"].update(perceptual=None, perceptual_weight=0.0)
+        args.pop("val_metrics", None)
     parser = jsonargparse.ArgumentParser(exit_on_error=False)
     parser.add_argument("--model", type=L.LightningModule)
     module = parser.instantiate_classes(parser.parse_object({"model": section})).model
@@ -111,6 +120,8 @@ def main() -> None:
     p.add_argument(
         "--channels-last", action="store_true", help="also time channels_last_3d networks and input"
     )
+    p.add_argument("--upsampler", choices=["depth_to_space", "resize"], help="replace the config's upsampler")
+    p.add_argument("--no-perceptual", action="store_true", help="drop LPIPS (no weights on this machine)")
     p.add_argument("--smoke", action="store_true", help="CPU: batch 1 of 5x32x32, one timed step")
     p.add_argument("--out", type=Path, help="write the figures here (JSON)")
     args = p.parse_args()
@@ -118,12 +129,13 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one Trainer per variant: no banners
     if args.smoke:
         args.batch_size, args.frames, args.size, args.warmup, args.iters = 1, 5, 32, 1, 1
-    result = {"config": str(args.config), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    result = {"config": str(args.config), "upsampler": args.upsampler, "perceptual": not args.no_perceptual,
+              "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "torch": torch.__version__, "batch": [args.batch_size, 3, args.frames, args.size, args.size],
               "ms_per_batch": {}}  # fmt: skip
     for layout in ("contiguous", "channels_last_3d") if args.channels_last else ("contiguous",):
         torch.manual_seed(0)
-        module = build(args.config)
+        module = build(args.config, args.upsampler, not args.no_perceptual)
         r1_weight = module.loss.gradient_penalty_weight or 10.0  # the config's, 10 if it has none
         video = torch.rand(args.batch_size, 3, args.frames, args.size, args.size, device=device) * 2 - 1
         if layout == "channels_last_3d":

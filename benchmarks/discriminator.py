@@ -52,9 +52,9 @@ def gradient_grid(disc: Discriminator3D, fake: Tensor) -> dict[str, float]:
     fake = fake.detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(disc(fake).mean(), fake)  # (B, 3, T, H, W)
     out = {}
-    for region, g in (("whole", grad), ("inner", grad[..., 16:-16, 16:-16])):
+    for region, margin in (("whole", 0), ("inner", 16)):
         for period in (8, 16):
-            out[f"{region}_{period}"] = round(grid_ratio(g, period=period).mean().item(), 4)
+            out[f"{region}_{period}"] = round(grid_ratio(grad, period, margin).mean().item(), 4)
     return out
 
 

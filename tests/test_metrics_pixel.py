@@ -10,7 +10,7 @@ import skimage.data
 import skimage.metrics
 import torch
 
-from walt.metrics import chroma_error, grid_profile, grid_ratio, pooled_grid_ratio, psnr, ssim
+from walt.metrics import chroma_error, grid_phase, grid_profile, grid_ratio, pooled_grid_ratio, psnr, ssim
 
 
 @pytest.fixture(scope="module")
@@ -76,27 +76,35 @@ def test_bad_shapes_are_a_clear_error():
 # ---- grid ratio and chroma error ------------------------------------------------------------------------------
 
 
-def test_grid_ratio_of_a_blocky_image_and_of_a_smooth_one():
-    """Blocks of 8 pixels (nearest-neighbour upsampling of random cells) differ only across the cell edges:
-    an infinite ratio, clamped; a bilinear upsampling of the same cells has no preference for the edges; a
-    photograph is near 1."""
+def test_grid_ratio_of_enlarged_cells_either_way_and_of_a_photograph():
+    """Blocks of 8 pixels (nearest-neighbour enlargement of random cells) differ only across the cell edges: an
+    infinite ratio, clamped. A bilinear enlargement of the same cells has no edges, but it is as much an
+    enlarged thumbnail: it is linear between the cells' centres, so the two differences that straddle a centre
+    (phase 3) are each half a step of the neighbouring slopes, and for independent cells their sum averages
+    half a full step (the ratio is about 2). A photograph is near 1."""
     cells = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(0))
     blocky = torch.nn.functional.interpolate(cells, scale_factor=8, mode="nearest") * 2 - 1  # (1, 3, 48, 48)
     smooth = torch.nn.functional.interpolate(cells, scale_factor=8, mode="bilinear") * 2 - 1
     assert grid_ratio(blocky).item() > 1e6
     # 8 pixels off each side: bilinear resizing repeats the edge cells' values there (no differences at all)
-    assert 0.9 < grid_ratio(smooth[..., 8:-8, 8:-8]).item() < 1.1
+    profile = grid_profile(smooth[..., 8:-8, 8:-8])[0]  # (8,)
+    assert profile.max().item() < 1.1  # no phase louder than the others: no seam ...
+    assert profile.argmin().item() == 3 and profile.min().item() < 0.6  # ... but a quiet centre in every cell
+    assert grid_phase(profile).item() == 3
+    assert 1.6 < grid_ratio(smooth[..., 8:-8, 8:-8]).item() < 2.4
     photo = torch.from_numpy(skimage.data.astronaut()).permute(2, 0, 1)[None].double() / 127.5 - 1
-    assert 0.8 < grid_ratio(photo).item() < 1.2
+    assert 0.99 < grid_ratio(photo).item() < 1.2
 
 
 def test_grid_ratio_by_hand_on_one_row():
     """Row 0..15 with a jump of 10 between pixels 7 and 8 (the 8-pixel boundary) and steps of 1 elsewhere, two
     equal rows. Phase 7 holds the two jumps of 11; phases 1..6 hold steps of 1 only; phase 0 holds 4 steps of 1
-    and the 16 vertical differences of 0. The median of the phase means is 1, so the ratio is 11."""
+    and the 16 vertical differences of 0 (mean 4 / 20). The median of the phase means is 1; the ratio is the
+    loudest phase over the quietest, 11 / 0.2."""
     row = torch.arange(16, dtype=torch.float64) + 10 * (torch.arange(16) >= 8)
     image = row.expand(1, 1, 2, 16)  # (1, 1, 2, 16)
-    assert grid_ratio(image).item() == pytest.approx(11.0)
+    assert grid_ratio(image).item() == pytest.approx(55.0)
+    assert grid_phase(grid_profile(image)).item() == 7  # 11 is further from 1 than 0.2 is, by ratio
     expected = [4 / 20, 1, 1, 1, 1, 1, 1, 11]  # phase means over their median, 1
     torch.testing.assert_close(grid_profile(image)[0], torch.tensor(expected, dtype=torch.float64))
 
@@ -149,7 +157,8 @@ def test_grid_profile_by_hand_and_pooled_over_clips():
     torch.testing.assert_close(grid_profile(image)[0], expected)
     flat = torch.rand(1, 1, 2, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     both = torch.cat([image, flat])  # (2, 1, 2, 16)
-    pooled = ((grid_profile(image) + grid_profile(flat)) / 2).amax()
+    mean = (grid_profile(image) + grid_profile(flat)) / 2  # (1, 8)
+    pooled = mean.amax() / mean.amin()
     assert pooled_grid_ratio(both).item() == pytest.approx(pooled.item())
 
 

@@ -11,7 +11,16 @@ from walt.metrics.evaluate import (
 from walt.metrics.i3d import I3D
 from walt.metrics.inception import InceptionV3
 from walt.metrics.lpips import LPIPS
-from walt.metrics.pixel import chroma_error, grid_profile, grid_ratio, pooled_grid_ratio, psnr, ssim
+from walt.metrics.pixel import (
+    chroma_error,
+    grid_phase,
+    grid_profile,
+    grid_ratio,
+    pooled_grid_ratio,
+    profile_spread,
+    psnr,
+    ssim,
+)
 from walt.metrics.protocols import PROTOCOLS, Protocol, get_protocol, real_stats_key, register_protocol
 from walt.metrics.resize import resize_bilinear_legacy
 from walt.metrics.stats import FeatureStats, frechet_distance, frechet_distance_from_moments
@@ -34,10 +43,12 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_from_moments",
     "get_protocol",
+    "grid_phase",
     "grid_profile",
     "grid_ratio",
     "load_numpy_pickle",
     "pooled_grid_ratio",
+    "profile_spread",
     "psnr",
     "real_stats_key",
     "register_protocol",

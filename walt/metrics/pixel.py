@@ -11,7 +11,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["chroma_error", "grid_profile", "grid_ratio", "pooled_grid_ratio", "psnr", "ssim"]
+__all__ = [
+    "chroma_error",
+    "grid_phase",
+    "grid_profile",
+    "grid_ratio",
+    "pooled_grid_ratio",
+    "profile_spread",
+    "psnr",
+    "ssim",
+]
 
 # Wang et al. (2004) constants: 11x11 Gaussian window with sigma 1.5, K1 = 0.01, K2 = 0.03.
 SSIM_WINDOW = 11
@@ -87,8 +96,9 @@ def grid_profile(x: torch.Tensor, period: int = 8, margin: int = 0) -> torch.Ten
     neighbouring pixels ``i`` and ``i + 1`` with ``i % period == k`` (horizontal and vertical neighbours pooled)
     over the median of those means across the phases. Entry ``period - 1`` holds the differences across the
     ``period``-pixel block boundaries; the other entries find the same pattern shifted, e.g. the seam a
-    depth-to-space upsampler draws through the middle of each latent cell (entry 3 at period 8). The median
-    keeps one quiet phase (bilinear resizing's kink at each cell's centre) from raising all the others. All
+    depth-to-space upsampler draws through the middle of each latent cell (entry 3 at period 8), or a quiet
+    phase where a decoder interpolates its coarse features (entry 3, the differences on either side of each
+    cell's centre). Measuring against the median keeps one loud or quiet phase from moving the others. All
     entries are about 1 for natural images. ``margin`` pixels (a multiple of the period, so the phases stay
     put) are left out at each border: a decoder's padding marks the outermost pixels, and that is no grid."""
     if margin % period or margin < 0:
@@ -115,20 +125,34 @@ def grid_profile(x: torch.Tensor, period: int = 8, margin: int = 0) -> torch.Ten
     return means / typical.clamp_min(1e-12)  # (B, period)
 
 
+def profile_spread(profile: torch.Tensor) -> torch.Tensor:
+    """The largest entry of a :func:`grid_profile` over its smallest, along the last axis: 1 when every phase of
+    the grid looks alike, whichever way one phase stands out."""
+    tiny = 1e-12  # a flat frame (no differences anywhere) has no grid: 1, not 0 / 0
+    return (profile.amax(dim=-1) + tiny) / (profile.amin(dim=-1) + tiny)
+
+
+def grid_phase(profile: torch.Tensor) -> torch.Tensor:
+    """Where a grid sits, along the last axis of a :func:`grid_profile`: the phase furthest from the typical one
+    by ratio, loud (a seam) or quiet (a smooth centre)."""
+    return profile.clamp_min(1e-12).log().abs().argmax(dim=-1)
+
+
 def grid_ratio(x: torch.Tensor, period: int = 8, margin: int = 0) -> torch.Tensor:
-    """Block-grid artefacts, (B,): the largest entry of :func:`grid_profile`, i.e. how much more the pixels
-    differ at one phase of the ``period``-pixel grid than at a typical phase, wherever the grid sits. About 1
-    for natural images and for a decoder without a grid (1.07 for RealFootage's test clips at 8 pixels, with
-    ``margin=8``; see :func:`pooled_grid_ratio` for a set of clips); well above 1 when a decoder draws its
-    latent cells (a latent pixel covers ``period`` x ``period`` output pixels), along their edges or through
-    their middles."""
-    return grid_profile(x, period, margin).amax(dim=1)  # (B,)
+    """Block-grid artefacts, (B,): the largest entry of :func:`grid_profile` over its smallest, i.e. how much
+    more the pixels differ at the sharpest phase of the ``period``-pixel grid than at the softest. Both ways
+    draw the latent cells (a latent pixel covers ``period`` x ``period`` output pixels): a seam along their
+    edges or through their middles raises one phase; a decoder that interpolates its coarse features smoothly
+    leaves a quiet phase where each cell is smooth inside, and the picture looks like an enlarged thumbnail
+    (a bilinear 8x enlargement of random cells scores 2: the differences on either side of each cell's centre
+    average out). About 1 for natural images (1.06 for RealFootage's test clips pooled, with ``margin=8``; see
+    :func:`pooled_grid_ratio` for a set of clips)."""
+    return profile_spread(grid_profile(x, period, margin))  # (B,)
 
 
 def pooled_grid_ratio(x: torch.Tensor, period: int = 8, margin: int = 0) -> torch.Tensor:
-    """The grid ratio of a set of images or videos, a scalar: the largest entry of their mean
+    """The grid ratio of a set of images or videos, a scalar: :func:`profile_spread` of their mean
     :func:`grid_profile`. A decoder's grid sits at the same phase in every reconstruction, so pooling first keeps
-    it and averages out the phase-to-phase noise of single clips, which the maximum of each clip's own profile
-    would count as a grid (RealFootage's test clips themselves, the outermost cells left out: 1.03 pooled,
-    1.07 clip by clip)."""
-    return grid_profile(x, period, margin).mean(dim=0).amax()  # ()
+    it and averages out the phase-to-phase noise of single clips, which each clip's own ratio would count as a
+    grid."""
+    return profile_spread(grid_profile(x, period, margin).mean(dim=0))  # ()

@@ -182,7 +182,9 @@ UPSAMPLERS = ("depth_to_space", "resize")
 class ResizeUpsample(nn.Module):
     """Frames repeated in time and resized bilinearly in space, then a causal 3x3x3 convolution (Odena et al.,
     2016). Every output pixel is made by the same filter, so, unlike depth-to-space, there are no sub-pixel
-    filters for training to pull apart into a seam or a checkerboard. The time axis follows
+    filters for training to pull apart into a seam or a checkerboard. It starts as an enlarged thumbnail instead,
+    each latent cell smoother at its centre than at its edges, and on RealFootage it trained blockier than
+    depth-to-space (benchmarks/RESULTS.md, "the resize upsampler on the GPU"). The time axis follows
     :class:`DepthToSpaceUpsample` (1 + k -> 1 + s_t * k frames); space is resized frame by frame, so causality
     and chunked decoding hold. ``mode="nearest"`` resizes by nearest neighbour instead (an experiment of
     benchmarks/tokenizer_grid.py: its 2-pixel blocks show).

@@ -23,9 +23,9 @@ def randomized(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torc
     return module.eval()
 
 
-@pytest.fixture(scope="module", params=["depth_to_space", "resize"])
+@pytest.fixture(scope="module", params=["depth_to_space", "resize", "lanczos"])
 def vae(request) -> CausalVAE:
-    """The tiny preset with each of the decoder's upsamplers: every exactness property must hold for both."""
+    """The tiny preset with each of the decoder's upsamplers: every exactness property must hold for each."""
     torch.manual_seed(0)
     return randomized(CausalVAE(**presets["tiny"], upsampler=request.param))
 
@@ -218,13 +218,13 @@ def test_small_preset_is_the_moving_digits_tokenizer():
 # ---- no 8-pixel grid ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("upsample", ["nearest", "bilinear"])
+@pytest.mark.parametrize("upsample", ["nearest", "bilinear", "lanczos"])
 def test_modulation_draws_seams_only_when_resized_by_nearest_neighbour(upsample):
     """A learned modulation of a flat feature map: resized by nearest neighbour, it is constant over each latent
     cell and every difference sits on a cell edge (the 8-pixel grid seen on real footage); resized bilinearly,
     no phase is louder than the others, and what is left is the quiet centre of any bilinear enlargement (see
     test_grid_ratio_of_enlarged_cells_either_way_and_of_a_photograph), which the decoder's convolutions that
-    follow are free to fill."""
+    follow are free to fill; resized by Lanczos steps, neither."""
     norm = AdaptiveFrameGroupNorm(8, 4, 2, upsample=upsample)
     torch.nn.init.normal_(norm.to_scale_shift.weight, generator=torch.Generator().manual_seed(0))
     x = torch.randn(1, 8, 3, 1, 1, generator=torch.Generator().manual_seed(1)).expand(1, 8, 3, 48, 48)
@@ -234,14 +234,17 @@ def test_modulation_draws_seams_only_when_resized_by_nearest_neighbour(upsample)
     profile = grid_profile(out)[0]  # (8,)
     if upsample == "nearest":
         assert profile.argmax().item() == 7 and grid_ratio(out).item() > 1e3
-    else:
+    elif upsample == "bilinear":
         assert profile.max().item() < 1.1 and profile.argmin().item() == 3
+    else:
+        assert grid_ratio(out).item() < 1.5
 
 
-def test_modulation_resize_is_per_frame():
+@pytest.mark.parametrize("upsample", ["bilinear", "lanczos"])
+def test_modulation_resize_is_per_frame(upsample):
     """Only space is resized: frame t of the modulation comes from latent frame t alone (causality and chunked
     decoding depend on it)."""
-    norm = randomized(AdaptiveFrameGroupNorm(8, 4, 2))
+    norm = randomized(AdaptiveFrameGroupNorm(8, 4, 2, upsample=upsample))
     x = torch.randn(1, 8, 4, 16, 16)
     z = torch.randn(1, 4, 4, 2, 2)
     changed = z.clone()
@@ -283,13 +286,19 @@ def test_resize_upsampler_has_no_sub_pixel_phases():
     with torch.no_grad():
         stairs = blocky(ramp.contiguous(), CausalCache())[..., 4:-4, 4:-4].diff(dim=-1)
     assert (stairs[..., 0:-1:2] - stairs[..., 1::2]).abs().max() > 1e-2
-    with pytest.raises(ValueError, match="bilinear or nearest"):
+    with pytest.raises(ValueError, match="bilinear, nearest or lanczos"):
         ResizeUpsample(4, temporal=False, mode="bicubic")
 
 
 def test_unknown_upsampler_is_refused():
     with pytest.raises(ValueError, match="upsampler must be one of depth_to_space, resize"):
         CausalVAE(**presets["tiny"], upsampler="pixelshuffle")
+
+
+def test_lanczos_modulation_needs_a_power_of_two_factor():
+    norm = AdaptiveFrameGroupNorm(8, 4, 2, upsample="lanczos")
+    with pytest.raises(ValueError, match="power-of-two factor"):
+        norm(torch.randn(1, 8, 1, 12, 12), torch.randn(1, 4, 1, 2, 2))
 
 
 def test_unknown_modulation_upsampling_is_refused():

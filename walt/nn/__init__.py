@@ -7,6 +7,7 @@ from walt.nn.mlp import Mlp
 from walt.nn.modulation import AdaLNLoRA, modulate
 from walt.nn.patch import PatchEmbed3D, PatchUnembed3D
 from walt.nn.position import SpatioTemporalPositionEmbedding
+from walt.nn.resample import lanczos_kernels, lanczos_upsample2x
 from walt.nn.window import (
     fit_window,
     pad_to_windows,
@@ -29,6 +30,8 @@ __all__ = [
     "SpatioTemporalPositionEmbedding",
     "causal_repeat_time",
     "fit_window",
+    "lanczos_kernels",
+    "lanczos_upsample2x",
     "modulate",
     "pad_to_windows",
     "padded_grid",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from walt.nn import CausalCache, CausalConv3d
+from walt.nn import CausalCache, CausalConv3d, lanczos_upsample2x
 
 
 def frame_group_norm(x: Tensor, num_groups: int, eps: float = 1e-6) -> Tensor:
@@ -43,7 +43,8 @@ class FrameGroupNorm(nn.Module):
         return x * self.weight[:, None, None, None] + self.bias[:, None, None, None]  # (B, C, T, H, W)
 
 
-MODULATION_UPSAMPLING = ("bilinear", "nearest")
+MODULATION_UPSAMPLING = ("bilinear", "nearest", "lanczos")
+LANCZOS_LOBES = 4  # fewer lobes leave more of the grid: 1.55 with 3, 1.41 with 4 (tests/test_nn_resample.py)
 
 
 class AdaptiveFrameGroupNorm(nn.Module):
@@ -52,7 +53,9 @@ class AdaptiveFrameGroupNorm(nn.Module):
     The latent reaches this layer already repeated causally in time to the layer's frame count; here each frame
     is resized in space to the layer's resolution. ``upsample="nearest"`` makes the modulation constant over
     each latent cell, and the decoder then draws the cells' edges (an 8-pixel grid over every reconstruction of
-    real footage); ``"bilinear"`` (the default) varies it smoothly. Only space is resized, frame by frame, so
+    real footage); ``"bilinear"`` (the default) varies it smoothly, but each cell is smoother at its centre;
+    ``"lanczos"`` resizes by :func:`walt.nn.lanczos_upsample2x` steps, with neither preference (power-of-two
+    factors only). Only space is resized, frame by frame, so
     causality and chunked decoding are unaffected.
     """
 
@@ -85,11 +88,25 @@ class AdaptiveFrameGroupNorm(nn.Module):
         frames = rearrange(z, "b c t h w -> (b t) c h w")  # (B*T, C_z, h, w)
         if self.upsample == "nearest":
             frames = F.interpolate(frames, size=size, mode="nearest")  # (B*T, C_z, H, W)
+        elif self.upsample == "lanczos":
+            frames = _lanczos_resize(frames, size)  # (B*T, C_z, H, W)
         else:
             frames = F.interpolate(
                 frames, size=size, mode="bilinear", align_corners=False
             )  # (B*T, C_z, H, W)
         return rearrange(frames, "(b t) c h w -> b c t h w", b=z.shape[0])  # (B, C_z, T, H, W)
+
+
+def _lanczos_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """(N, C, h, w) -> (N, C, H, W) by 2x Lanczos steps; H / h and W / w must be the same power of two."""
+    factor = size[0] // x.shape[-2]
+    if factor * x.shape[-2] != size[0] or factor * x.shape[-1] != size[1] or factor & (factor - 1):
+        raise ValueError(
+            f"Lanczos resizing needs one power-of-two factor, got {tuple(x.shape[-2:])} -> {size}"
+        )
+    while x.shape[-2] < size[0]:
+        x = lanczos_upsample2x(x, LANCZOS_LOBES)  # (N, C, 2h, 2w)
+    return x
 
 
 class ResBlock(nn.Module):
@@ -176,7 +193,7 @@ class DepthToSpaceUpsample(nn.Module):
         return x[:, :, self.factor_t - 1 :] if first_chunk else x  # (B, C, T', 2H, 2W)
 
 
-UPSAMPLERS = ("depth_to_space", "resize")
+UPSAMPLERS = ("depth_to_space", "resize", "lanczos")
 
 
 class ResizeUpsample(nn.Module):
@@ -186,14 +203,15 @@ class ResizeUpsample(nn.Module):
     each latent cell smoother at its centre than at its edges, and on RealFootage it trained blockier than
     depth-to-space (benchmarks/RESULTS.md, "the resize upsampler on the GPU"). The time axis follows
     :class:`DepthToSpaceUpsample` (1 + k -> 1 + s_t * k frames); space is resized frame by frame, so causality
-    and chunked decoding hold. ``mode="nearest"`` resizes by nearest neighbour instead (an experiment of
-    benchmarks/tokenizer_grid.py: its 2-pixel blocks show).
+    and chunked decoding hold. ``mode="lanczos"`` resizes by :func:`walt.nn.lanczos_upsample2x`, which has no
+    quiet centre; ``mode="nearest"`` by nearest neighbour (an experiment of benchmarks/tokenizer_grid.py: its
+    2-pixel blocks show).
     """
 
     def __init__(self, channels: int, temporal: bool, mode: str = "bilinear") -> None:
         super().__init__()
-        if mode not in ("bilinear", "nearest"):
-            raise ValueError(f"resize mode must be bilinear or nearest, got {mode!r}")
+        if mode not in ("bilinear", "nearest", "lanczos"):
+            raise ValueError(f"resize mode must be bilinear, nearest or lanczos, got {mode!r}")
         self.factor_t, self.mode = (2 if temporal else 1), mode
         self.conv = CausalConv3d(channels, channels, 3)
 
@@ -203,18 +221,22 @@ class ResizeUpsample(nn.Module):
         if first_chunk:  # latent frame 0 decodes to one frame
             x = x[:, :, self.factor_t - 1 :]  # (B, C, T', H, W)
         frames = rearrange(x, "b c t h w -> (b t) c h w")  # (B*T', C, H, W)
-        corners = False if self.mode == "bilinear" else None  # nearest takes no align_corners
-        frames = F.interpolate(
-            frames, scale_factor=2, mode=self.mode, align_corners=corners
-        )  # (B*T', C, 2H, 2W)
+        if self.mode == "lanczos":
+            frames = lanczos_upsample2x(frames, LANCZOS_LOBES)  # (B*T', C, 2H, 2W)
+        else:
+            corners = False if self.mode == "bilinear" else None  # nearest takes no align_corners
+            frames = F.interpolate(
+                frames, scale_factor=2, mode=self.mode, align_corners=corners
+            )  # (B*T', C, 2H, 2W)
         x = rearrange(frames, "(b t) c h w -> b c t h w", b=x.shape[0])  # (B, C, T', 2H, 2W)
         return self.conv(x, cache)  # (B, C, T', 2H, 2W)
 
 
 def make_upsampler(kind: str, channels: int, temporal: bool) -> nn.Module:
-    """The decoder's 2x upsampling layer: ``"depth_to_space"`` (MAGVIT-v2's, the default) or ``"resize"``."""
+    """The decoder's 2x upsampling layer: ``"depth_to_space"`` (MAGVIT-v2's, the default), ``"resize"``
+    (bilinear, then a convolution) or ``"lanczos"`` (a Lanczos filter, then a convolution)."""
     if kind == "depth_to_space":
         return DepthToSpaceUpsample(channels, temporal)
-    if kind == "resize":
-        return ResizeUpsample(channels, temporal)
+    if kind in ("resize", "lanczos"):
+        return ResizeUpsample(channels, temporal, mode="bilinear" if kind == "resize" else "lanczos")
     raise ValueError(f"upsampler must be one of {', '.join(UPSAMPLERS)}, got {kind!r}")

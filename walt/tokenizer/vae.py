@@ -129,13 +129,14 @@ class CausalVAE(nn.Module):
         num_groups: GroupNorm groups; must divide every level's width.
         variational: predict a log-variance too (needed for a KL term and posterior sampling).
         modulation_upsample: how the decoder resizes the latent that modulates its normalizations to each
-            level's resolution: "bilinear" (default) or "nearest", which draws an 8-pixel grid on real footage
-            (benchmarks/RESULTS.md); "nearest" is the behaviour of walt's tokenizers before the change, for
-            checkpoints trained with it.
+            level's resolution: "bilinear" (default), "lanczos" (a windowed sinc: no cell is smoother at its
+            centre) or "nearest", which draws an 8-pixel grid on real footage (benchmarks/RESULTS.md); "nearest"
+            is the behaviour of walt's tokenizers before the change, for checkpoints trained with it.
         upsampler: the decoder's 2x upsampling layers: "depth_to_space" (default; a convolution to 4x or 8x
-            the channels, then depth-to-space, started as nearest-neighbour upsampling) or "resize" (bilinear
+            the channels, then depth-to-space, started as nearest-neighbour upsampling), "resize" (bilinear
             resizing, then a convolution), which has no sub-pixel filters to drift apart into a seam through
-            each latent cell (benchmarks/RESULTS.md, "a grid the old ratio missed").
+            each latent cell but trains blockier (benchmarks/RESULTS.md, "the resize upsampler on the GPU"), or
+            "lanczos" (a windowed-sinc resize, then a convolution).
     """
 
     @records_init_args

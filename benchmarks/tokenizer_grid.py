@@ -7,8 +7,8 @@ about 1.06 for the footage) and PSNR of the held-out test clips every --eval-eve
 
   upsampler      nearest: walt's depth-to-space layers as they start (a convolution, then nearest-neighbour
                  upsampling: ICNR); bilinear: the same layers started as bilinear upsampling; resize: no
-                 depth-to-space but nearest-neighbour upsampling followed by a convolution; resize-bilinear:
-                 the same with bilinear upsampling
+                 depth-to-space but nearest-neighbour upsampling followed by a convolution; resize-bilinear
+                 and resize-lanczos: the same with bilinear or Lanczos upsampling
   loss           l1, l1+lpips (L1 plus 0.1 x LPIPS on 4 frames per clip, configs/tokenizer/real_footage.yaml),
                  l1+lpips-shiftN (LPIPS on windows N pixels smaller, at a random offset per image), or l1+gradW
                  (L1 plus W x the L1 distance of horizontal and vertical neighbour differences)
@@ -66,11 +66,17 @@ def build(args: argparse.Namespace, upsampler: str) -> CausalVAE:
     for i, up in enumerate(ups):
         if upsampler == "bilinear":
             init_as_bilinear(up)
-        elif upsampler in ("resize", "resize-bilinear"):  # walt's "resize" upsampler is resize-bilinear
-            mode = "bilinear" if upsampler == "resize-bilinear" else "nearest"
+        elif upsampler in (
+            "resize",
+            "resize-bilinear",
+            "resize-lanczos",
+        ):  # walt's "resize" is resize-bilinear
+            mode = upsampler.removeprefix("resize-") if "-" in upsampler else "nearest"
             ups[i] = ResizeUpsample(up.conv.conv.in_channels, up.factor_t == 2, mode)
         elif upsampler != "nearest":
-            raise SystemExit(f"unknown upsampler {upsampler!r}: nearest, bilinear, resize or resize-bilinear")
+            raise SystemExit(
+                f"unknown upsampler {upsampler!r}: nearest, bilinear, resize, resize-bilinear or resize-lanczos"
+            )
     return vae.to(args.device)
 
 

@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from walt.lightning import TokenizerModule
+from walt.tokenizer.layers import MODULATION_UPSAMPLING, UPSAMPLERS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tokenizer import sync  # benchmarks/tokenizer.py
@@ -39,13 +40,20 @@ VARIANTS = {  # name: (discriminator step, R1 on it, adaptive GAN weight)
 }
 
 
-def build(config: Path, upsampler: str | None = None, perceptual: bool = True) -> TokenizerModule:
-    """The config's TokenizerModule with fresh weights; ``upsampler`` replaces its autoencoder's upsampler, and
-    ``perceptual=False`` drops LPIPS (loss and validation metric) for a machine without its weights."""
+def build(
+    config: Path,
+    upsampler: str | None = None,
+    perceptual: bool = True,
+    modulation_upsample: str | None = None,
+) -> TokenizerModule:
+    """The config's TokenizerModule with fresh weights; ``upsampler`` and ``modulation_upsample`` replace its
+    autoencoder's, and ``perceptual=False`` drops LPIPS (loss and validation metric) for a machine without its
+    weights."""
     section = yaml.safe_load(config.read_text())["model"]
     args = section["init_args"]
-    if upsampler is not None:
-        args["vae"].setdefault("init_args", {})["upsampler"] = upsampler
+    for key, value in (("upsampler", upsampler), ("modulation_upsample", modulation_upsample)):
+        if value is not None:
+            args["vae"].setdefault("init_args", {})[key] = value
     if not perceptual:
         args["loss"]["init_args"].update(perceptual=None, perceptual_weight=0.0)
         args.pop("val_metrics", None)
@@ -120,7 +128,12 @@ def main() -> None:
     p.add_argument(
         "--channels-last", action="store_true", help="also time channels_last_3d networks and input"
     )
-    p.add_argument("--upsampler", choices=["depth_to_space", "resize"], help="replace the config's upsampler")
+    p.add_argument("--upsampler", choices=UPSAMPLERS, help="replace the config's upsampler")
+    p.add_argument(
+        "--modulation-upsample",
+        choices=MODULATION_UPSAMPLING,
+        help="replace the config's modulation resizing",
+    )
     p.add_argument("--no-perceptual", action="store_true", help="drop LPIPS (no weights on this machine)")
     p.add_argument("--smoke", action="store_true", help="CPU: batch 1 of 5x32x32, one timed step")
     p.add_argument("--out", type=Path, help="write the figures here (JSON)")
@@ -135,7 +148,7 @@ def main() -> None:
               "ms_per_batch": {}}  # fmt: skip
     for layout in ("contiguous", "channels_last_3d") if args.channels_last else ("contiguous",):
         torch.manual_seed(0)
-        module = build(args.config, args.upsampler, not args.no_perceptual)
+        module = build(args.config, args.upsampler, not args.no_perceptual, args.modulation_upsample)
         r1_weight = module.loss.gradient_penalty_weight or 10.0  # the config's, 10 if it has none
         video = torch.rand(args.batch_size, 3, args.frames, args.size, args.size, device=device) * 2 - 1
         if layout == "channels_last_3d":

@@ -45,6 +45,7 @@ from walt.data import RealFootage, collate_items, to_uint8
 from walt.metrics import chroma_error, pooled_grid_ratio, psnr, ssim
 from walt.metrics.pixel import SSIM_WINDOW
 from walt.tokenizer import CausalVAE, presets
+from walt.tokenizer.layers import MODULATION_UPSAMPLING, UPSAMPLERS
 from walt.tokenizer.losses import TokenizerLoss
 
 # Wan 2.1's VAE layout (diffusers' defaults but the width): 8x space, 4x time, as walt's tokenizer.
@@ -115,7 +116,11 @@ def matched_wan_config(target_params: int, z_dim: int) -> dict:
 
 
 def build_models(args: argparse.Namespace) -> dict[str, nn.Module]:
-    walt_config = dict(presets[args.walt_preset], modulation_upsample=args.modulation_upsample)
+    walt_config = dict(
+        presets[args.walt_preset],
+        modulation_upsample=args.modulation_upsample,
+        upsampler=args.upsampler,
+    )
     torch.manual_seed(args.seed)
     walt = WaltAutoencoder(CausalVAE(**walt_config))
     torch.manual_seed(args.seed)
@@ -312,7 +317,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="folder for results.json and the side-by-side PNGs")
     parser.add_argument("--walt-preset", default="small", choices=sorted(presets))
-    parser.add_argument("--modulation-upsample", default="bilinear", choices=["bilinear", "nearest"])
+    parser.add_argument("--modulation-upsample", default="bilinear", choices=MODULATION_UPSAMPLING)
+    parser.add_argument(
+        "--upsampler", default="depth_to_space", choices=UPSAMPLERS, help="walt's decoder upsamplers"
+    )
     parser.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of both models")
     parser.add_argument("--perceptual-weight", type=float, default=0.1, help="LPIPS weight (0 = L1 only)")
     parser.add_argument(

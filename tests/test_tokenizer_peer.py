@@ -31,7 +31,13 @@ def peer():
 
 
 ARGS = Namespace(
-    walt_preset="tiny", modulation_upsample="nearest", seed=0, frames=5, resolution=16, batch_size=1
+    walt_preset="tiny",
+    modulation_upsample="nearest",
+    upsampler="lanczos",
+    seed=0,
+    frames=5,
+    resolution=16,
+    batch_size=1,
 )
 
 
@@ -44,6 +50,7 @@ def test_peer_has_walts_latent_shape_and_nearest_parameter_count(peer, models):
     info = peer.describe(models, ARGS, torch.device("cpu"))
     assert info["walt"]["latent_shape"] == info["wan"]["latent_shape"] == [4, 2, 2, 2]
     assert info["walt"]["config"]["modulation_upsample"] == "nearest"
+    assert info["walt"]["config"]["upsampler"] == "lanczos"
     width, target = info["wan"]["config"]["base_dim"], info["walt"]["params"]
     with torch.device("meta"):
         counts = {

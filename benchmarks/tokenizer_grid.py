@@ -8,7 +8,9 @@ about 1.06 for the footage) and PSNR of the held-out test clips every --eval-eve
   upsampler      nearest: walt's depth-to-space layers as they start (a convolution, then nearest-neighbour
                  upsampling: ICNR); bilinear: the same layers started as bilinear upsampling; resize: no
                  depth-to-space but nearest-neighbour upsampling followed by a convolution; resize-bilinear
-                 and resize-lanczos: the same with bilinear or Lanczos upsampling
+                 and resize-lanczos: the same with bilinear or Lanczos upsampling (the decoder's modulation is
+                 resized as --modulation-upsample says, bilinear by default; walt's upsampler="lanczos" as
+                 trained pairs resize-lanczos with --modulation-upsample lanczos)
   loss           l1, l1+lpips (L1 plus 0.1 x LPIPS on 4 frames per clip, configs/tokenizer/real_footage.yaml),
                  l1+lpips-shiftN (LPIPS on windows N pixels smaller, at a random offset per image), or l1+gradW
                  (L1 plus W x the L1 distance of horizontal and vertical neighbour differences)
@@ -36,7 +38,7 @@ from walt.data import RealFootage
 from walt.lightning.ema import EMA
 from walt.metrics import grid_phase, grid_profile, pooled_grid_ratio, profile_spread, psnr
 from walt.tokenizer import CausalVAE
-from walt.tokenizer.layers import DepthToSpaceUpsample, ResizeUpsample
+from walt.tokenizer.layers import MODULATION_UPSAMPLING, DepthToSpaceUpsample, ResizeUpsample
 from walt.tokenizer.losses import TokenizerLoss, frames_as_images
 
 
@@ -56,26 +58,26 @@ def init_as_bilinear(up: DepthToSpaceUpsample) -> None:
     conv.bias.zero_()
 
 
+# walt's upsampler="resize" is resize-bilinear here, and upsampler="lanczos" is resize-lanczos
+RESIZE_MODES = {"resize": "nearest", "resize-bilinear": "bilinear", "resize-lanczos": "lanczos"}
+
+
 def build(args: argparse.Namespace, upsampler: str) -> CausalVAE:
     torch.manual_seed(args.seed)  # the same encoder and decoder weights, but for the upsamplers
     vae = CausalVAE(
         latent_channels=8, channels=args.channels, multipliers=(1, 2, 2, 4), num_res_blocks=1,
         temporal_downsample=(True, True, False), num_groups=8, variational=False,
+        modulation_upsample=args.modulation_upsample,
     )  # fmt: skip
     ups = vae.decoder.upsamples
     for i, up in enumerate(ups):
         if upsampler == "bilinear":
             init_as_bilinear(up)
-        elif upsampler in (
-            "resize",
-            "resize-bilinear",
-            "resize-lanczos",
-        ):  # walt's "resize" is resize-bilinear
-            mode = upsampler.removeprefix("resize-") if "-" in upsampler else "nearest"
-            ups[i] = ResizeUpsample(up.conv.conv.in_channels, up.factor_t == 2, mode)
+        elif upsampler in RESIZE_MODES:
+            ups[i] = ResizeUpsample(up.conv.conv.in_channels, up.factor_t == 2, RESIZE_MODES[upsampler])
         elif upsampler != "nearest":
             raise SystemExit(
-                f"unknown upsampler {upsampler!r}: nearest, bilinear, resize, resize-bilinear or resize-lanczos"
+                f"unknown upsampler {upsampler!r}: nearest, bilinear or {', '.join(RESIZE_MODES)}"
             )
     return vae.to(args.device)
 
@@ -171,6 +173,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="JSON of every curve")
     p.add_argument("--upsamplers", default="nearest,bilinear")
+    p.add_argument(
+        "--modulation-upsample",
+        default="bilinear",
+        choices=MODULATION_UPSAMPLING,
+        help="resizing of every variant",
+    )
     p.add_argument("--losses", default="l1,l1+lpips")
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--frames", type=int, default=9)

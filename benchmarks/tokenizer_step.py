@@ -142,7 +142,8 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one Trainer per variant: no banners
     if args.smoke:
         args.batch_size, args.frames, args.size, args.warmup, args.iters = 1, 5, 32, 1, 1
-    result = {"config": str(args.config), "upsampler": args.upsampler, "perceptual": not args.no_perceptual,
+    result = {"config": str(args.config), "upsampler": args.upsampler,
+              "modulation_upsample": args.modulation_upsample, "perceptual": not args.no_perceptual,
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "torch": torch.__version__, "batch": [args.batch_size, 3, args.frames, args.size, args.size],
               "ms_per_batch": {}}  # fmt: skip

@@ -129,13 +129,13 @@ def profile_spread(profile: torch.Tensor) -> torch.Tensor:
     """The largest entry of a :func:`grid_profile` over its smallest, along the last axis: 1 when every phase of
     the grid looks alike, whichever way one phase stands out."""
     tiny = 1e-12  # a flat frame (no differences anywhere) has no grid: 1, not 0 / 0
-    return (profile.amax(dim=-1) + tiny) / (profile.amin(dim=-1) + tiny)
+    return (profile.amax(dim=-1) + tiny) / (profile.amin(dim=-1) + tiny)  # (...,)
 
 
 def grid_phase(profile: torch.Tensor) -> torch.Tensor:
     """Where a grid sits, along the last axis of a :func:`grid_profile`: the phase furthest from the typical one
     by ratio, loud (a seam) or quiet (a smooth centre)."""
-    return profile.clamp_min(1e-12).log().abs().argmax(dim=-1)
+    return profile.clamp_min(1e-12).log().abs().argmax(dim=-1)  # (...,)
 
 
 def grid_ratio(x: torch.Tensor, period: int = 8, margin: int = 0) -> torch.Tensor:
@@ -144,8 +144,8 @@ def grid_ratio(x: torch.Tensor, period: int = 8, margin: int = 0) -> torch.Tenso
     draw the latent cells (a latent pixel covers ``period`` x ``period`` output pixels): a seam along their
     edges or through their middles raises one phase; a decoder that interpolates its coarse features smoothly
     leaves a quiet phase where each cell is smooth inside, and the picture looks like an enlarged thumbnail
-    (a bilinear 8x enlargement of random cells scores 2: the differences on either side of each cell's centre
-    average out). About 1 for natural images (1.06 for RealFootage's test clips pooled, with ``margin=8``; see
+    (a bilinear 8x enlargement of random cells scores 2: the two half-steps that make the difference across each
+    cell's centre partly cancel). About 1 for natural images (1.06 for RealFootage's test clips pooled, with ``margin=8``; see
     :func:`pooled_grid_ratio` for a set of clips)."""
     return profile_spread(grid_profile(x, period, margin))  # (B,)
 

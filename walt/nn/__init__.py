@@ -7,7 +7,7 @@ from walt.nn.mlp import Mlp
 from walt.nn.modulation import AdaLNLoRA, modulate
 from walt.nn.patch import PatchEmbed3D, PatchUnembed3D
 from walt.nn.position import SpatioTemporalPositionEmbedding
-from walt.nn.resample import lanczos_kernels, lanczos_upsample2x
+from walt.nn.resample import LANCZOS_LOBES, lanczos_kernels, lanczos_upsample2x
 from walt.nn.window import (
     fit_window,
     pad_to_windows,
@@ -18,6 +18,7 @@ from walt.nn.window import (
 )
 
 __all__ = [
+    "LANCZOS_LOBES",
     "AdaLNLoRA",
     "Attention",
     "CausalCache",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from walt.nn import CausalCache, CausalConv3d, lanczos_upsample2x
+from walt.nn import LANCZOS_LOBES, CausalCache, CausalConv3d, lanczos_kernels, lanczos_upsample2x
 
 
 def frame_group_norm(x: Tensor, num_groups: int, eps: float = 1e-6) -> Tensor:
@@ -44,7 +44,6 @@ class FrameGroupNorm(nn.Module):
 
 
 MODULATION_UPSAMPLING = ("bilinear", "nearest", "lanczos")
-LANCZOS_LOBES = 4  # fewer lobes leave more of the grid: 1.55 with 3, 1.41 with 4 (tests/test_nn_resample.py)
 
 
 class AdaptiveFrameGroupNorm(nn.Module):
@@ -54,9 +53,9 @@ class AdaptiveFrameGroupNorm(nn.Module):
     is resized in space to the layer's resolution. ``upsample="nearest"`` makes the modulation constant over
     each latent cell, and the decoder then draws the cells' edges (an 8-pixel grid over every reconstruction of
     real footage); ``"bilinear"`` (the default) varies it smoothly, but each cell is smoother at its centre;
-    ``"lanczos"`` resizes by :func:`walt.nn.lanczos_upsample2x` steps, with neither preference (power-of-two
-    factors only). Only space is resized, frame by frame, so
-    causality and chunked decoding are unaffected.
+    ``"lanczos"`` resizes by :func:`walt.nn.lanczos_upsample2x` steps, with a much weaker preference than
+    either (power-of-two factors only). Only space is resized, frame by frame, so causality and chunked
+    decoding are unaffected.
     """
 
     def __init__(
@@ -70,6 +69,8 @@ class AdaptiveFrameGroupNorm(nn.Module):
             )
         self.num_groups = num_groups
         self.upsample = upsample
+        if upsample == "lanczos":
+            self.register_buffer("lanczos", lanczos_kernels(LANCZOS_LOBES, torch.float32), persistent=False)
         self.to_scale_shift = nn.Conv3d(latent_channels, 2 * channels, kernel_size=1)
         # Start as a plain GroupNorm: the latent modulation is learned from zero.
         nn.init.zeros_(self.to_scale_shift.weight)
@@ -89,7 +90,7 @@ class AdaptiveFrameGroupNorm(nn.Module):
         if self.upsample == "nearest":
             frames = F.interpolate(frames, size=size, mode="nearest")  # (B*T, C_z, H, W)
         elif self.upsample == "lanczos":
-            frames = _lanczos_resize(frames, size)  # (B*T, C_z, H, W)
+            frames = _lanczos_resize(frames, size, self.lanczos)  # (B*T, C_z, H, W)
         else:
             frames = F.interpolate(
                 frames, size=size, mode="bilinear", align_corners=False
@@ -97,15 +98,20 @@ class AdaptiveFrameGroupNorm(nn.Module):
         return rearrange(frames, "(b t) c h w -> b c t h w", b=z.shape[0])  # (B, C_z, T, H, W)
 
 
-def _lanczos_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+def _lanczos_resize(x: Tensor, size: tuple[int, int], kernels: Tensor) -> Tensor:
     """(N, C, h, w) -> (N, C, H, W) by 2x Lanczos steps; H / h and W / w must be the same power of two."""
     factor = size[0] // x.shape[-2]
-    if factor * x.shape[-2] != size[0] or factor * x.shape[-1] != size[1] or factor & (factor - 1):
+    if (
+        factor < 1
+        or factor * x.shape[-2] != size[0]
+        or factor * x.shape[-1] != size[1]
+        or factor & (factor - 1)
+    ):
         raise ValueError(
             f"Lanczos resizing needs one power-of-two factor, got {tuple(x.shape[-2:])} -> {size}"
         )
     while x.shape[-2] < size[0]:
-        x = lanczos_upsample2x(x, LANCZOS_LOBES)  # (N, C, 2h, 2w)
+        x = lanczos_upsample2x(x, kernels)  # (N, C, 2h, 2w)
     return x
 
 
@@ -201,10 +207,10 @@ class ResizeUpsample(nn.Module):
     2016). Every output pixel is made by the same filter, so, unlike depth-to-space, there are no sub-pixel
     filters for training to pull apart into a seam or a checkerboard. It starts as an enlarged thumbnail instead,
     each latent cell smoother at its centre than at its edges, and on RealFootage it trained blockier than
-    depth-to-space (benchmarks/RESULTS.md, "the resize upsampler on the GPU"). The time axis follows
+    depth-to-space (benchmarks/RESULTS.md, "the resize upsampler on real footage"). The time axis follows
     :class:`DepthToSpaceUpsample` (1 + k -> 1 + s_t * k frames); space is resized frame by frame, so causality
-    and chunked decoding hold. ``mode="lanczos"`` resizes by :func:`walt.nn.lanczos_upsample2x`, which has no
-    quiet centre; ``mode="nearest"`` by nearest neighbour (an experiment of benchmarks/tokenizer_grid.py: its
+    and chunked decoding hold. ``mode="lanczos"`` resizes by :func:`walt.nn.lanczos_upsample2x`, whose quiet
+    centre is much weaker; ``mode="nearest"`` by nearest neighbour (an experiment of benchmarks/tokenizer_grid.py: its
     2-pixel blocks show).
     """
 
@@ -214,6 +220,8 @@ class ResizeUpsample(nn.Module):
             raise ValueError(f"resize mode must be bilinear, nearest or lanczos, got {mode!r}")
         self.factor_t, self.mode = (2 if temporal else 1), mode
         self.conv = CausalConv3d(channels, channels, 3)
+        if mode == "lanczos":
+            self.register_buffer("lanczos", lanczos_kernels(LANCZOS_LOBES, torch.float32), persistent=False)
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         first_chunk = cache.first_visit(self)
@@ -222,7 +230,7 @@ class ResizeUpsample(nn.Module):
             x = x[:, :, self.factor_t - 1 :]  # (B, C, T', H, W)
         frames = rearrange(x, "b c t h w -> (b t) c h w")  # (B*T', C, H, W)
         if self.mode == "lanczos":
-            frames = lanczos_upsample2x(frames, LANCZOS_LOBES)  # (B*T', C, 2H, 2W)
+            frames = lanczos_upsample2x(frames, self.lanczos)  # (B*T', C, 2H, 2W)
         else:
             corners = False if self.mode == "bilinear" else None  # nearest takes no align_corners
             frames = F.interpolate(

@@ -129,13 +129,13 @@ class CausalVAE(nn.Module):
         num_groups: GroupNorm groups; must divide every level's width.
         variational: predict a log-variance too (needed for a KL term and posterior sampling).
         modulation_upsample: how the decoder resizes the latent that modulates its normalizations to each
-            level's resolution: "bilinear" (default), "lanczos" (a windowed sinc: no cell is smoother at its
-            centre) or "nearest", which draws an 8-pixel grid on real footage (benchmarks/RESULTS.md); "nearest"
+            level's resolution: "bilinear" (default), "lanczos" (a windowed sinc: cells much less smooth at
+            their centres than bilinear's) or "nearest", which draws an 8-pixel grid on real footage (benchmarks/RESULTS.md); "nearest"
             is the behaviour of walt's tokenizers before the change, for checkpoints trained with it.
         upsampler: the decoder's 2x upsampling layers: "depth_to_space" (default; a convolution to 4x or 8x
             the channels, then depth-to-space, started as nearest-neighbour upsampling), "resize" (bilinear
             resizing, then a convolution), which has no sub-pixel filters to drift apart into a seam through
-            each latent cell but trains blockier (benchmarks/RESULTS.md, "the resize upsampler on the GPU"), or
+            each latent cell but trains blockier (benchmarks/RESULTS.md, "the resize upsampler on real footage"), or
             "lanczos" (a windowed-sinc resize, then a convolution).
     """
 

@@ -164,15 +164,19 @@ def test_bad_arguments_are_refused():
         RealFootage("test", num_frames=37, resolution=SIZE)
 
 
-def test_real_footage_config_trains_two_batches_on_cpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("upsampler", ["depth_to_space", "lanczos"])
+def test_real_footage_config_trains_two_batches_on_cpu(tmp_path, monkeypatch, upsampler):
     """configs/tokenizer/real_footage.yaml, shrunk to the tiny tokenizer: a video batch then an image batch,
-    both with the discriminator on (gradient penalty and LeCam), then validation on the test split."""
+    both with the discriminator on (gradient penalty and LeCam), then validation on the test split; as shipped
+    and with the Lanczos upsamplers and modulation the README offers."""
     from walt.cli import WaltCLI
     from walt.tokenizer import presets
 
     config = yaml.safe_load((ROOT / "configs/tokenizer/real_footage.yaml").read_text())
     model = config["model"]["init_args"]
-    model["vae"]["init_args"] = {**presets["tiny"], "variational": True}
+    shipped = model["vae"]["init_args"]
+    resizing = {"upsampler": upsampler, "modulation_upsample": "lanczos"} if upsampler == "lanczos" else {}
+    model["vae"]["init_args"] = {**presets["tiny"], "variational": True} | resizing
     model["loss"]["init_args"] |= {"perceptual": None, "gan_start_step": 0}
     model["discriminator"]["init_args"] = {"channels": 8, "multipliers": [2, 2]}
     model["val_metrics"] = None
@@ -197,3 +201,12 @@ def test_real_footage_config_trains_two_batches_on_cpu(tmp_path, monkeypatch):
     assert int(cli.model.train_steps) == 2
     assert "val/psnr" in cli.trainer.callback_metrics
     assert (tmp_path / "run/checkpoints/last.ckpt").is_file()
+    assert cli.model.vae.init_args["upsampler"] == (upsampler if resizing else shipped["upsampler"])
+    # the checkpoint describes its autoencoder: it loads without the YAML and decodes as trained
+    from walt.pipeline.files import load_tokenizer
+
+    loaded = load_tokenizer(tmp_path / "run/checkpoints/last.ckpt", weights="trained")
+    assert loaded.init_args["upsampler"] == cli.model.vae.init_args["upsampler"]
+    z = torch.randn(1, loaded.latent_channels, 2, 2, 2)  # (1, C, 2, 2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode(z), cli.model.vae.eval().decode(z))

@@ -148,6 +148,10 @@ def test_gan_starts_at_its_step_and_checkpoint_holds_ema(tmp_path):
     assert load_vae_weights(restored, tmp_path / "last.ckpt") == "ema"
     for a, b in zip(restored.state_dict().values(), module.ema.module.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # An autoencoder built otherwise is refused by name, also where no tensor shape differs (how it resizes)
+    for other in ({"upsampler": "resize"}, {"modulation_upsample": "lanczos"}):
+        with pytest.raises(ValueError, match=f"{next(iter(other))}: .* \\(here"):
+            load_vae_weights(CausalVAE(**presets["tiny"], **other), tmp_path / "last.ckpt")
     # The checkpoint describes its autoencoder: it loads without its config (walt evaluate rfvd2048_16f).
     from walt.pipeline import load_tokenizer
     from walt.pipeline.parts import describe_part

@@ -4,7 +4,6 @@ diffusion modules, ``walt encode``), without the command-line code of ``walt enc
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Any
 
 from walt.checkpoint import module_weights, read_checkpoint, read_weights

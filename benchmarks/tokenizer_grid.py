@@ -59,7 +59,7 @@ def init_as_bilinear(up: DepthToSpaceUpsample) -> None:
 
 
 # walt's upsampler="resize" is resize-bilinear here, and upsampler="lanczos" is resize-lanczos
-RESIZE_MODES = {"resize": "nearest", "resize-bilinear": "bilinear", "resize-lanczos": "lanczos"}
+RESIZE_VARIANTS = {"resize": "nearest", "resize-bilinear": "bilinear", "resize-lanczos": "lanczos"}
 
 
 def build(args: argparse.Namespace, upsampler: str) -> CausalVAE:
@@ -73,11 +73,11 @@ def build(args: argparse.Namespace, upsampler: str) -> CausalVAE:
     for i, up in enumerate(ups):
         if upsampler == "bilinear":
             init_as_bilinear(up)
-        elif upsampler in RESIZE_MODES:
-            ups[i] = ResizeUpsample(up.conv.conv.in_channels, up.factor_t == 2, RESIZE_MODES[upsampler])
+        elif upsampler in RESIZE_VARIANTS:
+            ups[i] = ResizeUpsample(up.conv.conv.in_channels, up.factor_t == 2, RESIZE_VARIANTS[upsampler])
         elif upsampler != "nearest":
             raise SystemExit(
-                f"unknown upsampler {upsampler!r}: nearest, bilinear or {', '.join(RESIZE_MODES)}"
+                f"unknown upsampler {upsampler!r}: nearest, bilinear or {', '.join(RESIZE_VARIANTS)}"
             )
     return vae.to(args.device)
 

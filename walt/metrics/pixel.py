@@ -145,8 +145,8 @@ def grid_ratio(x: torch.Tensor, period: int = 8, margin: int = 0) -> torch.Tenso
     edges or through their middles raises one phase; a decoder that interpolates its coarse features smoothly
     leaves a quiet phase where each cell is smooth inside, and the picture looks like an enlarged thumbnail
     (a bilinear 8x enlargement of random cells scores 2: the two half-steps that make the difference across each
-    cell's centre partly cancel). About 1 for natural images (1.06 for RealFootage's test clips pooled, with ``margin=8``; see
-    :func:`pooled_grid_ratio` for a set of clips)."""
+    cell's centre partly cancel). About 1 for natural images (1.06 for RealFootage's test clips pooled, with
+    ``margin=8``; see :func:`pooled_grid_ratio` for a set of clips)."""
     return profile_spread(grid_profile(x, period, margin))  # (B,)
 
 

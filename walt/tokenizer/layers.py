@@ -43,7 +43,47 @@ class FrameGroupNorm(nn.Module):
         return x * self.weight[:, None, None, None] + self.bias[:, None, None, None]  # (B, C, T, H, W)
 
 
-MODULATION_UPSAMPLING = ("bilinear", "nearest", "lanczos")
+RESIZE_MODES = ("bilinear", "nearest", "lanczos")
+MODULATION_UPSAMPLING = RESIZE_MODES
+
+
+class FrameResize(nn.Module):
+    """Resizes frames (N, C, h, w) to (N, C, H, W) by one of :data:`RESIZE_MODES`, the one resizing the decoder's
+    modulation and its resize upsamplers share. ``"lanczos"`` takes power-of-two factors only and keeps its
+    kernels as a non-persistent buffer (no weights of its own: state dicts are unchanged)."""
+
+    def __init__(self, mode: str, what: str = "resize mode") -> None:
+        super().__init__()
+        if mode not in RESIZE_MODES:
+            raise ValueError(f"{what} must be bilinear, nearest or lanczos, got {mode!r}")
+        self.mode = mode
+        if mode == "lanczos":
+            self.register_buffer("lanczos", lanczos_kernels(LANCZOS_LOBES, torch.float32), persistent=False)
+
+    def forward(self, frames: Tensor, size: tuple[int, int]) -> Tensor:
+        if tuple(frames.shape[-2:]) == tuple(size):
+            return frames
+        if self.mode == "lanczos":
+            return _lanczos_resize(frames, size, self.lanczos)  # (N, C, H, W)
+        corners = False if self.mode == "bilinear" else None  # nearest takes no align_corners
+        return F.interpolate(frames, size=size, mode=self.mode, align_corners=corners)  # (N, C, H, W)
+
+
+def _lanczos_resize(x: Tensor, size: tuple[int, int], kernels: Tensor) -> Tensor:
+    """(N, C, h, w) -> (N, C, H, W) by 2x Lanczos steps; H / h and W / w must be the same power of two."""
+    factor = size[0] // x.shape[-2]
+    if (
+        factor < 1
+        or factor * x.shape[-2] != size[0]
+        or factor * x.shape[-1] != size[1]
+        or factor & (factor - 1)
+    ):
+        raise ValueError(
+            f"Lanczos resizing needs one power-of-two factor, got {tuple(x.shape[-2:])} -> {size}"
+        )
+    while x.shape[-2] < size[0]:
+        x = lanczos_upsample2x(x, kernels)  # (N, C, 2h, 2w)
+    return x
 
 
 class AdaptiveFrameGroupNorm(nn.Module):
@@ -63,56 +103,29 @@ class AdaptiveFrameGroupNorm(nn.Module):
     ) -> None:
         super().__init__()
         _check_groups(channels, num_groups)
-        if upsample not in MODULATION_UPSAMPLING:
-            raise ValueError(
-                f"modulation upsampling must be one of {', '.join(MODULATION_UPSAMPLING)}, got {upsample!r}"
-            )
         self.num_groups = num_groups
         self.upsample = upsample
-        if upsample == "lanczos":
-            self.register_buffer("lanczos", lanczos_kernels(LANCZOS_LOBES, torch.float32), persistent=False)
+        self.resize = FrameResize(upsample, "modulation upsampling")
         self.to_scale_shift = nn.Conv3d(latent_channels, 2 * channels, kernel_size=1)
         # Start as a plain GroupNorm: the latent modulation is learned from zero.
         nn.init.zeros_(self.to_scale_shift.weight)
         nn.init.zeros_(self.to_scale_shift.bias)
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
-        """x: (B, C, T, H, W); z: (B, C_z, T, h, w), the latent at this layer's frame rate."""
-        scale, shift = self.to_scale_shift(self._resize(z, x.shape[-2:])).chunk(
+        """x: (B, C, T, H, W); z: (B, C_z, T, h, w), the latent at this layer's frame rate (or already resized
+        to (H, W) by :meth:`resize_latent`)."""
+        scale, shift = self.to_scale_shift(self.resize_latent(z, x.shape[-2:])).chunk(
             2, dim=1
         )  # (B, C, T, H, W) each
         return frame_group_norm(x, self.num_groups) * (1 + scale) + shift  # (B, C, T, H, W)
 
-    def _resize(self, z: Tensor, size: tuple[int, int]) -> Tensor:
+    def resize_latent(self, z: Tensor, size: tuple[int, int]) -> Tensor:
+        """(B, C_z, T, h, w) -> (B, C_z, T, H, W), frame by frame; ``z`` itself when it already has the size."""
         if tuple(z.shape[-2:]) == tuple(size):
             return z
         frames = rearrange(z, "b c t h w -> (b t) c h w")  # (B*T, C_z, h, w)
-        if self.upsample == "nearest":
-            frames = F.interpolate(frames, size=size, mode="nearest")  # (B*T, C_z, H, W)
-        elif self.upsample == "lanczos":
-            frames = _lanczos_resize(frames, size, self.lanczos)  # (B*T, C_z, H, W)
-        else:
-            frames = F.interpolate(
-                frames, size=size, mode="bilinear", align_corners=False
-            )  # (B*T, C_z, H, W)
+        frames = self.resize(frames, size)  # (B*T, C_z, H, W)
         return rearrange(frames, "(b t) c h w -> b c t h w", b=z.shape[0])  # (B, C_z, T, H, W)
-
-
-def _lanczos_resize(x: Tensor, size: tuple[int, int], kernels: Tensor) -> Tensor:
-    """(N, C, h, w) -> (N, C, H, W) by 2x Lanczos steps; H / h and W / w must be the same power of two."""
-    factor = size[0] // x.shape[-2]
-    if (
-        factor < 1
-        or factor * x.shape[-2] != size[0]
-        or factor * x.shape[-1] != size[1]
-        or factor & (factor - 1)
-    ):
-        raise ValueError(
-            f"Lanczos resizing needs one power-of-two factor, got {tuple(x.shape[-2:])} -> {size}"
-        )
-    while x.shape[-2] < size[0]:
-        x = lanczos_upsample2x(x, kernels)  # (N, C, 2h, 2w)
-    return x
 
 
 class ResBlock(nn.Module):
@@ -210,18 +223,15 @@ class ResizeUpsample(nn.Module):
     depth-to-space (benchmarks/RESULTS.md, "the resize upsampler on real footage"). The time axis follows
     :class:`DepthToSpaceUpsample` (1 + k -> 1 + s_t * k frames); space is resized frame by frame, so causality
     and chunked decoding hold. ``mode="lanczos"`` resizes by :func:`walt.nn.lanczos_upsample2x`, whose quiet
-    centre is much weaker; ``mode="nearest"`` by nearest neighbour (an experiment of benchmarks/tokenizer_grid.py: its
-    2-pixel blocks show).
+    centre is much weaker; ``mode="nearest"`` by nearest neighbour (an experiment of
+    benchmarks/tokenizer_grid.py: its 2-pixel blocks show).
     """
 
     def __init__(self, channels: int, temporal: bool, mode: str = "bilinear") -> None:
         super().__init__()
-        if mode not in ("bilinear", "nearest", "lanczos"):
-            raise ValueError(f"resize mode must be bilinear, nearest or lanczos, got {mode!r}")
         self.factor_t, self.mode = (2 if temporal else 1), mode
+        self.resize = FrameResize(mode)
         self.conv = CausalConv3d(channels, channels, 3)
-        if mode == "lanczos":
-            self.register_buffer("lanczos", lanczos_kernels(LANCZOS_LOBES, torch.float32), persistent=False)
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         first_chunk = cache.first_visit(self)
@@ -229,13 +239,7 @@ class ResizeUpsample(nn.Module):
         if first_chunk:  # latent frame 0 decodes to one frame
             x = x[:, :, self.factor_t - 1 :]  # (B, C, T', H, W)
         frames = rearrange(x, "b c t h w -> (b t) c h w")  # (B*T', C, H, W)
-        if self.mode == "lanczos":
-            frames = lanczos_upsample2x(frames, self.lanczos)  # (B*T', C, 2H, 2W)
-        else:
-            corners = False if self.mode == "bilinear" else None  # nearest takes no align_corners
-            frames = F.interpolate(
-                frames, scale_factor=2, mode=self.mode, align_corners=corners
-            )  # (B*T', C, 2H, 2W)
+        frames = self.resize(frames, (2 * frames.shape[-2], 2 * frames.shape[-1]))  # (B*T', C, 2H, 2W)
         x = rearrange(frames, "(b t) c h w -> b c t h w", b=x.shape[0])  # (B, C, T', 2H, 2W)
         return self.conv(x, cache)  # (B, C, T', 2H, 2W)
 

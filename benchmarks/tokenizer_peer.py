@@ -3,8 +3,9 @@ in one run on one device: the same latent shape (walt's latent channels, 4x time
 parameter count, the same RealFootage batches, loss (L1 + LPIPS), optimizer and steps. Every --eval-every steps
 both are scored on RealFootage's test split (clips and photographs never trained on, and its images as 1-frame
 clips): PSNR, SSIM, LPIPS (when its weights are installed), grid_ratio (block-grid artefacts at any phase of
-the latent cells, seams or smooth centres: the loudest phase over the quietest, about 1.06 for real footage)
-and chroma_error (8-bit levels), next to each model's training throughput (clips/s, device-synchronized).
+the latent cells, seams or smooth centres: the loudest phase over the quietest, about 1.06 for real footage),
+seam_ratio (the cells' edges over their insides) and chroma_error (8-bit levels), next to each model's training
+throughput (clips/s, device-synchronized).
 
   python benchmarks/tokenizer_peer.py --steps 20000 --out outputs/tokenizer_peer     # one GPU
   python benchmarks/tokenizer_peer.py --steps 100000 --max-seconds 480 --out outputs/tokenizer_peer  # a time budget
@@ -42,7 +43,7 @@ from tokenizer import optional_metric, peak_memory_gib, reset_peak, sync
 from walt.atomic import write_atomic
 from walt.config import json_ready
 from walt.data import RealFootage, collate_items, to_uint8
-from walt.metrics import chroma_error, pooled_grid_ratio, psnr, ssim
+from walt.metrics import chroma_error, grid_profile, profile_spread, psnr, seam_ratio, ssim
 from walt.metrics.pixel import SSIM_WINDOW
 from walt.tokenizer import CausalVAE, presets
 from walt.tokenizer.layers import MODULATION_UPSAMPLING, UPSAMPLERS
@@ -199,17 +200,18 @@ def reconstruct(model: nn.Module, clips: Tensor, args: argparse.Namespace, devic
     return torch.cat(out)  # (N, 3, T, H, W)
 
 
-def grid(videos: Tensor) -> Tensor:
-    """walt.metrics.pooled_grid_ratio of a test set, the outermost latent cells left out where the frames
-    allow it (padding marks a frame's border, and that is no grid)."""
-    return pooled_grid_ratio(videos, margin=8 if min(videos.shape[-2:]) > 24 else 0)
+def grid(videos: Tensor) -> dict[str, Tensor]:
+    """The grid ratio and seam ratio of a test set's pooled profile (walt.metrics), the outermost latent cells
+    left out where the frames allow it (padding marks a frame's border, and that is no grid)."""
+    profile = grid_profile(videos, margin=8 if min(videos.shape[-2:]) > 24 else 0).mean(dim=0)  # (8,)
+    return {"grid_ratio": profile_spread(profile), "seam_ratio": seam_ratio(profile)}
 
 
 @torch.no_grad()
 def scores(original: Tensor, rec: Tensor, lpips: nn.Module | None, device: torch.device) -> dict:
     values = {
         "psnr": psnr(rec, original).mean(),
-        "grid_ratio": grid(rec),
+        **grid(rec),
         "chroma_error": chroma_error(rec, original).mean(),
     }
     if min(original.shape[-2:]) >= SSIM_WINDOW:
@@ -261,7 +263,7 @@ def run(args: argparse.Namespace) -> dict:
         name: torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.9, 0.99)) for name, m in models.items()
     }
     tests = test_sets(args)
-    result["reference"] = {kind: {"grid_ratio": float(grid(x))} for kind, x in tests.items()}
+    result["reference"] = {kind: {k: float(v) for k, v in grid(x).items()} for kind, x in tests.items()}
     seconds, timed, peaks, rows = dict.fromkeys(models, 0.0), 0, dict.fromkeys(models, 0.0), []
     warmup = min(args.warmup, args.steps - 1)  # steps left out of the throughput (allocator, cuDNN search)
     batches = iter(training_batches(args))  # exactly steps batches

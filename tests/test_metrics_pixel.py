@@ -10,7 +10,16 @@ import skimage.data
 import skimage.metrics
 import torch
 
-from walt.metrics import chroma_error, grid_phase, grid_profile, grid_ratio, pooled_grid_ratio, psnr, ssim
+from walt.metrics import (
+    chroma_error,
+    grid_phase,
+    grid_profile,
+    grid_ratio,
+    pooled_grid_ratio,
+    psnr,
+    seam_ratio,
+    ssim,
+)
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +109,15 @@ def test_grid_ratio_by_hand_on_one_row():
     """Row 0..15 with a jump of 10 between pixels 7 and 8 (the 8-pixel boundary) and steps of 1 elsewhere, two
     equal rows. Phase 7 holds the two jumps of 11; phases 1..6 hold steps of 1 only; phase 0 holds 4 steps of 1
     and the 16 vertical differences of 0 (mean 4 / 20). The median of the phase means is 1; the ratio is the
-    loudest phase over the quietest, 11 / 0.2."""
+    loudest phase over the quietest, 11 / 0.2; the seam ratio is the boundary phase over the mean of the others,
+    11 / (6.2 / 7)."""
     row = torch.arange(16, dtype=torch.float64) + 10 * (torch.arange(16) >= 8)
     image = row.expand(1, 1, 2, 16)  # (1, 1, 2, 16)
     assert grid_ratio(image).item() == pytest.approx(55.0)
     assert grid_phase(grid_profile(image)).item() == 7  # 11 is further from 1 than 0.2 is, by ratio
     expected = [4 / 20, 1, 1, 1, 1, 1, 1, 11]  # phase means over their median, 1
     torch.testing.assert_close(grid_profile(image)[0], torch.tensor(expected, dtype=torch.float64))
+    assert seam_ratio(grid_profile(image)).item() == pytest.approx(11 / (6.2 / 7))
 
 
 def test_grid_ratio_of_videos_averages_frames_and_rejects_tiny_frames():

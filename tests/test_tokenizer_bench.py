@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from walt.metrics import grid_phase, grid_profile, pooled_grid_ratio, psnr
+from walt.metrics import grid_phase, grid_profile, pooled_grid_ratio, psnr, seam_ratio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 bench = importlib.import_module("tokenizer")
@@ -25,6 +25,9 @@ def test_summary_pools_the_grid_over_clips_like_the_metric():
     row = bench.summarize(bench.score_clips(original, rec, None, None))
     assert row["grid_ratio"] == pytest.approx(pooled_grid_ratio(rec, margin=8).item(), rel=1e-5)
     assert row["grid_phase"] == grid_phase(grid_profile(rec, margin=8).mean(0)).item()
+    assert row["seam_ratio"] == pytest.approx(
+        seam_ratio(grid_profile(rec, margin=8).mean(0)).item(), rel=1e-5
+    )
     assert row["grid_ratio_original"] == pytest.approx(pooled_grid_ratio(original, margin=8).item(), rel=1e-5)
     assert row["psnr"] == pytest.approx(psnr(rec, original).mean().item(), rel=1e-5)
     assert row["grid_ratio"] > row["grid_ratio_original"]

@@ -71,7 +71,7 @@ def test_both_models_train_and_score_through_one_interface(peer, models):
         rec = peer.reconstruct(model, x, ARGS, torch.device("cpu"))
         assert rec.shape == x.shape and model.training  # evaluation leaves the model in training mode
         values = peer.scores(x, rec, None, torch.device("cpu"))
-        assert set(values) == {"psnr", "ssim", "grid_ratio", "chroma_error"}
+        assert set(values) == {"psnr", "ssim", "grid_ratio", "seam_ratio", "chroma_error"}
         assert all(math.isfinite(v) for v in values.values())
 
 

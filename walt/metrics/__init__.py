@@ -19,6 +19,7 @@ from walt.metrics.pixel import (
     pooled_grid_ratio,
     profile_spread,
     psnr,
+    seam_ratio,
     ssim,
 )
 from walt.metrics.protocols import PROTOCOLS, Protocol, get_protocol, real_stats_key, register_protocol
@@ -54,5 +55,6 @@ __all__ = [
     "register_protocol",
     "resize_bilinear_legacy",
     "resolve_asset",
+    "seam_ratio",
     "ssim",
 ]

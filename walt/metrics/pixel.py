@@ -138,6 +138,14 @@ def grid_phase(profile: torch.Tensor) -> torch.Tensor:
     return profile.clamp_min(1e-12).log().abs().argmax(dim=-1)  # (...,)
 
 
+def seam_ratio(profile: torch.Tensor) -> torch.Tensor:
+    """The differences across the cell boundaries over those inside the cells, along the last axis of a
+    :func:`grid_profile`: its last entry over the mean of the others. This counts seams on the latent cells'
+    edges only (about 1.06 for RealFootage's test clips); :func:`profile_spread` also catches a seam through the
+    cells' middles or a quiet centre, so report it next to this one."""
+    return profile[..., -1] / profile[..., :-1].mean(dim=-1).clamp_min(1e-12)  # (...,)
+
+
 def grid_ratio(x: torch.Tensor, period: int = 8, margin: int = 0) -> torch.Tensor:
     """Block-grid artefacts, (B,): the largest entry of :func:`grid_profile` over its smallest, i.e. how much
     more the pixels differ at the sharpest phase of the ``period``-pixel grid than at the softest. Both ways

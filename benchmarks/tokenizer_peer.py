@@ -319,9 +319,17 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="folder for results.json and the side-by-side PNGs")
     parser.add_argument("--walt-preset", default="small", choices=sorted(presets))
-    parser.add_argument("--modulation-upsample", default="bilinear", choices=MODULATION_UPSAMPLING)
     parser.add_argument(
-        "--upsampler", default="depth_to_space", choices=UPSAMPLERS, help="walt's decoder upsamplers"
+        "--modulation-upsample",
+        default="lanczos",
+        choices=MODULATION_UPSAMPLING,
+        help="as configs/tokenizer/real_footage.yaml",
+    )
+    parser.add_argument(
+        "--upsampler",
+        default="lanczos",
+        choices=UPSAMPLERS,
+        help="walt's decoder upsamplers, as configs/tokenizer/real_footage.yaml",
     )
     parser.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of both models")
     parser.add_argument("--perceptual-weight", type=float, default=0.1, help="LPIPS weight (0 = L1 only)")

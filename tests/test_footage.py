@@ -164,18 +164,21 @@ def test_bad_arguments_are_refused():
         RealFootage("test", num_frames=37, resolution=SIZE)
 
 
-@pytest.mark.parametrize("upsampler", ["depth_to_space", "lanczos"])
+@pytest.mark.parametrize("upsampler", ["shipped", "depth_to_space"])
 def test_real_footage_config_trains_two_batches_on_cpu(tmp_path, monkeypatch, upsampler):
-    """configs/tokenizer/real_footage.yaml, shrunk to the tiny tokenizer: a video batch then an image batch,
-    both with the discriminator on (gradient penalty and LeCam), then validation on the test split; as shipped
-    and with the Lanczos upsamplers and modulation the README offers."""
+    """configs/tokenizer/real_footage.yaml, shrunk to the tiny tokenizer but for its resizing settings: a video
+    batch then an image batch, both with the discriminator on (gradient penalty and LeCam), then validation on
+    the test split; as shipped (Lanczos upsamplers and modulation) and with the depth-to-space upsamplers and
+    bilinear modulation the README offers as the alternative."""
     from walt.cli import WaltCLI
     from walt.tokenizer import presets
 
     config = yaml.safe_load((ROOT / "configs/tokenizer/real_footage.yaml").read_text())
     model = config["model"]["init_args"]
     shipped = model["vae"]["init_args"]
-    resizing = {"upsampler": upsampler, "modulation_upsample": "lanczos"} if upsampler == "lanczos" else {}
+    assert shipped["upsampler"] == shipped["modulation_upsample"] == "lanczos"
+    resizing = {"upsampler": "depth_to_space", "modulation_upsample": "bilinear"}
+    resizing = {k: shipped[k] for k in resizing} if upsampler == "shipped" else resizing
     model["vae"]["init_args"] = {**presets["tiny"], "variational": True} | resizing
     model["loss"]["init_args"] |= {"perceptual": None, "gan_start_step": 0}
     model["discriminator"]["init_args"] = {"channels": 8, "multipliers": [2, 2]}
@@ -201,7 +204,7 @@ def test_real_footage_config_trains_two_batches_on_cpu(tmp_path, monkeypatch, up
     assert int(cli.model.train_steps) == 2
     assert "val/psnr" in cli.trainer.callback_metrics
     assert (tmp_path / "run/checkpoints/last.ckpt").is_file()
-    assert cli.model.vae.init_args["upsampler"] == (upsampler if resizing else shipped["upsampler"])
+    assert {k: cli.model.vae.init_args[k] for k in resizing} == resizing
     # the checkpoint describes its autoencoder: it loads without the YAML and decodes as trained
     from walt.pipeline.files import load_tokenizer
 

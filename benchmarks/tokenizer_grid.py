@@ -7,10 +7,11 @@ about 1.06 for the footage) and PSNR of the held-out test clips every --eval-eve
 
   upsampler      nearest: walt's depth-to-space layers as they start (a convolution, then nearest-neighbour
                  upsampling: ICNR); bilinear: the same layers started as bilinear upsampling; resize: no
-                 depth-to-space but nearest-neighbour upsampling followed by a convolution; resize-bilinear
-                 and resize-lanczos: the same with bilinear or Lanczos upsampling (the decoder's modulation is
-                 resized as --modulation-upsample says, bilinear by default; walt's upsampler="lanczos" as
-                 trained pairs resize-lanczos with --modulation-upsample lanczos)
+                 depth-to-space but nearest-neighbour upsampling followed by a convolution; resize-bilinear,
+                 resize-lanczos and resize-kaiser: the same with bilinear, Lanczos or Kaiser low-pass upsampling
+                 (the decoder's modulation is resized as --modulation-upsample says, bilinear by default;
+                 walt's upsampler="lanczos" as trained pairs resize-lanczos with --modulation-upsample lanczos,
+                 and "kaiser" likewise)
   loss           l1, l1+lpips (L1 plus 0.1 x LPIPS on 4 frames per clip, configs/tokenizer/real_footage.yaml),
                  l1+lpips-shiftN (LPIPS on windows N pixels smaller, at a random offset per image), or l1+gradW
                  (L1 plus W x the L1 distance of horizontal and vertical neighbour differences)
@@ -58,8 +59,13 @@ def init_as_bilinear(up: DepthToSpaceUpsample) -> None:
     conv.bias.zero_()
 
 
-# walt's upsampler="resize" is resize-bilinear here, and upsampler="lanczos" is resize-lanczos
-RESIZE_VARIANTS = {"resize": "nearest", "resize-bilinear": "bilinear", "resize-lanczos": "lanczos"}
+# walt's upsampler="resize" is resize-bilinear here, and upsampler="lanczos" / "kaiser" are resize-lanczos / -kaiser
+RESIZE_VARIANTS = {
+    "resize": "nearest",
+    "resize-bilinear": "bilinear",
+    "resize-lanczos": "lanczos",
+    "resize-kaiser": "kaiser",
+}
 
 
 def build(args: argparse.Namespace, upsampler: str) -> CausalVAE:

@@ -1,5 +1,6 @@
-"""Lanczos 2x upsampling: the phase convention of F.interpolate, constants kept, band-limited signals
-reproduced, and enlarged cells with a much weaker grid than bilinear steps leave."""
+"""Windowed-sinc 2x upsampling (Lanczos and the Kaiser low-pass): the phase convention of F.interpolate, constants
+kept, band-limited signals reproduced, the low-pass's cutoff where it is set and its spectral images suppressed,
+and enlarged cells with a much weaker grid than bilinear steps leave (none for the low-pass)."""
 
 import math
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from walt.metrics import grid_profile, grid_ratio
-from walt.nn import lanczos_kernels, lanczos_upsample2x
+from walt.nn import kaiser_kernels, lanczos_kernels, lanczos_upsample2x, upsample2x
 
 
 def _positions(n: int) -> torch.Tensor:
@@ -16,13 +17,45 @@ def _positions(n: int) -> torch.Tensor:
     return (torch.arange(2 * n, dtype=torch.float64) + 0.5) / 2 - 0.5
 
 
-def test_kernels_sum_to_one_and_mirror_each_other():
-    k = lanczos_kernels(4, torch.float64)  # (2, 9)
-    assert k.shape == (2, 9)
-    torch.testing.assert_close(k.sum(dim=1), torch.ones(2, dtype=torch.float64))
-    torch.testing.assert_close(k[0], k[1].flip(0))  # i - 1/4 and i + 1/4 lie symmetrically
+@pytest.mark.parametrize("kernels", [lanczos_kernels(4), kaiser_kernels()], ids=["lanczos", "kaiser"])
+def test_kernels_sum_to_one_and_mirror_each_other(kernels):
+    assert kernels.shape == (2, 9)  # Kaiser's default radius costs what 4 Lanczos lobes do
+    torch.testing.assert_close(kernels.sum(dim=1), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(kernels[0], kernels[1].flip(0))  # i - 1/4 and i + 1/4 lie symmetrically
+
+
+def test_bad_filter_settings_are_refused():
     with pytest.raises(ValueError, match="at least one lobe"):
         lanczos_kernels(0)
+    with pytest.raises(ValueError, match="0 < cutoff <= 1"):
+        kaiser_kernels(cutoff=1.2)
+    with pytest.raises(ValueError, match="radius >= 1"):
+        kaiser_kernels(radius=0)
+
+
+def _fit_sinusoid(kernels: torch.Tensor, f: float, n: int = 96) -> tuple[float, float]:
+    """A sinusoid of f cycles per input pixel upsampled once: the amplitude of the output's least-squares fit by
+    the same sinusoid at the F.interpolate positions, and the largest residual (what is not that sinusoid:
+    the spectral image at 1 - f, which is what draws a grid), away from the borders."""
+    row = torch.sin(2 * math.pi * f * torch.arange(n, dtype=torch.float64))
+    y = upsample2x(row.expand(1, 1, 2, n), kernels)[0, 0, 1, 16:-16]  # (2n - 32,)
+    phase = 2 * math.pi * f * _positions(n)[16:-16]
+    basis = torch.stack([phase.sin(), phase.cos()], dim=1)  # (2n - 32, 2)
+    coef = torch.linalg.lstsq(basis, y[:, None]).solution  # (2, 1)
+    return coef.norm().item(), (y - (basis @ coef)[:, 0]).abs().max().item()
+
+
+def test_kaiser_low_pass_halves_at_its_cutoff_and_suppresses_the_images():
+    """In the passband the low-pass reproduces a sinusoid as Lanczos does; at its cutoff (0.85 of Nyquist, 0.425
+    cycles per pixel) it passes half the amplitude, as a windowed sinc does at its cutoff; near Nyquist (0.45
+    cycles per pixel) what is left besides the sinusoid, the image that a 2x step creates, is a tenth of
+    Lanczos-4's."""
+    kaiser, lanczos = kaiser_kernels(), lanczos_kernels(4)
+    for f in (0.1, 0.15):
+        assert _fit_sinusoid(kaiser, f)[0] == pytest.approx(1.0, abs=0.005)
+        assert _fit_sinusoid(kaiser, f)[1] < 0.002
+    assert _fit_sinusoid(kaiser, 0.425)[0] == pytest.approx(0.5, abs=0.01)
+    assert _fit_sinusoid(kaiser, 0.45)[1] < 0.05 < 0.2 < _fit_sinusoid(lanczos, 0.45)[1]  # 0.026 and 0.27
 
 
 def test_a_sinusoid_is_reproduced_at_the_interpolate_positions():
@@ -59,7 +92,7 @@ def test_kernels_passed_in_give_the_same_result():
 def test_enlarged_random_cells_show_less_grid_than_bilinear():
     """Three 2x steps over independent cells: bilinear steps leave each cell smooth at its centre (quietest
     phase 3) and its edges loud (phase 7), a ratio of about 2; four Lanczos lobes leave much less (1.41), more
-    lobes less still, and only the unwindowed sinc would leave none."""
+    lobes less still, and the Kaiser low-pass, whose images are suppressed, as good as none with 9 taps."""
     cells = torch.rand(16, 3, 10, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ratios = {}
     for name, step in {
@@ -67,6 +100,7 @@ def test_enlarged_random_cells_show_less_grid_than_bilinear():
         "lanczos3": lambda x: lanczos_upsample2x(x, lobes=3),
         "lanczos4": lambda x: lanczos_upsample2x(x, lobes=4),
         "lanczos6": lambda x: lanczos_upsample2x(x, lobes=6),
+        "kaiser": lambda x: upsample2x(x, kaiser_kernels()),
     }.items():
         y = step(step(step(cells)))[..., 16:-16, 16:-16]  # (16, 3, 48, 48): away from the borders
         ratios[name] = grid_ratio(
@@ -77,3 +111,4 @@ def test_enlarged_random_cells_show_less_grid_than_bilinear():
     assert ratios["bilinear"] > 1.9
     assert ratios["lanczos4"] < 1.5 < ratios["lanczos3"] < 1.6
     assert ratios["lanczos6"] < ratios["lanczos4"]
+    assert ratios["kaiser"] < 1.1 and ratios["kaiser"] < ratios["lanczos6"]

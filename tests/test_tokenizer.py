@@ -23,12 +23,12 @@ def randomized(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torc
     return module.eval()
 
 
-@pytest.fixture(scope="module", params=["depth_to_space", "resize", "lanczos"])
+@pytest.fixture(scope="module", params=["depth_to_space", "resize", "lanczos", "kaiser"])
 def vae(request) -> CausalVAE:
-    """The tiny preset with each of the decoder's upsamplers (Lanczos with its modulation resized by Lanczos too,
-    as it is trained): every exactness property must hold for each."""
+    """The tiny preset with each of the decoder's upsamplers (the windowed sincs with the modulation resized by
+    the same filter, as they are trained): every exactness property must hold for each."""
     torch.manual_seed(0)
-    modulation = "lanczos" if request.param == "lanczos" else "bilinear"
+    modulation = request.param if request.param in ("lanczos", "kaiser") else "bilinear"
     return randomized(CausalVAE(**presets["tiny"], upsampler=request.param, modulation_upsample=modulation))
 
 
@@ -235,15 +235,18 @@ def test_modulation_draws_seams_only_when_resized_by_nearest_neighbour():
     on a cell edge (the 8-pixel grid seen on real footage). Resized bilinearly, no phase is louder than the
     others, and what is left is the quiet centre of any bilinear enlargement (see
     test_grid_ratio_of_enlarged_cells_either_way_and_of_a_photograph), which the decoder's convolutions that
-    follow are free to fill. Resized by Lanczos steps, that quiet centre is much weaker."""
-    nearest, bilinear, lanczos = (_modulated_flat_map(u) for u in ("nearest", "bilinear", "lanczos"))
-    assert grid_profile(nearest)[0].argmax().item() == 7 and grid_ratio(nearest).item() > 1e3
-    profile = grid_profile(bilinear)[0]  # (8,)
+    follow are free to fill. Resized by Lanczos steps, that quiet centre is much weaker, and by the Kaiser
+    low-pass weaker still."""
+    maps = {u: _modulated_flat_map(u) for u in ("nearest", "bilinear", "lanczos", "kaiser")}
+    assert grid_profile(maps["nearest"])[0].argmax().item() == 7 and grid_ratio(maps["nearest"]).item() > 1e3
+    profile = grid_profile(maps["bilinear"])[0]  # (8,)
     assert profile.max().item() < 1.1 and profile.argmin().item() == 3
-    assert grid_ratio(lanczos).item() - 1 < 0.5 * (grid_ratio(bilinear).item() - 1)  # 0.40 against 1.04
+    excess = {u: grid_ratio(m).item() - 1 for u, m in maps.items()}
+    assert excess["lanczos"] < 0.5 * excess["bilinear"]  # 0.40 against 1.04
+    assert excess["kaiser"] < 0.5 * excess["lanczos"]
 
 
-@pytest.mark.parametrize("upsample", ["bilinear", "lanczos"])
+@pytest.mark.parametrize("upsample", ["bilinear", "lanczos", "kaiser"])
 def test_modulation_resize_is_per_frame(upsample):
     """Only space is resized: frame t of the modulation comes from latent frame t alone (causality and chunked
     decoding depend on it)."""
@@ -289,7 +292,7 @@ def test_resize_upsampler_has_no_sub_pixel_phases():
     with torch.no_grad():
         stairs = blocky(ramp.contiguous(), CausalCache())[..., 4:-4, 4:-4].diff(dim=-1)
     assert (stairs[..., 0:-1:2] - stairs[..., 1::2]).abs().max() > 1e-2
-    with pytest.raises(ValueError, match="bilinear, nearest or lanczos"):
+    with pytest.raises(ValueError, match="bilinear, nearest, lanczos, kaiser"):
         ResizeUpsample(4, temporal=False, mode="bicubic")
 
 
@@ -298,8 +301,9 @@ def test_unknown_upsampler_is_refused():
         CausalVAE(**presets["tiny"], upsampler="pixelshuffle")
 
 
-def test_lanczos_modulation_needs_a_power_of_two_factor():
-    norm = AdaptiveFrameGroupNorm(8, 4, 2, upsample="lanczos")
+@pytest.mark.parametrize("upsample", ["lanczos", "kaiser"])
+def test_windowed_sinc_modulation_needs_a_power_of_two_factor(upsample):
+    norm = AdaptiveFrameGroupNorm(8, 4, 2, upsample=upsample)
     with pytest.raises(ValueError, match="power-of-two factor"):
         norm(torch.randn(1, 8, 1, 12, 12), torch.randn(1, 4, 1, 2, 2))
 

@@ -7,7 +7,16 @@ from walt.nn.mlp import Mlp
 from walt.nn.modulation import AdaLNLoRA, modulate
 from walt.nn.patch import PatchEmbed3D, PatchUnembed3D
 from walt.nn.position import SpatioTemporalPositionEmbedding
-from walt.nn.resample import LANCZOS_LOBES, lanczos_kernels, lanczos_upsample2x
+from walt.nn.resample import (
+    KAISER_BETA,
+    KAISER_CUTOFF,
+    KAISER_RADIUS,
+    LANCZOS_LOBES,
+    kaiser_kernels,
+    lanczos_kernels,
+    lanczos_upsample2x,
+    upsample2x,
+)
 from walt.nn.window import (
     fit_window,
     pad_to_windows,
@@ -18,6 +27,9 @@ from walt.nn.window import (
 )
 
 __all__ = [
+    "KAISER_BETA",
+    "KAISER_CUTOFF",
+    "KAISER_RADIUS",
     "LANCZOS_LOBES",
     "AdaLNLoRA",
     "Attention",
@@ -31,12 +43,14 @@ __all__ = [
     "SpatioTemporalPositionEmbedding",
     "causal_repeat_time",
     "fit_window",
+    "kaiser_kernels",
     "lanczos_kernels",
     "lanczos_upsample2x",
     "modulate",
     "pad_to_windows",
     "padded_grid",
     "sinusoidal_features",
+    "upsample2x",
     "window_attention_mask",
     "window_merge",
     "window_partition",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from walt.nn import LANCZOS_LOBES, CausalCache, CausalConv3d, lanczos_kernels, lanczos_upsample2x
+from walt.nn import LANCZOS_LOBES, CausalCache, CausalConv3d, kaiser_kernels, lanczos_kernels, upsample2x
 
 
 def frame_group_norm(x: Tensor, num_groups: int, eps: float = 1e-6) -> Tensor:
@@ -43,34 +43,37 @@ class FrameGroupNorm(nn.Module):
         return x * self.weight[:, None, None, None] + self.bias[:, None, None, None]  # (B, C, T, H, W)
 
 
-RESIZE_MODES = ("bilinear", "nearest", "lanczos")
+RESIZE_MODES = ("bilinear", "nearest", "lanczos", "kaiser")
 MODULATION_UPSAMPLING = RESIZE_MODES
+# the windowed sincs of walt.nn.resample, by mode: their kernels at the two output phases of a 2x step
+SINC_KERNELS = {"lanczos": lambda: lanczos_kernels(LANCZOS_LOBES), "kaiser": kaiser_kernels}
 
 
 class FrameResize(nn.Module):
     """Resizes frames (N, C, h, w) to (N, C, H, W) by one of :data:`RESIZE_MODES`, the one resizing the decoder's
-    modulation and its resize upsamplers share. ``"lanczos"`` takes power-of-two factors only and keeps its
-    kernels as a non-persistent buffer (no weights of its own: state dicts are unchanged)."""
+    modulation and its resize upsamplers share. The windowed sincs (``"lanczos"``, ``"kaiser"``) take
+    power-of-two factors only and keep their kernels as a non-persistent buffer (no weights of their own: state
+    dicts are unchanged)."""
 
     def __init__(self, mode: str, what: str = "resize mode") -> None:
         super().__init__()
         if mode not in RESIZE_MODES:
-            raise ValueError(f"{what} must be bilinear, nearest or lanczos, got {mode!r}")
+            raise ValueError(f"{what} must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
         self.mode = mode
-        if mode == "lanczos":
-            self.register_buffer("lanczos", lanczos_kernels(LANCZOS_LOBES, torch.float32), persistent=False)
+        if mode in SINC_KERNELS:
+            self.register_buffer("kernels", SINC_KERNELS[mode]().float(), persistent=False)
 
     def forward(self, frames: Tensor, size: tuple[int, int]) -> Tensor:
         if tuple(frames.shape[-2:]) == tuple(size):
             return frames
-        if self.mode == "lanczos":
-            return _lanczos_resize(frames, size, self.lanczos)  # (N, C, H, W)
+        if self.mode in SINC_KERNELS:
+            return _sinc_resize(frames, size, self.kernels)  # (N, C, H, W)
         corners = False if self.mode == "bilinear" else None  # nearest takes no align_corners
         return F.interpolate(frames, size=size, mode=self.mode, align_corners=corners)  # (N, C, H, W)
 
 
-def _lanczos_resize(x: Tensor, size: tuple[int, int], kernels: Tensor) -> Tensor:
-    """(N, C, h, w) -> (N, C, H, W) by 2x Lanczos steps; H / h and W / w must be the same power of two."""
+def _sinc_resize(x: Tensor, size: tuple[int, int], kernels: Tensor) -> Tensor:
+    """(N, C, h, w) -> (N, C, H, W) by 2x windowed-sinc steps; H / h and W / w must be the same power of two."""
     factor = size[0] // x.shape[-2]
     if (
         factor < 1
@@ -79,10 +82,10 @@ def _lanczos_resize(x: Tensor, size: tuple[int, int], kernels: Tensor) -> Tensor
         or factor & (factor - 1)
     ):
         raise ValueError(
-            f"Lanczos resizing needs one power-of-two factor, got {tuple(x.shape[-2:])} -> {size}"
+            f"windowed-sinc resizing needs one power-of-two factor, got {tuple(x.shape[-2:])} -> {size}"
         )
     while x.shape[-2] < size[0]:
-        x = lanczos_upsample2x(x, kernels)  # (N, C, 2h, 2w)
+        x = upsample2x(x, kernels)  # (N, C, 2h, 2w)
     return x
 
 
@@ -94,7 +97,8 @@ class AdaptiveFrameGroupNorm(nn.Module):
     each latent cell, and the decoder then draws the cells' edges (an 8-pixel grid over every reconstruction of
     real footage); ``"bilinear"`` (the default) varies it smoothly, but each cell is smoother at its centre;
     ``"lanczos"`` resizes by :func:`walt.nn.lanczos_upsample2x` steps, with a much weaker preference than
-    either (power-of-two factors only). Only space is resized, frame by frame, so causality and chunked
+    either, and ``"kaiser"`` by a Kaiser-windowed low-pass (:func:`walt.nn.kaiser_kernels`) with none left on
+    random cells (power-of-two factors only for both). Only space is resized, frame by frame, so causality and chunked
     decoding are unaffected.
     """
 
@@ -212,7 +216,7 @@ class DepthToSpaceUpsample(nn.Module):
         return x[:, :, self.factor_t - 1 :] if first_chunk else x  # (B, C, T', 2H, 2W)
 
 
-UPSAMPLERS = ("depth_to_space", "resize", "lanczos")
+UPSAMPLERS = ("depth_to_space", "resize", "lanczos", "kaiser")
 
 
 class ResizeUpsample(nn.Module):
@@ -223,7 +227,7 @@ class ResizeUpsample(nn.Module):
     depth-to-space (benchmarks/RESULTS.md, "the resize upsampler on real footage"). The time axis follows
     :class:`DepthToSpaceUpsample` (1 + k -> 1 + s_t * k frames); space is resized frame by frame, so causality
     and chunked decoding hold. ``mode="lanczos"`` resizes by :func:`walt.nn.lanczos_upsample2x`, whose quiet
-    centre is much weaker; ``mode="nearest"`` by nearest neighbour (an experiment of
+    centre is much weaker, ``mode="kaiser"`` by a low-pass that leaves none (:func:`walt.nn.kaiser_kernels`); ``mode="nearest"`` by nearest neighbour (an experiment of
     benchmarks/tokenizer_grid.py: its 2-pixel blocks show).
     """
 
@@ -246,9 +250,9 @@ class ResizeUpsample(nn.Module):
 
 def make_upsampler(kind: str, channels: int, temporal: bool) -> nn.Module:
     """The decoder's 2x upsampling layer: ``"depth_to_space"`` (MAGVIT-v2's, the default), ``"resize"``
-    (bilinear, then a convolution) or ``"lanczos"`` (a Lanczos filter, then a convolution)."""
+    (bilinear, then a convolution), ``"lanczos"`` or ``"kaiser"`` (that windowed sinc, then a convolution)."""
     if kind == "depth_to_space":
         return DepthToSpaceUpsample(channels, temporal)
-    if kind in ("resize", "lanczos"):
-        return ResizeUpsample(channels, temporal, mode="bilinear" if kind == "resize" else "lanczos")
+    if kind in ("resize", *SINC_KERNELS):
+        return ResizeUpsample(channels, temporal, mode="bilinear" if kind == "resize" else kind)
     raise ValueError(f"upsampler must be one of {', '.join(UPSAMPLERS)}, got {kind!r}")

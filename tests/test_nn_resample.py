@@ -1,9 +1,10 @@
 """Windowed-sinc 2x upsampling (Lanczos and the Kaiser low-pass): the phase convention of F.interpolate, constants
 kept, band-limited signals reproduced, the low-pass's cutoff where it is set and its spectral images suppressed,
-and enlarged cells with a much weaker grid than bilinear steps leave (none for the low-pass)."""
+and enlarged cells with a much weaker grid than bilinear steps leave (weaker still for the low-pass)."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,24 @@ def test_kernels_sum_to_one_and_mirror_each_other(kernels):
     assert kernels.shape == (2, 9)  # Kaiser's default radius costs what 4 Lanczos lobes do
     torch.testing.assert_close(kernels.sum(dim=1), torch.ones(2, dtype=torch.float64))
     torch.testing.assert_close(kernels[0], kernels[1].flip(0))  # i - 1/4 and i + 1/4 lie symmetrically
+
+
+def test_kernels_match_an_independent_computation_and_stay_put():
+    """Both filters from their textbook definitions with numpy/scipy (Lanczos: sinc(x) sinc(x / a) on |x| < a;
+    Kaiser: I0(beta sqrt(1 - (x / L)^2)) / I0(beta) on a sinc of cutoff fc, L = radius + 1/2), each output
+    phase scaled to sum to 1. Checkpoints do not store the kernels, so a few taps are also pinned as numbers:
+    a changed constant would change how every trained "lanczos" or "kaiser" decoder decodes."""
+    from scipy.special import i0
+
+    x = -0.25 - np.arange(-4, 5)  # output phase 0: distances to the 9 input samples
+    lanczos = np.sinc(x) * np.sinc(x / 4) * (np.abs(x) < 4)
+    kaiser = 0.85 * np.sinc(0.85 * x) * i0(4.0 * np.sqrt(1 - (x / 4.5) ** 2)) / i0(4.0)
+    for ours, reference in ((lanczos_kernels(4), lanczos), (kaiser_kernels(), kaiser)):
+        reference = torch.from_numpy(reference / reference.sum())  # (9,)
+        torch.testing.assert_close(ours[0], reference, atol=1e-12, rtol=0)
+        torch.testing.assert_close(ours[1], reference.flip(0), atol=1e-12, rtol=0)
+    pinned = torch.tensor([-0.0111, 0.0500, -0.1390, 0.3679, 0.7854], dtype=torch.float64)
+    torch.testing.assert_close(kaiser_kernels()[0, :5], pinned, atol=5e-5, rtol=0)
 
 
 def test_bad_filter_settings_are_refused():
@@ -92,7 +111,7 @@ def test_kernels_passed_in_give_the_same_result():
 def test_enlarged_random_cells_show_less_grid_than_bilinear():
     """Three 2x steps over independent cells: bilinear steps leave each cell smooth at its centre (quietest
     phase 3) and its edges loud (phase 7), a ratio of about 2; four Lanczos lobes leave much less (1.41), more
-    lobes less still, and the Kaiser low-pass, whose images are suppressed, as good as none with 9 taps."""
+    lobes less still, and the Kaiser low-pass, whose images are suppressed, about 1.03 with 9 taps."""
     cells = torch.rand(16, 3, 10, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ratios = {}
     for name, step in {
@@ -112,3 +131,24 @@ def test_enlarged_random_cells_show_less_grid_than_bilinear():
     assert ratios["lanczos4"] < 1.5 < ratios["lanczos3"] < 1.6
     assert ratios["lanczos6"] < ratios["lanczos4"]
     assert ratios["kaiser"] < 1.1 and ratios["kaiser"] < ratios["lanczos6"]
+
+
+def test_resample_benchmark_ranks_the_filters(tmp_path, monkeypatch):
+    """benchmarks/resample_grid.py, as the constants' comment cites it: the default Kaiser low-pass leaves less
+    grid than Lanczos-4 on random cells and on photographs shrunk and enlarged again, and bilinear the most."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/resample_grid.py"
+    spec = importlib.util.spec_from_file_location("resample_grid", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["resample_grid.py", "--out", str(tmp_path / "rows.json")])
+    bench.main()
+    rows = {r["filter"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    kaiser, lanczos, bilinear = rows["kaiser r4 c0.85 b4"], rows["lanczos4"], rows["bilinear"]
+    for data in ("cells", "photographs"):
+        assert kaiser[data]["grid_ratio"] < lanczos[data]["grid_ratio"] < bilinear[data]["grid_ratio"]
+    assert kaiser["cells"]["grid_ratio"] < 1.05

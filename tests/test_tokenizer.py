@@ -9,7 +9,7 @@ from walt.metrics import grid_profile, grid_ratio, pooled_grid_ratio
 from walt.nn import CausalCache, CausalConv3d
 from walt.tokenizer import CausalVAE, presets
 from walt.tokenizer.discriminator import Discriminator3D
-from walt.tokenizer.layers import AdaptiveFrameGroupNorm, DepthToSpaceUpsample, ResizeUpsample
+from walt.tokenizer.layers import AdaptiveFrameGroupNorm, DepthToSpaceUpsample, FrameResize, ResizeUpsample
 
 ATOL = 1e-5
 
@@ -299,6 +299,19 @@ def test_resize_upsampler_has_no_sub_pixel_phases():
 def test_unknown_upsampler_is_refused():
     with pytest.raises(ValueError, match="upsampler must be one of depth_to_space, resize"):
         CausalVAE(**presets["tiny"], upsampler="pixelshuffle")
+
+
+@pytest.mark.parametrize("mode", ["lanczos", "kaiser"])
+def test_windowed_sinc_kernels_are_no_weights(mode):
+    """The filters' kernels are a buffer left out of state dicts: an autoencoder with the windowed-sinc upsamplers
+    has exactly the weights of one with bilinear resizing, and its kernels follow .to() all the same."""
+    resize = FrameResize(mode)
+    assert resize.state_dict() == {} and resize.kernels.dtype == torch.float32
+    assert resize.to(torch.float64).kernels.dtype == torch.float64
+    torch.manual_seed(0)
+    sinc = CausalVAE(**presets["tiny"], upsampler=mode, modulation_upsample=mode).state_dict()
+    plain = CausalVAE(**presets["tiny"], upsampler="resize").state_dict()
+    assert {k: v.shape for k, v in sinc.items()} == {k: v.shape for k, v in plain.items()}
 
 
 @pytest.mark.parametrize("upsample", ["lanczos", "kaiser"])

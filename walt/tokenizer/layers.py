@@ -97,8 +97,8 @@ class AdaptiveFrameGroupNorm(nn.Module):
     each latent cell, and the decoder then draws the cells' edges (an 8-pixel grid over every reconstruction of
     real footage); ``"bilinear"`` (the default) varies it smoothly, but each cell is smoother at its centre;
     ``"lanczos"`` resizes by :func:`walt.nn.lanczos_upsample2x` steps, with a much weaker preference than
-    either, and ``"kaiser"`` by a Kaiser-windowed low-pass (:func:`walt.nn.kaiser_kernels`) with none left on
-    random cells (power-of-two factors only for both). Only space is resized, frame by frame, so causality and chunked
+    either, and ``"kaiser"`` by a Kaiser-windowed low-pass (:func:`walt.nn.kaiser_kernels`) with weaker still
+    (power-of-two factors only for both). Only space is resized, frame by frame, so causality and chunked
     decoding are unaffected.
     """
 
@@ -227,8 +227,9 @@ class ResizeUpsample(nn.Module):
     depth-to-space (benchmarks/RESULTS.md, "the resize upsampler on real footage"). The time axis follows
     :class:`DepthToSpaceUpsample` (1 + k -> 1 + s_t * k frames); space is resized frame by frame, so causality
     and chunked decoding hold. ``mode="lanczos"`` resizes by :func:`walt.nn.lanczos_upsample2x`, whose quiet
-    centre is much weaker, ``mode="kaiser"`` by a low-pass that leaves none (:func:`walt.nn.kaiser_kernels`); ``mode="nearest"`` by nearest neighbour (an experiment of
-    benchmarks/tokenizer_grid.py: its 2-pixel blocks show).
+    centre is much weaker, ``mode="kaiser"`` by a low-pass that leaves less still (:func:`walt.nn.kaiser_kernels`);
+    ``mode="nearest"`` by nearest neighbour (an experiment of benchmarks/tokenizer_grid.py: its 2-pixel blocks
+    show).
     """
 
     def __init__(self, channels: int, temporal: bool, mode: str = "bilinear") -> None:

@@ -133,9 +133,9 @@ class CausalVAE(nn.Module):
         modulation_upsample: how the decoder resizes the latent that modulates its normalizations to each
             level's resolution: "bilinear" (default), "lanczos" (a windowed sinc: cells much less smooth at
             their centres than bilinear's), "kaiser" (a low-pass windowed sinc whose cutoff below Nyquist
-            leaves no such pattern; walt.nn.kaiser_kernels) or "nearest", which draws an 8-pixel grid on real footage
-            (benchmarks/RESULTS.md); "nearest" is the behaviour of walt's tokenizers before the change, for
-            checkpoints trained with it.
+            leaves less of that pattern; walt.nn.kaiser_kernels) or "nearest", which draws an 8-pixel grid on
+            real footage (benchmarks/RESULTS.md); "nearest" is the behaviour of walt's tokenizers before the
+            change, for checkpoints trained with it.
         upsampler: the decoder's 2x upsampling layers: "depth_to_space" (default; a convolution to 4x or 8x
             the channels, then depth-to-space, started as nearest-neighbour upsampling), "resize" (bilinear
             resizing, then a convolution), which has no sub-pixel filters to drift apart into a seam through

@@ -33,7 +33,8 @@ def load_vae_weights(vae: CausalVAE, checkpoint: str | Path, use_ema: bool = Tru
 
 def _check_architecture(vae: CausalVAE, contents: dict[str, Any], path: Path) -> None:
     """Refuses weights trained with other constructor arguments. Some differ in no tensor shape (how the decoder
-    resizes: ``upsampler`` resize or lanczos, ``modulation_upsample``), so they would load and decode wrongly."""
+    resizes: ``upsampler`` resize, lanczos or kaiser, ``modulation_upsample``), so they would load and decode
+    wrongly."""
     described = contents.get("walt_tokenizer")
     if not isinstance(described, dict) or not isinstance(described.get("init_args"), dict):
         return  # a checkpoint from before tokenizers described themselves: only the shapes are checked

@@ -426,6 +426,14 @@ def test_encode_refuses_bad_arguments_before_any_work(tmp_path, capsys, extra, m
     assert not (tmp_path / "latents").exists()
 
 
+def test_encode_of_a_split_the_config_lacks_names_the_splits_it_has(tmp_path, capsys):
+    """A config with a train dataset only, asked for --split test: the error lists what there is to encode."""
+    assert encode_main([*encode_args(tmp_path), "--split", "test", "--num-workers", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "no 'test' dataset; choose --split among those it has: train" in err
+    assert not (tmp_path / "latents" / "index.json").exists()
+
+
 def test_encode_errors_are_one_line_without_a_traceback(tmp_path):
     """As the command runs: an empty checkpoint is named, in one line."""
     args = encode_args(tmp_path)

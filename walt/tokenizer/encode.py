@@ -178,7 +178,11 @@ def vae_section(config: dict, path: str | Path) -> dict:
 def _dataset(data: L.LightningDataModule, split: str) -> Dataset:
     dataset = getattr(data, split, None)
     if dataset is None:
-        raise ValueError(f"the data config has no {split!r} dataset; choose --split among train/val/test")
+        present = [name for name in ("train", "val", "test") if getattr(data, name, None) is not None]
+        raise ValueError(
+            f"the data config has no {split!r} dataset; choose --split among those it has: "
+            f"{', '.join(present) or 'none'} (or give --data a YAML whose data section has a {split!r} dataset)"
+        )
     return dataset
 
 

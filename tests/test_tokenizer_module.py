@@ -426,6 +426,15 @@ def test_encode_refuses_bad_arguments_before_any_work(tmp_path, capsys, extra, m
     assert not (tmp_path / "latents").exists()
 
 
+def test_encode_shows_its_progress_in_clips(tmp_path, capsys):
+    """Both passes report on stderr how many clips they have read of how many: the statistics over their
+    --stats-samples, the shards over the whole split."""
+    assert encode_main([*encode_args(tmp_path), "--stats-samples", "4", "--num-workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "walt encode: statistics" in err and "4/4" in err
+    assert "walt encode: shards" in err and "6/6" in err
+
+
 def test_encode_of_a_split_the_config_lacks_names_the_splits_it_has(tmp_path, capsys):
     """A config with a train dataset only, asked for --split test: the error lists what there is to encode."""
     assert encode_main([*encode_args(tmp_path), "--split", "test", "--num-workers", "0"]) == 1

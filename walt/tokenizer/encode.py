@@ -36,6 +36,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from walt.atomic import TEMP_SUFFIX, atomic_path, write_atomic
 from walt.checkpoint import write_weights
@@ -222,13 +223,22 @@ def _collate_readable(items: list[dict]) -> dict:
     return batch
 
 
-def _readable(batches: Iterable[dict], skipped: dict[str, str]) -> Iterator[dict]:
+def _readable(batches: Iterable[dict], skipped: dict[str, str], bar: tqdm | None = None) -> Iterator[dict]:
     """The batches that hold clips; the files skipped on the way are added to ``skipped`` (path -> reason), once
-    each however often they are read."""
+    each however often they are read. ``bar`` counts every item read, clip or skipped file."""
     for batch in batches:
-        skipped.update(batch.pop("skipped", {}))
+        skipped_here = batch.pop("skipped", {})
+        skipped.update(skipped_here)
+        if bar is not None:  # the statistics may use part of a batch: the count stops at the total
+            read = len(skipped_here) + (len(batch["video"]) if "video" in batch else 0)
+            bar.update(min(read, bar.total - bar.n))
         if "video" in batch:
             yield batch
+
+
+def _bar(total: int, what: str) -> tqdm:
+    """A progress bar of clips on stderr: encoding a dataset takes minutes to hours, and a log should show it."""
+    return tqdm(total=total, desc=f"walt encode: {what}", unit="clip", mininterval=5.0, file=sys.stderr)
 
 
 def _num_files(dataset: Dataset) -> int:
@@ -361,18 +371,20 @@ def _encode(args: argparse.Namespace) -> None:
     autocast = torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.bf16)
     with autocast:
         if args.stats_samples > 0:
-            mean, std = latent_statistics(
-                vae, _readable(loader, skipped), args.stats_samples, args.chunk_size
-            )
+            with _bar(min(args.stats_samples, len(dataset)), "statistics") as bar:
+                mean, std = latent_statistics(
+                    vae, _readable(loader, skipped, bar), args.stats_samples, args.chunk_size
+                )
             vae.set_latent_stats(mean.to(args.device), std.to(args.device))
         write_weights(vae.state_dict(), out / "vae.safetensors", {"role": "tokenizer"})
         write_atomic(out / "vae.yaml", yaml.safe_dump(section, sort_keys=False))
         shards = []
         if not args.stats_only:
-            batches = _readable(loader, skipped)
-            shards = encode_to_shards(
-                vae, batches, out, args.shard_size, args.chunk_size, STORE_DTYPES[args.dtype]
-            )
+            with _bar(len(dataset), "shards") as bar:
+                shards = encode_to_shards(
+                    vae, _readable(loader, skipped, bar), out, args.shard_size, args.chunk_size,
+                    STORE_DTYPES[args.dtype],
+                )  # fmt: skip
     num_files = _num_files(dataset)
     index = {
         "shards": shards,

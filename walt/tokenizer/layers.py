@@ -108,7 +108,6 @@ class AdaptiveFrameGroupNorm(nn.Module):
         super().__init__()
         _check_groups(channels, num_groups)
         self.num_groups = num_groups
-        self.upsample = upsample
         self.resize = FrameResize(upsample, "modulation upsampling")
         self.to_scale_shift = nn.Conv3d(latent_channels, 2 * channels, kernel_size=1)
         # Start as a plain GroupNorm: the latent modulation is learned from zero.
@@ -234,7 +233,7 @@ class ResizeUpsample(nn.Module):
 
     def __init__(self, channels: int, temporal: bool, mode: str = "bilinear") -> None:
         super().__init__()
-        self.factor_t, self.mode = (2 if temporal else 1), mode
+        self.factor_t = 2 if temporal else 1
         self.resize = FrameResize(mode)
         self.conv = CausalConv3d(channels, channels, 3)
 

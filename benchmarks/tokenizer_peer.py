@@ -321,13 +321,13 @@ def main() -> None:
     parser.add_argument("--walt-preset", default="small", choices=sorted(presets))
     parser.add_argument(
         "--modulation-upsample",
-        default="lanczos",
+        default="kaiser",
         choices=MODULATION_UPSAMPLING,
         help="as configs/tokenizer/real_footage.yaml",
     )
     parser.add_argument(
         "--upsampler",
-        default="lanczos",
+        default="kaiser",
         choices=UPSAMPLERS,
         help="walt's decoder upsamplers, as configs/tokenizer/real_footage.yaml",
     )

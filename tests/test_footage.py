@@ -168,7 +168,7 @@ def test_bad_arguments_are_refused():
 def test_real_footage_config_trains_two_batches_on_cpu(tmp_path, monkeypatch, upsampler):
     """configs/tokenizer/real_footage.yaml, shrunk to the tiny tokenizer but for its resizing settings: a video
     batch then an image batch, both with the discriminator on (gradient penalty and LeCam), then validation on
-    the test split; as shipped (Lanczos upsamplers and modulation) and with the depth-to-space upsamplers and
+    the test split; as shipped (Kaiser low-pass upsamplers and modulation) and with the depth-to-space upsamplers and
     bilinear modulation the README offers as the alternative."""
     from walt.cli import WaltCLI
     from walt.tokenizer import presets
@@ -176,7 +176,7 @@ def test_real_footage_config_trains_two_batches_on_cpu(tmp_path, monkeypatch, up
     config = yaml.safe_load((ROOT / "configs/tokenizer/real_footage.yaml").read_text())
     model = config["model"]["init_args"]
     shipped = model["vae"]["init_args"]
-    assert shipped["upsampler"] == shipped["modulation_upsample"] == "lanczos"
+    assert shipped["upsampler"] == shipped["modulation_upsample"] == "kaiser"
     resizing = {"upsampler": "depth_to_space", "modulation_upsample": "bilinear"}
     resizing = {k: shipped[k] for k in resizing} if upsampler == "shipped" else resizing
     model["vae"]["init_args"] = {**presets["tiny"], "variational": True} | resizing

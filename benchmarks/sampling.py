@@ -10,6 +10,11 @@ per-sample seeds (one generator per video), float videos in [-1, 1] returned on 
 
     python benchmarks/sampling.py --out sampling.json [--compile]
     python benchmarks/sampling.py --smoke              # tiny models on the CPU: checks the script runs
+
+``--cache-threshold 0 0.1 1e9`` adds first-block caching (`walt.transformer.FirstBlockCache`) at each threshold:
+with random weights how often a step is cached means nothing, so a huge threshold (every step after the first
+cached) gives the time of a cached step, and ``--model`` (a model folder or checkpoint, e.g. the MovingDigits
+export) times a trained model with its real cache hits, at its own size.
 """
 
 from __future__ import annotations
@@ -57,8 +62,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_case(pipe: Pipeline, args, device, guidance: float) -> dict:
-    labels = [i % NUM_CLASSES for i in range(args.batch)]
+def run_case(pipe: Pipeline, args, device, guidance: float, cache_threshold: float = 0.0) -> dict:
+    num_classes = pipe.backbone.num_classes
+    labels = None if num_classes is None else [i % num_classes for i in range(args.batch)]
 
     def once(steps: int) -> float:
         synchronize(device)
@@ -72,6 +78,7 @@ def run_case(pipe: Pipeline, args, device, guidance: float) -> dict:
             batch_size=args.batch,
             output="float",
             progress=False,
+            cache_threshold=cache_threshold,
         )
         synchronize(device)
         assert videos.shape[:2] == (args.batch, 3) and torch.isfinite(videos).all()
@@ -98,6 +105,9 @@ def run_case(pipe: Pipeline, args, device, guidance: float) -> dict:
         "compile": args.compile,
         "mode": args.mode,
         "compile_decoder": args.compile_decoder,
+        "cache_threshold": cache_threshold,
+        "cache_stats": dict(pipe.cache_stats),
+        "model": args.model,
         "seconds_per_batch": seconds,
         "seconds_per_video": seconds / args.batch,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
@@ -108,7 +118,7 @@ def run_case(pipe: Pipeline, args, device, guidance: float) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, help="DDIM steps (default 50, or a --model's own)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
     p.add_argument(
@@ -118,21 +128,40 @@ def main() -> None:
     p.add_argument("--mode", help="torch.compile mode of the backbone, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--compile-decoder", action="store_true", help="torch.compile the tokenizer's decoder")
     p.add_argument("--profile", action="store_true", help="add a kernel breakdown of one run (GPU)")
+    p.add_argument(
+        "--cache-threshold",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="first-block cache thresholds to time (0 = off)",
+    )
+    p.add_argument(
+        "--model", help="a trained model (folder or checkpoint) instead of random W.A.L.T-L weights"
+    )
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args()
+    args.steps_given = args.steps is not None
+    args.steps = 50 if args.steps is None else args.steps
     if args.smoke:
         args.batch, args.steps, args.repeats = 2, 3, 1
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     torch.manual_seed(0)
-    pipe = build(args.smoke, device)
+    if args.model:
+        dtype = torch.bfloat16 if device.type == "cuda" else None
+        pipe = Pipeline.from_pretrained(args.model, device=device, dtype=dtype)
+        args.steps = args.steps if args.steps_given else pipe.sample_steps
+    else:
+        pipe = build(args.smoke, device)
     if args.compile:  # in place, as Pipeline.compile does, with the chosen mode
         pipe.backbone.compile(fullgraph=True, mode=args.mode)
+        pipe._compiled = True  # the first-block cache then compiles its pieces too
     if args.compile_decoder:  # the causal cache is Python state: graph breaks are allowed here
         pipe.tokenizer.decoder = torch.compile(pipe.tokenizer.decoder)
     rows = []
-    for guidance in args.guidance:
-        row = run_case(pipe, args, device, guidance)
+    cases = [(g, c) for g in args.guidance for c in args.cache_threshold]
+    for guidance, cache_threshold in cases:
+        row = run_case(pipe, args, device, guidance, cache_threshold)
         row["device"] = (
             torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
         )

@@ -259,3 +259,23 @@ def test_fid_frames_scores_the_first_16_frames_of_each_generated_video(setup, ca
     result = _run(args, capsys)
     assert result["counts"] == {"real": 16, "fake": 16} and result["metric"] == "FID"
     assert seen == [0] and result["generation"]["num_frames"] == 17 and np.isfinite(result["value"])
+
+
+def test_first_block_caching_reaches_the_sampler_and_the_json_says_so(
+    setup, reference, capsys, one_thread, monkeypatch
+):
+    """--cache-threshold 0 is the reference number; a threshold that caches every step after the first reaches
+    Pipeline.generate (this untrained model's blocks are still the identity, so its samples are the same)."""
+    off = _run(_args(setup, "--cache-threshold", "0"), capsys)
+    assert off["value"] == reference["value"] and off["generation"]["cache_threshold"] == 0.0
+    stats, generate = [], Pipeline.generate
+
+    def spy(self, *args, **kwargs):
+        videos = generate(self, *args, **kwargs)
+        stats.append(dict(self.cache_stats))
+        return videos
+
+    monkeypatch.setattr(Pipeline, "generate", spy)
+    on = _run(_args(setup, "--cache-threshold", "1e9"), capsys)
+    assert on["generation"]["cache_threshold"] == 1e9 and on["value"] == reference["value"]
+    assert stats and all(s == {"full": 1, "cached": 1} for s in stats)  # 2 steps per batch

@@ -196,6 +196,18 @@ def test_walt_sample_from_a_model_records_how_each_file_was_made(trained, tmp_pa
     assert "argument --guidance: must be a finite number, got 'nan'" in capsys.readouterr().err
 
 
+def test_walt_sample_with_first_block_caching_says_and_records_how_many_passes_it_reused(
+    trained, tmp_path, capsys
+):
+    out = tmp_path / "cached"
+    args = ["sample", "--model", str(trained["ckpt"]), "--output", str(out), "--num-samples", "2", "--steps", "3",
+            "--cache-threshold", "1e9", "--device", "cpu"]  # fmt: skip
+    assert main_exit(args) == 0
+    assert "first-block cache: 2 of 3 passes reused" in capsys.readouterr().err
+    index = json.loads((out / "samples.json").read_text())
+    assert all(e["cache_threshold"] == 1e9 and e["cache_stats"] == {"full": 1, "cached": 2} for e in index)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -205,6 +217,7 @@ def test_walt_sample_from_a_model_records_how_each_file_was_made(trained, tmp_pa
         (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
         (["--extend", "-1"], "argument --extend: must be >= 0, got -1"),
         (["--context", "missing.mp4"], "--context missing.mp4: no such file"),
+        (["--cache-threshold", "-0.1"], "argument --cache-threshold: must be a finite number >= 0, got -0.1"),
     ],
 )
 def test_walt_sample_refuses_out_of_range_values_while_parsing(tmp_path, capsys, extra, message):

@@ -12,7 +12,14 @@ import argparse
 import math
 from collections.abc import Callable
 
-__all__ = ["check_int", "check_positive", "check_probability", "int_at_least", "positive_float"]
+__all__ = [
+    "check_int",
+    "check_positive",
+    "check_probability",
+    "int_at_least",
+    "nonnegative_float",
+    "positive_float",
+]
 
 
 def check_int(name: str, value: object, minimum: int) -> None:
@@ -54,6 +61,17 @@ def finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """An argparse ``type``: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 

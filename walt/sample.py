@@ -9,6 +9,7 @@ import fnmatch
 import json
 import math
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import yaml
 
 import walt
 from walt.atomic import TEMP_SUFFIX, write_atomic
-from walt.checks import finite_float, int_at_least, positive_float
+from walt.checks import finite_float, int_at_least, nonnegative_float, positive_float
 from walt.data import VideoReadError, write_video
 from walt.diffusion import SAMPLERS
 from walt.lightning import DiffusionModule
@@ -152,6 +153,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--merge-adapters", action="store_true",
                    help="merge the adapters into the weights before sampling (faster; equal up to rounding)")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (GPU, many samples)")
+    p.add_argument("--cache-threshold", type=nonnegative_float, default=0.0,
+                   help="first-block caching: reuse the deeper blocks' residual while the first block's changes "
+                   "by less than this (0 = off, exact; 0.05-0.2 trades fidelity for speed, README)")  # fmt: skip
     p.add_argument("--bf16", action="store_true", help="run the networks under bfloat16 autocast (GPU)")
     p.add_argument("--fps", type=positive_float, help="frame rate of the files (default: the model's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -161,8 +165,10 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.model = args.model or args.checkpoint
     if (args.cascade is None) == (args.model is None):
         p.error("give --model (a model folder or checkpoint) or --cascade (a cascade folder)")
-    if args.cascade is not None and (args.steps is not None or args.guidance != 1.0):
-        p.error("with --cascade, steps and guidance are set per stage (the cascade YAML or cascade.json)")
+    if args.cascade is not None and (args.steps is not None or args.guidance != 1.0 or args.cache_threshold):
+        p.error(
+            "with --cascade, steps, guidance and cache_threshold are set per stage (the cascade YAML or cascade.json)"
+        )
     if args.eta < 0:
         p.error(f"--eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM noise), got {args.eta}")
     if args.context is not None and not Path(args.context).is_file():
@@ -218,12 +224,24 @@ def sample_main(argv: Sequence[str]) -> int:
         extend=args.extend,
     )
     if args.cascade is None:
-        settings.update(steps=args.steps, guidance=args.guidance, eta=args.eta, sampler=args.sampler)
+        settings.update(
+            steps=args.steps,
+            guidance=args.guidance,
+            eta=args.eta,
+            sampler=args.sampler,
+            cache_threshold=args.cache_threshold,
+        )
     try:
         videos = runner.generate(labels, prompts, seeds=seeds, batch_size=args.batch_size, **settings)
     except (ValueError, FileNotFoundError, VideoReadError) as err:  # a bad setting or context file
         raise SystemExit(f"walt sample: {err}") from None
     fps = runner.fps if args.fps is None else args.fps
+    if args.cache_threshold:
+        stats = pipe.cache_stats
+        print(
+            f"first-block cache: {stats['cached']} of {stats['full'] + stats['cached']} passes reused",
+            file=sys.stderr,
+        )
     record = {
         "model": str(args.model or args.cascade),
         "kind": "cascade" if args.cascade else "model",
@@ -234,6 +252,7 @@ def sample_main(argv: Sequence[str]) -> int:
         "context": args.context,
         "steps": pipe.sample_steps if args.steps is None and args.cascade is None else args.steps,
         "fps": fps,
+        **({"cache_stats": dict(pipe.cache_stats)} if args.cache_threshold else {}),
         "walt_version": walt.__version__,
     }
     _write(_prepare_output(out, args.overwrite), videos, labels, prompts, seeds, pipe, record)

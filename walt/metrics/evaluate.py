@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from walt.atomic import write_atomic
-from walt.checks import finite_float, int_at_least
+from walt.checks import finite_float, int_at_least, nonnegative_float
 from walt.data import to_uint8
 from walt.metrics.assets import resolve_asset
 from walt.metrics.protocols import PROTOCOLS, Protocol, get_protocol, real_stats_key
@@ -529,6 +529,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm", "dpmpp_2m"))
     gen.add_argument("--eta", type=finite_float, default=0.0, help="DDIM noise (0 = deterministic)")
     gen.add_argument(
+        "--cache-threshold",
+        type=nonnegative_float,
+        default=0.0,
+        help="first-block caching while sampling (0 = off; walt sample --help), to measure what it costs",
+    )
+    gen.add_argument(
         "--labels",
         default="data",
         choices=("data", "uniform"),
@@ -638,7 +644,9 @@ def _run(args: argparse.Namespace, device: str) -> dict:
         )
     from walt.metrics.generated import GenerationSettings, evaluate_model
 
-    settings = GenerationSettings(args.steps, args.guidance, args.sampler, args.eta, args.seed, args.labels)
+    settings = GenerationSettings(
+        args.steps, args.guidance, args.sampler, args.eta, args.seed, args.labels, args.cache_threshold
+    )
     output = args.output
     work_dir = args.work_dir or (None if output is None else output.with_name(output.name + ".parts"))
     samples_dir = args.samples_dir or Path(f"{output.with_suffix('') if output else 'evaluate'}_samples")

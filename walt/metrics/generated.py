@@ -69,6 +69,7 @@ class GenerationSettings:
     eta: float = 0.0
     seed: int = 0  # sample k has seed ``seed + k``
     labels: str = "data"  # "data" or "uniform"
+    cache_threshold: float = 0.0  # first-block caching (Pipeline.generate); 0 = off
 
 
 def load_generator(model: str | os.PathLike, device: str | torch.device = "cpu", dtype=None):
@@ -327,6 +328,7 @@ def _generate(
         guidance=settings.guidance,
         sampler=settings.sampler,
         eta=settings.eta,
+        cache_threshold=settings.cache_threshold,
     )
     if not hasattr(generator, "stages"):
         kwargs["num_frames"] = plan.num_frames
@@ -335,7 +337,7 @@ def _generate(
         kwargs["context"] = torch.stack(clips)[:, :, : plan.context_frames]
         kwargs["context_frames"] = plan.context_frames
     if hasattr(generator, "stages"):  # per-stage settings come from the cascade itself
-        for key in ("steps", "guidance", "sampler", "eta"):
+        for key in ("steps", "guidance", "sampler", "eta", "cache_threshold"):
             kwargs.pop(key)
     videos = timer(generator.generate, **kwargs).numpy()  # (b, T, H, W, 3) uint8
     for consume in consumers:

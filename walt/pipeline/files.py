@@ -246,7 +246,7 @@ def save_cascade(cascade: CascadePipeline, path: str | Path) -> Path:
     return path
 
 
-STAGE_SETTINGS = ("steps", "guidance", "eta", "sampler", "aug_level")
+STAGE_SETTINGS = ("steps", "guidance", "eta", "sampler", "aug_level", "cache_threshold")
 
 
 def load_cascade(path: str | Path) -> CascadePipeline:

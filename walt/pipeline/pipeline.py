@@ -35,7 +35,7 @@ from walt.diffusion import (
 )
 from walt.diffusion.schedule import NoiseSchedule
 from walt.tokenizer import CausalVAE
-from walt.transformer import WALT
+from walt.transformer import WALT, FirstBlockCache
 
 __all__ = ["CascadePipeline", "Pipeline", "SuperResolution"]
 
@@ -107,6 +107,8 @@ class Pipeline:
         self.super_resolution = super_resolution
         self.info = dict(info or {})
         self.autocast_dtype: torch.dtype | None = None
+        self.cache_stats = {"full": 0, "cached": 0}  # first-block cache of the last generate() call
+        self._compiled = False
         self._adapters = None  # walt.lora.AdapterSet, made by the first load_adapter
 
     # ---- loading, saving, placement ----------------------------------------------------------------------
@@ -161,6 +163,7 @@ class Pipeline:
     def compile(self) -> Pipeline:
         """``torch.compile`` of the denoiser, in place (worth it on a GPU for many samples)."""
         self.backbone.compile(fullgraph=True)
+        self._compiled = True
         return self
 
     # ---- LoRA adapters (walt.lora; needs PEFT: pip install 'walt[lora]') -------------------------------------
@@ -241,6 +244,7 @@ class Pipeline:
         lowres: Tensor | None = None,
         aug_level: float | None = None,
         progress: bool = True,
+        cache_threshold: float = 0.0,
     ) -> Tensor:
         """Generates ``N`` videos; returns uint8 ``(N, T, H, W, 3)`` on the CPU (``output="float"``: float
         ``(N, 3, T, H, W)`` in [-1, 1]; ``"latent"``: normalized latents ``(N, C, T', h, w)``).
@@ -259,9 +263,16 @@ class Pipeline:
         - ``extend``: further segments, each continuing the last frames of the previous one.
         - ``lowres``: for a super-resolution stage, the low-res videos to upsample (N, 3, T, h, w) in [-1, 1];
           ``aug_level`` overrides its noise-augmentation level.
+        - ``cache_threshold``: first-block caching (`walt.transformer.FirstBlockCache`): a denoising step whose
+          first-block residual moved by less than this (relative change) since the last full step reuses the
+          other blocks' residual from that step. 0 (default) is off and exact; 0.05 to 0.2 saves passes at a
+          cost in fidelity to measure (README). ``cache_stats`` then counts full and cached passes.
         """
         steps = self.sample_steps if steps is None else steps
         self._check_settings(steps, guidance, eta, sampler, batch_size, output, extend)
+        if not (math.isfinite(cache_threshold) and cache_threshold >= 0):
+            raise ValueError(f"cache_threshold must be >= 0 (0 = no caching), got {cache_threshold}")
+        self.cache_stats = {"full": 0, "cached": 0}
         n, seeds = self._count(labels, prompts, seeds, lowres, num_samples, context)
         label_tensor = self._labels(labels, n)
         prompt_list = self._prompts(prompts, n)
@@ -284,7 +295,14 @@ class Pipeline:
                 if lowres is not None:
                     given = self._lowres_condition(given, lowres[part], aug_level, seeds[part])
                 ctx = None if context_latents is None else context_latents[part].to(self.device)
-                settings = dict(steps=steps, guidance=guidance, eta=eta, sampler=sampler, on_step=bar.update)
+                settings = dict(
+                    steps=steps,
+                    guidance=guidance,
+                    eta=eta,
+                    sampler=sampler,
+                    on_step=bar.update,
+                    cache_threshold=cache_threshold,
+                )
                 z = self._segment(shape, given, ctx, known, generators, settings)  # (b, C, T, h, w)
                 for _ in range(extend):
                     z = self._extend(z, shape, given, generators, settings)
@@ -317,8 +335,9 @@ class Pipeline:
             given = torch.full((b,), known, device=self.device)  # (b,)
             cond.context, cond.context_mask = context, context_mask(given, (b, *shape))  # (b, 1, T, h, w)
         noise = randn((b, *shape), generators, self.device)  # (b, C, T, h, w)
+        net = self._denoiser(settings["cache_threshold"])
         z = sample(
-            self._model_fn(cond, settings["guidance"]),
+            self._model_fn(cond, settings["guidance"], net),
             noise,
             settings["steps"],
             sampler=settings["sampler"],
@@ -327,6 +346,9 @@ class Pipeline:
             generator=generators,
             on_step=lambda _: settings["on_step"](1),
         )
+        if isinstance(net, FirstBlockCache):
+            for key, count in net.stats.items():
+                self.cache_stats[key] += count
         if known > 0:  # the given frames exactly
             z[:, :, :known] = context[:, :, :known]
         return z.cpu()
@@ -346,15 +368,24 @@ class Pipeline:
         nxt = self._segment(shape, given, context, overlap, generators, settings)
         return torch.cat([z, nxt[:, :, overlap:]], dim=2)  # (b, C, T + T - overlap, h, w)
 
-    def _model_fn(self, cond: Conditioning, guidance: float) -> Callable[[Tensor, Tensor], Tensor]:
-        """The sampler's ``model_fn(x_t, t) -> v``: guidance (two passes, or the input w of a distilled model),
-        then self-conditioning around it, under autocast."""
+    def _denoiser(self, cache_threshold: float) -> WALT | FirstBlockCache:
+        """The backbone, or a fresh first-block cache around it (one per sampling run: it holds its state)."""
+        if cache_threshold == 0:
+            return self.backbone
+        return FirstBlockCache(self.backbone, cache_threshold, compile=self._compiled)
+
+    def _model_fn(
+        self, cond: Conditioning, guidance: float, net: WALT | FirstBlockCache | None = None
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """The sampler's ``model_fn(x_t, t) -> v`` of ``net`` (default: the backbone): guidance (two passes,
+        or the input w of a distilled model), then self-conditioning around it, under autocast."""
         backbone = self.backbone
+        net = backbone if net is None else net
         if backbone.guidance_input:
             cond.guidance = torch.full((cond_size(cond),), float(guidance), device=self.device)
-            model = backbone
+            model = net
         else:
-            model = guided(backbone, guidance) if guidance != 1.0 else backbone
+            model = guided(net, guidance) if guidance != 1.0 else net
 
         def autocast_model(x_t: Tensor, t: Tensor, c: Conditioning) -> Tensor:
             with self._autocast():

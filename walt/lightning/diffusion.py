@@ -46,6 +46,7 @@ from walt.lightning.video_logging import add_video
 from walt.pipeline import Pipeline, describe_pipeline
 from walt.tokenizer import CausalVAE, load_vae_weights
 from walt.transformer import WALT
+from walt.transformer.float8 import check_float8_device, convert_to_float8
 
 __all__ = ["DiffusionModule", "adamw_for_diffusion"]
 
@@ -86,6 +87,9 @@ class DiffusionModule(WaltModule):
         compile: ``torch.compile`` the backbone and its EMA copy (whole graph, in place, so checkpoints keep
             their keys); on a GPU it roughly halves the step time (benchmarks/RESULTS.md), at a compilation
             cost of a minute or so per input shape at the start of a run.
+        float8: FP8 matmuls for the blocks' attention and MLP linears (torchao float8 training, recipe
+            "tensorwise" or "rowwise"; `walt.transformer.float8`), opt-in; needs torchao and a GPU with FP8
+            tensor cores (refused before the first step elsewhere). Weights and checkpoints stay as they are.
     """
 
     def __init__(
@@ -108,6 +112,7 @@ class DiffusionModule(WaltModule):
         video_fps: float = 8.0,
         tokenizer_chunk_size: int | None = None,
         compile: bool = False,
+        float8: str | None = None,
     ) -> None:
         super().__init__()
         # Out of range, these would train without a word (a negative warmup); `walt fit` shows the error first.
@@ -152,6 +157,9 @@ class DiffusionModule(WaltModule):
         self.tokenizer_chunk_size = tokenizer_chunk_size
         if train_only_spatiotemporal:
             _freeze_spatial(backbone)
+        self.float8 = float8
+        if float8 is not None:  # before the EMA copy and compilation, so that both see the FP8 linears
+            convert_to_float8(backbone, float8)
         self.ema = EMA(backbone, ema_decay) if ema_decay is not None else None
         self.compile_models = compile
         if compile:
@@ -197,6 +205,8 @@ class DiffusionModule(WaltModule):
     def setup(self, stage: str) -> None:
         if self.compile_models:
             check_compile(self.trainer.strategy)
+        if self.float8 is not None:
+            check_float8_device(self.trainer.strategy.root_device)
         # Before Lightning restores a checkpoint (resuming), which then overwrites the student as it should.
         if stage == "fit" and self.teacher is not None and self.teacher.init_student:
             if not bool(self.student_initialized):

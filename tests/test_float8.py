@@ -1,0 +1,73 @@
+"""FP8 training (walt.transformer.float8, DiffusionModule(float8=...)): which linears convert, that checkpoints keep
+their keys, and that a machine without FP8 tensor cores is refused before the first step, in one line."""
+
+from __future__ import annotations
+
+import builtins
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from walt.lightning import DiffusionModule
+from walt.transformer import WALT
+from walt.transformer.float8 import convert_to_float8, float8_linear_names
+
+pytest.importorskip("torchao")
+
+
+def backbone(**kwargs) -> WALT:
+    torch.manual_seed(0)
+    return WALT(in_channels=4, depth=3, hidden_size=32, num_heads=2, input_size=(2, 4, 4), **kwargs)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_exactly_the_blocks_attention_and_mlp_linears_convert_and_the_keys_stay(recipe):
+    from torchao.float8.float8_linear import Float8Linear
+
+    model = backbone(num_classes=3)
+    keys = set(model.state_dict())
+    convert_to_float8(model, recipe)
+    converted = sorted(n for n, m in model.named_modules() if isinstance(m, Float8Linear))
+    expected = sorted(
+        f"blocks.{i}.{leaf}" for i in range(3) for leaf in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    )
+    assert converted == expected == sorted(float8_linear_names(model))
+    assert set(model.state_dict()) == keys  # checkpoints load into an unconverted model and back
+    unconverted = [m for n, m in model.named_modules() if type(m) is nn.Linear]
+    assert unconverted and not any(n in expected for n, m in model.named_modules() if type(m) is nn.Linear)
+
+
+def test_misaligned_linears_stay_in_high_precision():
+    model = backbone(mlp_ratio=4.5)  # fc1: 32 -> 144, a multiple of 16; 40 would not be
+    assert "blocks.0.mlp.fc1" in float8_linear_names(model)
+    odd = backbone(mlp_ratio=1.25)  # 32 -> 40
+    names = float8_linear_names(odd)
+    assert "blocks.0.mlp.fc1" not in names and "blocks.0.attn.qkv" in names
+
+
+def test_an_unknown_recipe_and_a_missing_torchao_are_refused_with_the_fix(monkeypatch):
+    with pytest.raises(ValueError, match="unknown float8 recipe 'e5m2'; choose one of tensorwise, rowwise"):
+        DiffusionModule(backbone(), float8="e5m2")
+    real_import = builtins.__import__
+
+    def no_torchao(name, *args, **kwargs):
+        if name.startswith("torchao"):
+            raise ImportError("No module named 'torchao'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    with pytest.raises(ImportError, match=r"pip install 'walt\[fp8\]'"):
+        convert_to_float8(backbone(), "tensorwise")
+
+
+def test_a_cpu_run_is_refused_before_the_first_step(tmp_path):
+    module = DiffusionModule(backbone(), float8="tensorwise", ema_decay=None, num_log_samples=0)
+    assert module.float8 == "tensorwise"
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
+    data = torch.utils.data.DataLoader([{"latent": torch.randn(4, 2, 4, 4)} for _ in range(2)], batch_size=2)
+    with pytest.raises(ValueError, match=r"FP8 tensor cores .* this run is on cpu: remove float8"):
+        trainer.fit(module, data)
+    assert trainer.global_step == 0

@@ -1,0 +1,73 @@
+"""FP8 matmuls for training the backbone: torchao's float8 training on the blocks' attention and MLP linears.
+
+Only the four large linears of each block (qkv, the attention output, the MLP's two) are converted: they hold
+almost all of the matmul FLOPs, while the embeddings, the AdaLN projections and the output layer are small and
+precision-sensitive. torchao's ``Float8Linear`` keeps the weights and their state-dict keys as they are (high
+precision; the casts happen per matmul), so checkpoints load into an unconverted model and back.
+
+Whether it pays depends on the width: at W.A.L.T-XL's 1152 the separate casts cost more than the faster matmuls
+save (benchmarks/RESULTS.md); measure on your model before training with it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from walt.transformer.model import WALT
+
+__all__ = ["FLOAT8_RECIPES", "check_float8_device", "convert_to_float8", "float8_linear_names"]
+
+FLOAT8_RECIPES = ("tensorwise", "rowwise")
+# Hopper (9.0), Ada (8.9) and later have FP8 tensor cores; torch's scaled matmul refuses anything older.
+FLOAT8_MIN_CAPABILITY = (8, 9)
+# The cast kernels and the FP8 matmul need both dimensions divisible by 16.
+FLOAT8_ALIGNMENT = 16
+
+
+def float8_linear_names(model: WALT) -> list[str]:
+    """The linears that FP8 training converts: each block's attention qkv and output and its MLP's two layers,
+    where both dimensions are multiples of 16."""
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or not name.startswith("blocks."):
+            continue
+        leaf = name.split(".", 2)[2]
+        aligned = module.in_features % FLOAT8_ALIGNMENT == 0 and module.out_features % FLOAT8_ALIGNMENT == 0
+        if leaf in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2") and aligned:
+            names.append(name)
+    return names
+
+
+def convert_to_float8(model: WALT, recipe: str) -> WALT:
+    """Swaps :func:`float8_linear_names` for torchao's ``Float8Linear`` with ``recipe`` ("tensorwise": one
+    scale per tensor; "rowwise": one per row, more accurate, slower casts), in place. Needs torchao."""
+    if recipe not in FLOAT8_RECIPES:
+        raise ValueError(f"unknown float8 recipe {recipe!r}; choose one of {', '.join(FLOAT8_RECIPES)}")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as err:
+        raise ImportError(f"float8 training needs torchao: pip install 'walt[fp8]' ({err})") from None
+    chosen = set(float8_linear_names(model))
+    convert_to_float8_training(
+        model,
+        config=Float8LinearConfig.from_recipe_name(recipe),
+        module_filter_fn=lambda module, name: name in chosen,
+    )
+    return model
+
+
+def check_float8_device(device: torch.device) -> None:
+    """Refuses a device without FP8 tensor cores, naming it and what would work."""
+    if device.type != "cuda":
+        raise ValueError(
+            f"float8 training needs an NVIDIA GPU with FP8 tensor cores (Ada, Hopper or newer); this run is on "
+            f"{device.type}: remove float8 from the model's init_args"
+        )
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FLOAT8_MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(
+            f"float8 training needs FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper); {name} has "
+            f"{capability[0]}.{capability[1]}: remove float8 from the model's init_args"
+        )

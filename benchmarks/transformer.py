@@ -38,6 +38,7 @@ from profiling import profile_steps, summary
 from walt.conditioning import Conditioning
 from walt.nn import fit_window
 from walt.transformer import WALT, WALT_WINDOWS
+from walt.transformer.float8 import FLOAT8_RECIPES, check_float8_device, convert_to_float8
 
 H100_BF16_DENSE_TFLOPS = 798.0  # measured bf16 matmul ceiling of the reference H100 (DESIGN.md §4)
 LATENT_CHANNELS = 8
@@ -158,6 +159,8 @@ def run_case(case: Case, args: argparse.Namespace, model_kwargs: dict, device: t
     model.gradient_checkpointing = False
     flops, attention_share = count_flops(make_step(model, None, batch, device.type))
     model.gradient_checkpointing = args.checkpointing
+    if args.float8:  # after counting: model FLOPs are the bf16 model's, the same math in FP8
+        convert_to_float8(model, args.float8)
     runnable = torch.compile(model, fullgraph=True, mode=args.mode) if args.compile else model
     step = make_step(runnable, optimizer, batch, device.type)
     if cuda:
@@ -222,7 +225,9 @@ def write_json(path: str, args: argparse.Namespace, device: torch.device, result
         "compile_mode": args.mode,
         "optimizer": args.optimizer,
         "checkpointing": args.checkpointing,
-        "dtype": "bf16 autocast, fp32 parameters",
+        "float8": args.float8,
+        "dtype": "bf16 autocast, fp32 parameters"
+        + (f", FP8 {args.float8} matmuls in the blocks" if args.float8 else ""),
     }
     with open(path, "w") as f:
         json.dump(
@@ -241,6 +246,9 @@ def main() -> None:
         "--mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: default)"
     )
     parser.add_argument("--optimizer", action="store_true", help="include a fused AdamW step in each step")
+    parser.add_argument(
+        "--float8", choices=FLOAT8_RECIPES, help="FP8 matmuls in the blocks' linears (torchao; FP8 GPUs only)"
+    )
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--profile", action="store_true", help="add a kernel breakdown of the step (GPU)")
     parser.add_argument(
@@ -257,6 +265,11 @@ def main() -> None:
     device = torch.device("cpu" if args.smoke else "cuda")
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device; use --smoke for the CPU check")
+    if args.float8:
+        try:
+            check_float8_device(device)
+        except ValueError as err:
+            parser.error(str(err))
     model_kwargs = {"gradient_checkpointing": args.checkpointing}
     if args.smoke:
         model_kwargs["depth"] = 2

@@ -68,6 +68,6 @@ def test_a_cpu_run_is_refused_before_the_first_step(tmp_path):
     trainer = L.Trainer(accelerator="cpu", max_steps=1, default_root_dir=tmp_path, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
     data = torch.utils.data.DataLoader([{"latent": torch.randn(4, 2, 4, 4)} for _ in range(2)], batch_size=2)
-    with pytest.raises(ValueError, match=r"FP8 tensor cores .* this run is on cpu: remove float8"):
+    with pytest.raises(ValueError, match=r"FP8 tensor cores .* this run is on cpu: train without float8"):
         trainer.fit(module, data)
     assert trainer.global_step == 0

@@ -62,12 +62,12 @@ def check_float8_device(device: torch.device) -> None:
     if device.type != "cuda":
         raise ValueError(
             f"float8 training needs an NVIDIA GPU with FP8 tensor cores (Ada, Hopper or newer); this run is on "
-            f"{device.type}: remove float8 from the model's init_args"
+            f"{device.type}: train without float8 (model.init_args.float8: null) here"
         )
     capability = torch.cuda.get_device_capability(device)
     if capability < FLOAT8_MIN_CAPABILITY:
         name = torch.cuda.get_device_name(device)
         raise ValueError(
             f"float8 training needs FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper); {name} has "
-            f"{capability[0]}.{capability[1]}: remove float8 from the model's init_args"
+            f"{capability[0]}.{capability[1]}: train without float8 (model.init_args.float8: null) here"
         )

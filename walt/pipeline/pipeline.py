@@ -160,9 +160,10 @@ class Pipeline:
         self.autocast_dtype = None if dtype in (None, torch.float32) else dtype
         return self
 
-    def compile(self) -> Pipeline:
-        """``torch.compile`` of the denoiser, in place (worth it on a GPU for many samples)."""
-        self.backbone.compile(fullgraph=True)
+    def compile(self, mode: str | None = None) -> Pipeline:
+        """``torch.compile`` of the denoiser, in place (worth it on a GPU for many samples); ``mode`` is
+        torch.compile's (e.g. "reduce-overhead" for CUDA graphs). A first-block cache compiles its pieces too."""
+        self.backbone.compile(fullgraph=True, mode=mode)
         self._compiled = True
         return self
 

@@ -619,6 +619,14 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+def base_under_test(args: argparse.Namespace, configs: dict[str, Path]) -> tuple:
+    """The test clips, the digit classifier, and the trained base model's newest checkpoint and its pipeline."""
+    ref = Reference(args, configs)
+    classifier = digit_classifier(args, ref.videos.shape[-1])
+    checkpoint = newest_checkpoint(args.out / "base")
+    return ref, classifier, checkpoint, load_pipeline(checkpoint, args)
+
+
 def stage_samplers(args: argparse.Namespace, configs: dict[str, Path]) -> None:
     run_stage(args, "samplers", args.out / "samplers.json", lambda: compare_samplers(args, configs))
 
@@ -626,10 +634,7 @@ def stage_samplers(args: argparse.Namespace, configs: dict[str, Path]) -> None:
 def compare_samplers(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
     """The trained base model (no guidance) with every sampler of --samplers at every step count of
     --sampler-steps, scored as evaluate scores it: the same test clips, labels, seeds and classifier."""
-    ref = Reference(args, configs)
-    classifier = digit_classifier(args, ref.videos.shape[-1])
-    checkpoint = newest_checkpoint(args.out / "base")
-    pipe = load_pipeline(checkpoint, args)
+    ref, classifier, checkpoint, pipe = base_under_test(args, configs)
     partial = args.out / "samplers.partial.json"
     rows = []
     for steps in args.sampler_steps:  # fewest steps first: a run cut short still compares the samplers there
@@ -654,10 +659,7 @@ def stage_cache(args: argparse.Namespace, configs: dict[str, Path]) -> None:
 def compare_cache(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
     """The trained base model with first-block caching at every threshold of --cache-thresholds (0 first: the
     reference), scored as evaluate scores it: the same test clips, labels, seeds and classifier."""
-    ref = Reference(args, configs)
-    classifier = digit_classifier(args, ref.videos.shape[-1])
-    checkpoint = newest_checkpoint(args.out / "base")
-    pipe = load_pipeline(checkpoint, args)
+    ref, classifier, checkpoint, pipe = base_under_test(args, configs)
     partial = args.out / "cache.partial.json"
     rows = []
     for threshold in args.cache_thresholds:

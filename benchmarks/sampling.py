@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from profiling import profile_steps, summary
 
+from walt.checks import nonnegative_float
 from walt.diffusion import SAMPLERS
 from walt.pipeline import Pipeline
 from walt.tokenizer import CausalVAE, presets
@@ -130,7 +131,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="add a kernel breakdown of one run (GPU)")
     p.add_argument(
         "--cache-threshold",
-        type=float,
+        type=nonnegative_float,
         nargs="+",
         default=[0.0],
         help="first-block cache thresholds to time (0 = off)",

@@ -472,3 +472,23 @@ def test_a_wrapped_part_is_described_as_what_it_wraps():
     assert describe_part("backbone", Wrapper(net)) == describe_part("backbone", net)
     with pytest.raises(TypeError, match="cannot be saved as the backbone"):
         describe_part("backbone", torch.nn.Linear(2, 2))
+
+
+def test_a_cascade_caches_per_stage_and_walt_sample_counts_every_stage(tmp_path):
+    """cache_threshold is a stage setting: it survives saving the cascade, only the stage that sets it caches,
+    and the counts walt sample prints and records add up over the stages; one threshold for a whole cascade is
+    refused by walt evaluate, whose JSON would otherwise claim it."""
+    from walt.metrics.generated import GenerationSettings, evaluate_model
+    from walt.pipeline import CascadePipeline
+    from walt.sample import _cache_stats
+
+    cascade = _tiny_cascade()
+    cascade.stage_settings[1]["cache_threshold"] = 1e9
+    loaded = CascadePipeline.from_pretrained(cascade.save_pretrained(tmp_path / "cascade"))
+    assert loaded.stage_settings[1] == {"eta": 1.0, "cache_threshold": 1e9}
+    loaded.generate(labels=[1, 0], seeds=[4, 5], output="float", progress=False)
+    base, sr = loaded.stages
+    assert base.cache_stats == {"full": 0, "cached": 0} and sr.cache_stats == {"full": 1, "cached": 1}
+    assert _cache_stats(loaded) == {"full": 1, "cached": 1} and _cache_stats(base) is None
+    with pytest.raises(ValueError, match="a cascade sets cache_threshold per stage"):
+        evaluate_model("fvd2048_16f", loaded, "unused", settings=GenerationSettings(cache_threshold=0.1))

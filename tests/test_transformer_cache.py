@@ -169,7 +169,7 @@ def test_pipeline_generate_counts_cached_passes_and_zero_is_exact():
     cached = pipe.generate(num_samples=2, output="latent", progress=False, cache_threshold=1e9)
     assert pipe.cache_stats == {"full": 1, "cached": 5}  # one batch of 2, 6 steps: only the first in full
     assert not torch.equal(cached, plain) and torch.isfinite(cached).all()
-    with pytest.raises(ValueError, match="cache_threshold must be >= 0"):
+    with pytest.raises(ValueError, match="cache_threshold must be a finite number >= 0"):
         pipe.generate(num_samples=1, progress=False, cache_threshold=-1.0)
 
 

@@ -610,6 +610,7 @@ def measure(
     }
     if cache_threshold:
         row["cache_passes"] = passes
+        row["cached_share"] = passes["cached"] / max(1, passes["full"] + passes["cached"])
     log(f"{name}: {row}")
     return row, videos
 
@@ -1104,6 +1105,10 @@ def main() -> None:
         help="DDIM steps of the guided teacher in distill-evaluate, comma-separated",
     )
     args = p.parse_args()
+    if args.cache_thresholds[0] != 0:
+        p.error(
+            "--cache-thresholds must start with 0: the uncached reference the other rows are compared with"
+        )
     if args.smoke:
         args.num_samples = args.num_samples or 16
         args.classifier_clips, args.classifier_steps, args.workers = 64, 50, 0

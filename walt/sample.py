@@ -236,12 +236,10 @@ def sample_main(argv: Sequence[str]) -> int:
     except (ValueError, FileNotFoundError, VideoReadError) as err:  # a bad setting or context file
         raise SystemExit(f"walt sample: {err}") from None
     fps = runner.fps if args.fps is None else args.fps
-    if args.cache_threshold:
-        stats = pipe.cache_stats
-        print(
-            f"first-block cache: {stats['cached']} of {stats['full'] + stats['cached']} passes reused",
-            file=sys.stderr,
-        )
+    stats = _cache_stats(runner)
+    if stats:
+        reused = f"{stats['cached']} of {stats['full'] + stats['cached']}"
+        print(f"first-block cache: {reused} passes reused", file=sys.stderr)
     record = {
         "model": str(args.model or args.cascade),
         "kind": "cascade" if args.cascade else "model",
@@ -252,11 +250,18 @@ def sample_main(argv: Sequence[str]) -> int:
         "context": args.context,
         "steps": pipe.sample_steps if args.steps is None and args.cascade is None else args.steps,
         "fps": fps,
-        **({"cache_stats": dict(pipe.cache_stats)} if args.cache_threshold else {}),
+        **({"cache_stats": stats} if stats else {}),
         "walt_version": walt.__version__,
     }
     _write(_prepare_output(out, args.overwrite), videos, labels, prompts, seeds, pipe, record)
     return 0
+
+
+def _cache_stats(runner: Pipeline | CascadePipeline) -> dict[str, int] | None:
+    """Full and cached passes of first-block caching over every stage that used it (None: none did)."""
+    stages = runner.stages if isinstance(runner, CascadePipeline) else [runner]
+    totals = {key: sum(stage.cache_stats[key] for stage in stages) for key in ("full", "cached")}
+    return totals if any(totals.values()) else None
 
 
 def _check_output(out: Path, overwrite: bool) -> None:

@@ -133,6 +133,10 @@ def evaluate_model(
     _check_arguments(settings, batch_size, save_samples, num_fake)
     real = real if isinstance(real, Dataset) else Path(real)
     generator = model if hasattr(model, "generate") else load_generator(model, device, dtype)
+    if hasattr(generator, "stages") and settings.cache_threshold:
+        raise ValueError(
+            "a cascade sets cache_threshold per stage (its stage settings), not for all: leave --cache-threshold at 0"
+        )
     num = protocol.num_fake if num_fake is None else num_fake
     count = -(-num // protocol.samples_per_file)  # videos to generate
     plan = _plan(protocol, generator, real, count, settings)

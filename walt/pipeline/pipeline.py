@@ -109,6 +109,7 @@ class Pipeline:
         self.autocast_dtype: torch.dtype | None = None
         self.cache_stats = {"full": 0, "cached": 0}  # first-block cache of the last generate() call
         self._compiled = False
+        self._compile_mode: str | None = None
         self._adapters = None  # walt.lora.AdapterSet, made by the first load_adapter
 
     # ---- loading, saving, placement ----------------------------------------------------------------------
@@ -165,6 +166,7 @@ class Pipeline:
         torch.compile's (e.g. "reduce-overhead" for CUDA graphs). A first-block cache compiles its pieces too."""
         self.backbone.compile(fullgraph=True, mode=mode)
         self._compiled = True
+        self._compile_mode = mode
         return self
 
     # ---- LoRA adapters (walt.lora; needs PEFT: pip install 'walt[lora]') -------------------------------------
@@ -272,7 +274,9 @@ class Pipeline:
         steps = self.sample_steps if steps is None else steps
         self._check_settings(steps, guidance, eta, sampler, batch_size, output, extend)
         if not (math.isfinite(cache_threshold) and cache_threshold >= 0):
-            raise ValueError(f"cache_threshold must be >= 0 (0 = no caching), got {cache_threshold}")
+            raise ValueError(
+                f"cache_threshold must be a finite number >= 0 (0 = no caching), got {cache_threshold}"
+            )
         self.cache_stats = {"full": 0, "cached": 0}
         n, seeds = self._count(labels, prompts, seeds, lowres, num_samples, context)
         label_tensor = self._labels(labels, n)
@@ -373,7 +377,7 @@ class Pipeline:
         """The backbone, or a fresh first-block cache around it (one per sampling run: it holds its state)."""
         if cache_threshold == 0:
             return self.backbone
-        return FirstBlockCache(self.backbone, cache_threshold, compile=self._compiled)
+        return FirstBlockCache(self.backbone, cache_threshold, self._compiled, self._compile_mode)
 
     def _model_fn(
         self, cond: Conditioning, guidance: float, net: WALT | FirstBlockCache | None = None
@@ -563,7 +567,7 @@ class CascadePipeline:
     """A base pipeline followed by super-resolution pipelines; labels, prompts, given frames (``context``) and
     seeds reach every stage that takes them. Stage i > 0 upsamples the previous stage's videos.
     ``stage_settings``: per stage, keyword arguments for its ``generate`` (steps, guidance, eta, sampler,
-    aug_level)."""
+    aug_level, cache_threshold)."""
 
     def __init__(self, stages: Sequence[Pipeline], stage_settings: Sequence[dict] | None = None) -> None:
         if not stages or stages[0].super_resolution is not None:

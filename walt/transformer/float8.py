@@ -11,6 +11,8 @@ save (benchmarks/RESULTS.md); measure on your model before training with it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -49,9 +51,12 @@ def convert_to_float8(model: WALT, recipe: str) -> WALT:
     except ImportError as err:
         raise ImportError(f"float8 training needs torchao: pip install 'walt[fp8]' ({err})") from None
     chosen = set(float8_linear_names(model))
+    # The weight gradient's inner dimension is the token count, which images, small grids or odd batches do not
+    # make a multiple of 16 as the FP8 matmul needs: pad it (a copy only where it is not).
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), pad_inner_dim=True)
     convert_to_float8_training(
         model,
-        config=Float8LinearConfig.from_recipe_name(recipe),
+        config=config,
         module_filter_fn=lambda module, name: name in chosen,
     )
     return model

@@ -84,3 +84,60 @@ def summary(profile_result: dict) -> str:
     parts = [f"wall {wall:.1f} ms, GPU busy {profile_result['gpu_busy_ms_per_step']:.1f} ms"]
     parts += [f"{k} {v:.1f}" for k, v in profile_result["kinds_ms_per_step"].items()]
     return "; ".join(parts)
+
+
+# ---- memory: what is alive at the peak --------------------------------------------------------------------
+
+
+def live_at_peak(trace: list[dict]) -> tuple[int, list[dict]]:
+    """Replays one device's allocator trace (``torch.cuda.memory._snapshot()["device_traces"][i]``): returns the
+    peak of allocated bytes reached during it and the blocks alive at that moment (``size`` and ``frames``).
+    Blocks allocated before recording started are not in the trace, so the peak is relative to them."""
+    live: dict[int, dict] = {}
+    current = peak = 0
+    at_peak: list[dict] = []
+    for event in trace:
+        action = event["action"]
+        if action == "alloc":
+            live[event["addr"]] = event
+            current += event["size"]
+            if current > peak:
+                peak, at_peak = current, list(live.values())
+        elif action in ("free_requested", "free") and event["addr"] in live:
+            current -= live.pop(event["addr"])["size"]
+    return peak, at_peak
+
+
+def where_allocated(event: dict, package: str = "walt/") -> str:
+    """The innermost stack frame of an allocation inside ``package`` (file:line function), else the innermost."""
+    frames = event.get("frames") or []
+    for frame in frames:
+        if package in frame.get("filename", ""):
+            return f"{frame['filename'].split(package, 1)[-1]}:{frame['line']} {frame['name']}"
+    return f"{frames[0]['filename']}:{frames[0]['line']} {frames[0]['name']}" if frames else "?"
+
+
+def memory_at_peak(fn: Callable[[], object], top: int = 12) -> dict:
+    """Runs ``fn`` once on the current CUDA device with the allocator's history recorded; returns the peak of
+    the bytes it allocated (beyond what was alive before) and the largest groups of blocks alive at that
+    peak, grouped by the line of walt that allocated them."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    try:
+        fn()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    trace = snapshot["device_traces"][torch.cuda.current_device()]
+    peak, blocks = live_at_peak(trace)
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for block in blocks:
+        group = groups[where_allocated(block)]
+        group[0] += block["size"]
+        group[1] += 1
+    largest = sorted(groups.items(), key=lambda item: -item[1][0])[:top]
+    return {
+        "peak_gib_above_start": peak / 2**30,
+        "at_peak": [{"where": w, "gib": size / 2**30, "blocks": n} for w, (size, n) in largest],
+    }

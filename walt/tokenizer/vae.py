@@ -220,9 +220,10 @@ class CausalVAE(nn.Module):
         """Raw (unnormalized) posterior mean and log-variance (None when not variational)."""
         self._check_video(x)
         num_latent = 1 + (x.shape[2] - 1) // self.temporal_factor
-        cache = CausalCache()
+        chunks = self._chunks(num_latent, chunk_size)
+        cache = CausalCache(streaming=len(chunks) > 1)
         outputs = []
-        for a, b in self._chunks(num_latent, chunk_size):
+        for a, b in chunks:
             chunk = x[:, :, self._frame_boundary(a) : self._frame_boundary(b)]  # (B, 3, T_c, H, W)
             outputs.append(self.encoder(chunk, cache))  # (B, C or 2C, b-a, h, w)
         moments = torch.cat(outputs, dim=2)  # (B, C or 2C, 1+k, h, w)
@@ -234,8 +235,9 @@ class CausalVAE(nn.Module):
     def decode_raw(self, z: Tensor, chunk_size: int | None = None) -> Tensor:
         """Decodes a raw (unnormalized) latent (B, C, 1+k, h, w) to pixels (B, 3, 1+4k, 8h, 8w)."""
         self._check_latent(z)
-        cache = CausalCache()
-        outputs = [self.decoder(z[:, :, a:b], cache) for a, b in self._chunks(z.shape[2], chunk_size)]
+        chunks = self._chunks(z.shape[2], chunk_size)
+        cache = CausalCache(streaming=len(chunks) > 1)
+        outputs = [self.decoder(z[:, :, a:b], cache) for a, b in chunks]
         return torch.cat(outputs, dim=2)  # (B, 3, 1+4k, H, W)
 
     def normalize(self, z: Tensor) -> Tensor:

@@ -66,23 +66,22 @@ def finite_float(text: str) -> float:
 
 def nonnegative_float(text: str) -> float:
     """An argparse ``type``: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+    return _float_above(text, 0.0, inclusive=True)
 
 
 def positive_float(text: str) -> float:
     """An argparse ``type``: a finite number > 0."""
+    return _float_above(text, 0.0, inclusive=False)
+
+
+def _float_above(text: str, bound: float, inclusive: bool) -> float:
+    relation = f"{'>=' if inclusive else '>'} {bound:g}"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a number {relation}, got {text!r}") from None
+    if not (math.isfinite(value) and (value >= bound if inclusive else value > bound)):
+        raise argparse.ArgumentTypeError(f"must be a finite number {relation}, got {text}")
     return value
 
 

@@ -380,12 +380,11 @@ class Pipeline:
         return FirstBlockCache(self.backbone, cache_threshold, self._compiled, self._compile_mode)
 
     def _model_fn(
-        self, cond: Conditioning, guidance: float, net: WALT | FirstBlockCache | None = None
+        self, cond: Conditioning, guidance: float, net: WALT | FirstBlockCache
     ) -> Callable[[Tensor, Tensor], Tensor]:
-        """The sampler's ``model_fn(x_t, t) -> v`` of ``net`` (default: the backbone): guidance (two passes,
-        or the input w of a distilled model), then self-conditioning around it, under autocast."""
+        """The sampler's ``model_fn(x_t, t) -> v`` of ``net`` (the backbone or a cache around it): guidance
+        (two passes, or the input w of a distilled model), then self-conditioning around it, under autocast."""
         backbone = self.backbone
-        net = backbone if net is None else net
         if backbone.guidance_input:
             cond.guidance = torch.full((cond_size(cond),), float(guidance), device=self.device)
             model = net

@@ -21,6 +21,15 @@ pytestmark = [
 C = 8
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: compiled graphs of earlier tests (other FP8 recipes of the same module
+    code) would otherwise count toward Dynamo's recompile limit, and fullgraph=True turns that into a failure."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def model(**kwargs) -> WALT:
     torch.manual_seed(0)
     net = WALT(in_channels=C, depth=4, hidden_size=256, num_heads=4, input_size=(4, 16, 16), num_classes=10,

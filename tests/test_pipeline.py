@@ -62,6 +62,21 @@ def test_a_checkpoint_describes_itself_and_samples_without_its_yaml(trained):
     )
 
 
+@pytest.mark.parametrize("decoder", [True, False])
+def test_compile_compiles_the_denoiser_and_by_default_the_decoder_in_place(trained, decoder):
+    """Pipeline.compile() (walt sample --compile) compiles the backbone and, unless told not to, the tokenizer's
+    decoder (its GPU test: tests/test_gpu.py), each in place: the same modules, the same state-dict keys."""
+    pipe = Pipeline.from_pretrained(trained["ckpt"])
+    backbone, decoder_module = pipe.backbone, pipe.tokenizer.decoder
+    keys = list(pipe.backbone.state_dict()) + list(pipe.tokenizer.state_dict())
+    pipe.compile(decoder=decoder)
+    assert pipe.backbone is backbone and pipe.tokenizer.decoder is decoder_module
+    assert backbone._compiled_call_impl is not None
+    assert (decoder_module._compiled_call_impl is not None) == decoder
+    assert pipe.tokenizer.encoder._compiled_call_impl is None
+    assert list(pipe.backbone.state_dict()) + list(pipe.tokenizer.state_dict()) == keys
+
+
 def test_export_then_load_gives_bit_identical_samples(trained, tmp_path):
     out = tmp_path / "model"
     assert main_exit(["export", "--checkpoint", str(trained["ckpt"]), "--output", str(out)]) == 0

@@ -152,7 +152,11 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="a LoRA adapter file, optionally with its scale: PATH or PATH:SCALE; repeat for several")  # fmt: skip
     p.add_argument("--merge-adapters", action="store_true",
                    help="merge the adapters into the weights before sampling (faster; equal up to rounding)")  # fmt: skip
-    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (GPU, many samples)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the denoiser and the decoder (GPU, many samples)",
+    )
     p.add_argument("--cache-threshold", type=nonnegative_float, default=0.0,
                    help="first-block caching: reuse the deeper blocks' residual while the first block's changes "
                    "by less than this (0 = off, exact; 0.05-0.2 trades fidelity for speed, README)")  # fmt: skip

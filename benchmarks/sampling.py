@@ -39,6 +39,7 @@ from walt.pipeline import Pipeline
 from walt.tokenizer import CausalVAE, presets
 from walt.transformer import WALT
 from walt.transformer import presets as sizes
+from walt.transformer.float8 import FLOAT8_RECIPES
 
 NUM_CLASSES = 101  # UCF-101
 
@@ -106,6 +107,7 @@ def run_case(pipe: Pipeline, args, device, guidance: float, cache_threshold: flo
         "compile": args.compile,
         "mode": args.mode,
         "compile_decoder": args.compile and not args.eager_decoder,
+        "float8": args.float8,
         "cache_threshold": cache_threshold,
         "cache_stats": dict(pipe.cache_stats),
         "model": args.model,
@@ -127,6 +129,9 @@ def main() -> None:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone (fullgraph)")
     p.add_argument("--mode", help="torch.compile mode of the backbone, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument(
+        "--float8", choices=FLOAT8_RECIPES, help="FP8 matmuls in the blocks (Pipeline.quantize_float8)"
+    )
     p.add_argument(
         "--eager-decoder", action="store_true", help="with --compile, leave the tokenizer's decoder eager"
     )
@@ -156,6 +161,8 @@ def main() -> None:
         args.steps = args.steps if args.steps_given else pipe.sample_steps
     else:
         pipe = build(args.smoke, device)
+    if args.float8:
+        pipe.quantize_float8(args.float8)
     if args.compile:
         pipe.compile(mode=args.mode, decoder=not args.eager_decoder)
     rows = []

@@ -73,3 +73,37 @@ def test_a_cpu_run_is_refused_before_the_first_step(tmp_path):
     with pytest.raises(ValueError, match=r"FP8 tensor cores .* this run is on cpu: train without float8"):
         trainer.fit(module, data)
     assert trainer.global_step == 0
+
+
+def test_fp8_sampling_refuses_a_cpu_an_unknown_recipe_and_a_missing_torchao_with_the_fix(monkeypatch):
+    from walt.pipeline import Pipeline
+    from walt.tokenizer import CausalVAE, presets
+    from walt.transformer.float8 import quantize_float8_inference
+
+    pipe = Pipeline(backbone(), CausalVAE(**presets["tiny"]))
+    with pytest.raises(ValueError, match=r"this run is on cpu: sample without FP8 \(no --float8"):
+        pipe.quantize_float8("rowwise")
+    assert pipe._float8 is None and type(pipe.backbone.blocks[0].attn.qkv) is nn.Linear  # nothing changed
+    with pytest.raises(ValueError, match="unknown float8 recipe 'fp4'; choose one of tensorwise, rowwise"):
+        quantize_float8_inference(backbone(), "fp4")
+    real_import = builtins.__import__
+
+    def no_torchao(name, *args, **kwargs):
+        if name.startswith("torchao"):
+            raise ImportError("No module named 'torchao'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    with pytest.raises(ImportError, match=r"FP8 sampling needs torchao: pip install 'walt\[fp8\]'"):
+        quantize_float8_inference(backbone(), "rowwise")
+
+
+def test_walt_sample_float8_is_refused_in_one_line_on_a_cpu_and_for_a_cascade(tmp_path, capsys):
+    from walt.sample import sample_main
+
+    with pytest.raises(SystemExit):
+        sample_main(["--cascade", str(tmp_path), "--float8", "rowwise", "--output", str(tmp_path / "s")])
+    assert "--float8 applies to one model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample_main(["--model", str(tmp_path), "--float8", "e4m3", "--output", str(tmp_path / "s")])
+    assert "invalid choice: 'e4m3'" in capsys.readouterr().err

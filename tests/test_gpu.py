@@ -105,6 +105,32 @@ def test_compiled_module_training_lowers_the_loss(float8):
     assert held_out_loss() < 0.8 * before
 
 
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_fp8_sampling_weights_predict_what_bf16_does_eager_and_compiled(recipe):
+    """Pipeline.quantize_float8's conversion: the blocks' four linears hold FP8 weights, and the denoiser's
+    prediction stays within FP8's rounding of the bf16 one, eager and compiled (as Pipeline.compile() runs it)."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no FP8 tensor cores")
+    from walt.transformer.float8 import float8_linear_names, quantize_float8_inference
+
+    reference = model().eval()
+    quantized = model().eval()
+    names = float8_linear_names(quantized)
+    quantize_float8_inference(quantized, recipe)
+    modules = dict(quantized.named_modules())
+    assert len(names) == 4 * 4
+    assert all(modules[n].weight.qdata.dtype == torch.float8_e4m3fn for n in names)  # torchao's Float8Tensor
+    x, t, cond = batch(4)
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        expected = reference(x, t, cond).float()
+        eager = quantized(x, t, cond).float()
+        quantized.compile(fullgraph=True)
+        compiled = quantized(x, t, cond).float()
+    for got in (eager, compiled):
+        assert (got - expected).norm() / expected.norm() < 0.1
+    assert (compiled - eager).norm() / eager.norm() < 2e-2
+
+
 def test_chunked_causal_decode_equals_one_pass_in_bf16():
     torch.manual_seed(0)
     vae = CausalVAE(**presets["tiny"], variational=False).cuda().eval()

@@ -25,6 +25,7 @@ from walt.data import VideoReadError, write_video
 from walt.diffusion import SAMPLERS
 from walt.lightning import DiffusionModule
 from walt.pipeline import CascadePipeline, ModelFileError, Pipeline, read_checkpoint
+from walt.transformer.float8 import FLOAT8_RECIPES
 
 __all__ = ["build_module", "load_module", "load_pipeline", "read_prompts", "sample_main"]
 
@@ -157,6 +158,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="store_true",
         help="torch.compile the denoiser and the decoder (GPU, many samples)",
     )
+    p.add_argument("--float8", choices=FLOAT8_RECIPES,
+                   help="FP8 matmuls in the blocks (rowwise or tensorwise scales; GPU with FP8 tensor cores, "
+                   "pip install 'walt[fp8]')")  # fmt: skip
     p.add_argument("--cache-threshold", type=nonnegative_float, default=0.0,
                    help="first-block caching: reuse the deeper blocks' residual while the first block's changes "
                    "by less than this (0 = off, exact; 0.05-0.2 trades fidelity for speed, README)")  # fmt: skip
@@ -177,6 +181,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error(f"--eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM noise), got {args.eta}")
     if args.context is not None and not Path(args.context).is_file():
         p.error(f"--context {args.context}: no such file")
+    if args.float8 and args.cascade is not None:
+        p.error("--float8 applies to one model (--model), not to a cascade")
     if args.adapters and args.cascade is not None:
         p.error("--adapter applies to one model (--model), not to a cascade")
     return args
@@ -209,8 +215,10 @@ def sample_main(argv: Sequence[str]) -> int:
                 pipe.load_adapter(path, scale)
             if args.merge_adapters:
                 pipe.merge_adapters()
+            if args.float8:
+                pipe.quantize_float8(args.float8)
             runner = pipe.compile() if args.compile else pipe
-    except (FileNotFoundError, ModelFileError, ImportError) as err:
+    except (FileNotFoundError, ModelFileError, ImportError, ValueError) as err:
         raise SystemExit(f"walt sample: {err}") from None
     if args.context is not None and not pipe.backbone.context_frames:  # known now, before any other work
         raise SystemExit("walt sample: --context given but the model was not trained with context frames")
@@ -255,6 +263,7 @@ def sample_main(argv: Sequence[str]) -> int:
         "steps": pipe.sample_steps if args.steps is None and args.cascade is None else args.steps,
         "fps": fps,
         **({"cache_stats": stats} if stats else {}),
+        **({"float8": args.float8} if args.float8 else {}),
         "walt_version": walt.__version__,
     }
     _write(_prepare_output(out, args.overwrite), videos, labels, prompts, seeds, pipe, record)

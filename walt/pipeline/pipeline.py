@@ -111,6 +111,7 @@ class Pipeline:
         self._compiled = False
         self._compile_mode: str | None = None
         self._adapters = None  # walt.lora.AdapterSet, made by the first load_adapter
+        self._float8: str | None = None  # the recipe of quantize_float8()
 
     # ---- loading, saving, placement ----------------------------------------------------------------------
 
@@ -140,6 +141,11 @@ class Pipeline:
         """Writes the model folder: model.json, backbone.safetensors, tokenizer.safetensors and README.md."""
         from walt.pipeline.files import save_model
 
+        if self._float8:
+            raise ValueError(
+                "this pipeline's weights were quantized to FP8 for sampling (quantize_float8): save the pipeline "
+                "before quantizing it"
+            )
         if self.adapters:
             raise ValueError(
                 f"this pipeline holds LoRA adapters ({', '.join(self.adapters)}): call merge_and_unload() to save one "
@@ -173,6 +179,25 @@ class Pipeline:
             self.tokenizer.decoder.compile()
         self._compiled = True
         self._compile_mode = mode
+        return self
+
+    def quantize_float8(self, recipe: str = "rowwise") -> Pipeline:
+        """FP8 matmuls for sampling, in place: the blocks' attention and MLP weights are stored in FP8 (one scale
+        per output row for "rowwise", per tensor for "tensorwise"; :func:`walt.transformer.quantize_float8_inference`)
+        and each call casts its activations. Call it on the GPU, after placing the pipeline and before
+        :meth:`compile`. Needs torchao (``pip install 'walt[fp8]'``) and FP8 tensor cores (Ada, Hopper or newer);
+        a quantized pipeline samples but is not saved (save the unquantized one)."""
+        from walt.transformer.float8 import check_float8_device, quantize_float8_inference
+
+        check_float8_device(self.device, fix="sample without FP8 (no --float8, no quantize_float8())")
+        if self._compiled:
+            raise RuntimeError("quantize_float8() after compile(): quantize first, then compile")
+        if self.adapters:
+            raise ValueError(
+                "this pipeline holds LoRA adapters: call merge_and_unload() before quantize_float8()"
+            )
+        quantize_float8_inference(self.backbone, recipe)
+        self._float8 = recipe
         return self
 
     # ---- LoRA adapters (walt.lora; needs PEFT: pip install 'walt[lora]') -------------------------------------

@@ -1,4 +1,5 @@
-"""FP8 matmuls for training the backbone: torchao's float8 training on the blocks' attention and MLP linears.
+"""FP8 matmuls for the backbone: torchao's float8 training, and its FP8 inference, on the blocks' attention and
+MLP linears.
 
 Only the four large linears of each block (qkv, the attention output, the MLP's two) are converted: they hold
 almost all of the matmul FLOPs, while the embeddings, the AdaLN projections and the output layer are small and
@@ -7,6 +8,9 @@ precision; the casts happen per matmul), so checkpoints load into an unconverted
 
 Whether it pays depends on the width: at W.A.L.T-XL's 1152 the separate casts cost more than the faster matmuls
 save (benchmarks/RESULTS.md); measure on your model before training with it.
+
+For sampling, :func:`quantize_float8_inference` stores those weights in FP8 once (one scale per output row, or
+one per tensor) and casts only the activations per call, so the weight casts of training are gone.
 """
 
 from __future__ import annotations
@@ -18,7 +22,13 @@ from torch import nn
 
 from walt.transformer.model import WALT
 
-__all__ = ["FLOAT8_RECIPES", "check_float8_device", "convert_to_float8", "float8_linear_names"]
+__all__ = [
+    "FLOAT8_RECIPES",
+    "check_float8_device",
+    "convert_to_float8",
+    "float8_linear_names",
+    "quantize_float8_inference",
+]
 
 FLOAT8_RECIPES = ("tensorwise", "rowwise")
 # Hopper (9.0), Ada (8.9) and later have FP8 tensor cores; torch's scaled matmul refuses anything older.
@@ -62,17 +72,45 @@ def convert_to_float8(model: WALT, recipe: str) -> WALT:
     return model
 
 
-def check_float8_device(device: torch.device) -> None:
-    """Refuses a device without FP8 tensor cores, naming it and what would work."""
+def quantize_float8_inference(model: WALT, recipe: str) -> WALT:
+    """Stores :func:`float8_linear_names`' weights in FP8 for inference, in place: "rowwise" keeps one scale per
+    output row (and per token for the activations), "tensorwise" one per tensor. Each call then casts only its
+    activations. The model can no longer be trained or saved as a plain checkpoint. Needs torchao and a GPU with
+    FP8 tensor cores (:func:`check_float8_device`)."""
+    if recipe not in FLOAT8_RECIPES:
+        raise ValueError(f"unknown float8 recipe {recipe!r}; choose one of {', '.join(FLOAT8_RECIPES)}")
+    try:
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            PerTensor,
+            quantize_,
+        )
+    except ImportError as err:
+        raise ImportError(f"FP8 sampling needs torchao: pip install 'walt[fp8]' ({err})") from None
+    chosen = set(float8_linear_names(model))
+    granularity = PerRow() if recipe == "rowwise" else PerTensor()
+    quantize_(
+        model,
+        Float8DynamicActivationFloat8WeightConfig(granularity=granularity),
+        filter_fn=lambda module, name: name in chosen,
+    )
+    return model
+
+
+def check_float8_device(
+    device: torch.device, fix: str = "train without float8 (model.init_args.float8: null)"
+) -> None:
+    """Refuses a device without FP8 tensor cores, naming it and ``fix``, what to do instead."""
     if device.type != "cuda":
         raise ValueError(
-            f"float8 training needs an NVIDIA GPU with FP8 tensor cores (Ada, Hopper or newer); this run is on "
-            f"{device.type}: train without float8 (model.init_args.float8: null) here"
+            f"FP8 matmuls need an NVIDIA GPU with FP8 tensor cores (Ada, Hopper or newer); this run is on "
+            f"{device.type}: {fix} here"
         )
     capability = torch.cuda.get_device_capability(device)
     if capability < FLOAT8_MIN_CAPABILITY:
         name = torch.cuda.get_device_name(device)
         raise ValueError(
-            f"float8 training needs FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper); {name} has "
-            f"{capability[0]}.{capability[1]}: train without float8 (model.init_args.float8: null) here"
+            f"FP8 matmuls need FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper); {name} has "
+            f"{capability[0]}.{capability[1]}: {fix} here"
         )

@@ -11,6 +11,8 @@ paper's 5 x 16 x 16 grid, each with the three attention patterns:
   factorized  spatial (1 x H x W) alternating with temporal-only (T x 1 x 1)
 
     python benchmarks/transformer.py --out results.json [--compile] [--optimizer]
+    python benchmarks/transformer.py --compile --optimizer --models XL --attention window --latte
+        # and the Latte-XL/2 anchor (benchmarks/latte.py), timed first and last in the same run
     python benchmarks/transformer.py --smoke            # tiny configuration on CPU
 """
 
@@ -33,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from latte import LatteXL2
 from profiling import profile_steps, summary
 
 from walt.conditioning import Conditioning
@@ -43,6 +46,7 @@ from walt.transformer.float8 import FLOAT8_RECIPES, check_float8_device, convert
 H100_BF16_DENSE_TFLOPS = 798.0  # measured bf16 matmul ceiling of the reference H100 (DESIGN.md §4)
 LATENT_CHANNELS = 8
 NUM_CLASSES = 101  # UCF-101, the paper's class-conditional benchmark
+LATTE = "Latte-XL/2"
 
 SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -82,7 +86,10 @@ class Result:
     profile: dict | None = None
 
 
-def build_model(case: Case, model_kwargs: dict, device: torch.device) -> WALT:
+def build_model(case: Case, model_kwargs: dict, device: torch.device) -> torch.nn.Module:
+    if case.preset == LATTE:  # the anchor: 2x2 patches of a 4-channel latent, the same token grid
+        depth = model_kwargs.get("depth", 28)
+        return LatteXL2(frames=case.grid[0], size=2 * case.grid[1], depth=depth).to(device).train()
     model = WALT.from_preset(
         case.preset,
         **model_kwargs,
@@ -95,21 +102,25 @@ def build_model(case: Case, model_kwargs: dict, device: torch.device) -> WALT:
     return model.to(device).train()
 
 
-def make_batch(case: Case, device: torch.device) -> tuple[torch.Tensor, ...]:
-    x = torch.randn(case.batch, LATENT_CHANNELS, *case.grid, device=device)
+def make_batch(case: Case, device: torch.device) -> tuple[tuple, torch.Tensor]:
+    """(the model's inputs, the regression target)."""
     t = torch.rand(case.batch, device=device)
     labels = torch.randint(0, NUM_CLASSES, (case.batch,), device=device)
-    target = torch.randn_like(x)
-    return x, t, labels, target
+    if case.preset == LATTE:
+        grid = (case.grid[0], 2 * case.grid[1], 2 * case.grid[2])
+        x = torch.randn(case.batch, 4, *grid, device=device)
+        return (x, t, labels), torch.randn(case.batch, 8, *grid, device=device)  # noise and variance
+    x = torch.randn(case.batch, LATENT_CHANNELS, *case.grid, device=device)
+    cond = Conditioning(labels=labels, self_cond=torch.zeros_like(x))
+    return (x, t, cond), torch.randn_like(x)
 
 
 def make_step(model, optimizer, batch, autocast_device: str):
-    x, t, labels, target = batch
-    cond = Conditioning(labels=labels, self_cond=torch.zeros_like(x))
+    inputs, target = batch
 
     def step() -> None:
         with torch.autocast(autocast_device, dtype=torch.bfloat16):
-            loss = F.mse_loss(model(x, t, cond).float(), target)
+            loss = F.mse_loss(model(*inputs).float(), target)
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -159,7 +170,9 @@ def run_case(case: Case, args: argparse.Namespace, model_kwargs: dict, device: t
     model.gradient_checkpointing = False
     flops, attention_share = count_flops(make_step(model, None, batch, device.type))
     model.gradient_checkpointing = args.checkpointing
-    if args.float8:  # after counting: model FLOPs are the bf16 model's, the same math in FP8
+    if (
+        args.float8 and case.preset != LATTE
+    ):  # after counting: model FLOPs are the bf16 model's, the same math in FP8
         convert_to_float8(model, args.float8)
     runnable = torch.compile(model, fullgraph=True, mode=args.mode) if args.compile else model
     step = make_step(runnable, optimizer, batch, device.type)
@@ -212,9 +225,16 @@ def markdown(results: list[Result]) -> str:
 
 def cases(args: argparse.Namespace) -> list[Case]:
     if args.smoke:
-        return [Case("S", 1, (4, 16, 16), a) for a in args.attention]
+        return [Case("S", 1, (4, 16, 16), a) for a in args.attention] + (
+            [Case(LATTE, 1, (4, 8, 8), "factorized")] if args.latte else []
+        )
     setups = {"XL": (args.batch_xl, (16, 16, 16)), "L": (args.batch_l, (5, 16, 16))}
-    return [Case(name, *setups[name], a) for name in args.models for a in args.attention]
+    walt = [Case(name, *setups[name], a) for name in args.models for a in args.attention]
+    if not args.latte:
+        return walt
+    # first and last: the GPU's clocks drift over a run, so the anchor brackets the cases it is compared with
+    latte = Case(LATTE, args.batch_xl, (16, 16, 16), "factorized")
+    return [latte, *walt, latte]
 
 
 def write_json(path: str, args: argparse.Namespace, device: torch.device, results: list[Result]) -> None:
@@ -256,6 +276,11 @@ def main() -> None:
     )
     parser.add_argument("--models", nargs="+", choices=["XL", "L"], default=["XL", "L"])
     parser.add_argument("--attention", nargs="+", choices=list(ATTENTION), default=list(ATTENTION))
+    parser.add_argument(
+        "--latte",
+        action="store_true",
+        help="time the Latte-XL/2 anchor (benchmarks/latte.py) first and last, at the XL batch and token grid",
+    )
     parser.add_argument("--batch-xl", type=int, default=4)
     parser.add_argument("--batch-l", type=int, default=8, help="per-GPU batch of the L cases")
     parser.add_argument("--warmup", type=int, default=5)

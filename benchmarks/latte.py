@@ -95,7 +95,7 @@ class LatteXL2(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """x (B, C, T, H, W) latent, t (B,) in [0, 1], y (B,) class -> (B, 2C, T, H, W)."""
-        B, _, T, H, W = x.shape
+        B, _, T, H = x.shape[:4]
         x = self.embed(rearrange(x, "b c t h w -> (b t) c h w"))  # (B*T, D, h, w)
         x = x.flatten(2).transpose(1, 2) + self.pos  # (B*T, N, D)
         N = x.shape[1]

@@ -75,6 +75,7 @@ def run_case(pipe: Pipeline, args, device, guidance: float, cache_threshold: flo
             labels=labels,
             seeds=range(args.batch),
             guidance=guidance,
+            guidance_interval=None if guidance == 1.0 else args.guidance_interval,
             steps=steps,
             sampler=args.sampler,
             batch_size=args.batch,
@@ -108,6 +109,7 @@ def run_case(pipe: Pipeline, args, device, guidance: float, cache_threshold: flo
         "mode": args.mode,
         "compile_decoder": args.compile and not args.eager_decoder,
         "float8": args.float8,
+        "guidance_interval": None if guidance == 1.0 else args.guidance_interval,
         "cache_threshold": cache_threshold,
         "cache_stats": dict(pipe.cache_stats),
         "model": args.model,
@@ -129,6 +131,13 @@ def main() -> None:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone (fullgraph)")
     p.add_argument("--mode", help="torch.compile mode of the backbone, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument(
+        "--guidance-interval",
+        nargs=2,
+        type=float,
+        metavar=("LO", "HI"),
+        help="guide only at diffusion times LO < t <= HI (the guided cases)",
+    )
     p.add_argument(
         "--float8", choices=FLOAT8_RECIPES, help="FP8 matmuls in the blocks (Pipeline.quantize_float8)"
     )

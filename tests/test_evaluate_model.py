@@ -279,3 +279,16 @@ def test_first_block_caching_reaches_the_sampler_and_the_json_says_so(
     on = _run(_args(setup, "--cache-threshold", "1e9"), capsys)
     assert on["generation"]["cache_threshold"] == 1e9 and on["value"] == reference["value"]
     assert stats and all(s == {"full": 1, "cached": 1} for s in stats)  # 2 steps per batch
+
+
+def test_a_guidance_interval_reaches_the_sampler_and_the_json_says_so(setup, capsys, one_thread, monkeypatch):
+    seen, generate = [], Pipeline.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append((kwargs["guidance"], kwargs["guidance_interval"]))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "generate", spy)
+    result = _run(_args(setup, "--guidance", "2", "--guidance-interval", "0.25", "0.75"), capsys)
+    assert result["generation"]["guidance_interval"] == [0.25, 0.75] and np.isfinite(result["value"])
+    assert seen and all(s == (2.0, (0.25, 0.75)) for s in seen)

@@ -157,3 +157,49 @@ def test_guided_self_conditioned_sampling_runs_both_branches_in_one_call(model):
         self_conditioned(guided(counting, 2.0), _cond(), schedule), noise, num_steps=3, schedule=schedule
     )
     assert calls == [2 * B] * 3 and out.shape == noise.shape and torch.isfinite(out).all()
+
+
+class _Counting:
+    """The model, recording the batch size of every call."""
+
+    def __init__(self, model):
+        self.model, self.batches = model, []
+
+    def __call__(self, x, t, cond):
+        self.batches.append(x.shape[0])
+        return self.model(x, t, cond)
+
+
+@torch.no_grad()
+def test_a_guidance_interval_guides_inside_and_runs_the_conditional_pass_alone_outside(model):
+    """interval (lo, hi]: w inside, w = 1 (v_c) outside; a step with every sample outside makes one call of B."""
+    x, t = _inputs()  # t = 0.9, 0.5, 0.1
+    cond = _cond()
+    v_c, v_u = model(x, t, cond), model(x, t, null_conditioning(cond))
+    counting = _Counting(model)
+    mixed = guided(counting, 3.0, interval=(0.2, 0.9))(x, t, cond)  # 0.9 and 0.5 inside, 0.1 outside
+    w = torch.tensor([3.0, 3.0, 1.0], dtype=torch.float64).view(B, 1, 1, 1, 1)
+    torch.testing.assert_close(mixed, v_u + w * (v_c - v_u))
+    assert counting.batches == [2 * B]
+    one_time = torch.full((B,), 0.1, dtype=torch.float64)
+    outside = guided(counting, 3.0, interval=(0.2, 0.9))(x, one_time, cond)
+    torch.testing.assert_close(outside, model(x, one_time, cond), rtol=0, atol=0)
+    assert counting.batches == [2 * B, B]
+    counting.batches.clear()
+    unconditional = guided(counting, 0.0)(x, t, cond)  # w = 0 is v_u: the unconditional pass alone
+    torch.testing.assert_close(unconditional, v_u, rtol=0, atol=1e-12)
+    assert counting.batches == [B]
+
+
+@pytest.mark.parametrize(
+    "interval, message",
+    [
+        ((0.5, 0.5), "0 <= lo < hi <= 1"),
+        ((-0.1, 0.5), "0 <= lo < hi <= 1"),
+        ((0.2, 1.5), "0 <= lo < hi <= 1"),
+        ((0.2,), "two diffusion times"),
+    ],
+)
+def test_a_guidance_interval_outside_the_diffusion_times_is_refused(model, interval, message):
+    with pytest.raises(ValueError, match=message):
+        guided(model, 2.0, interval=interval)

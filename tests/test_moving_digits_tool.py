@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import sys
@@ -287,3 +288,10 @@ def test_the_trained_weights_are_measured_beside_the_ema(study, tmp_path):
     assert (
         study.live_weight_metrics(tmp_path / "plain.ckpt", real, args) is None
     )  # its export is those weights
+
+
+def test_the_guidance_stage_reads_intervals_as_generate_checks_them(study):
+    assert study.interval_list("0.2:0.8,0.4:1") == [(0.2, 0.8), (0.4, 1.0)]
+    for bad in ("0.8:0.2", "0.2", "a:b", "0.5:1.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not an interval LO:HI"):
+            study.interval_list(bad)

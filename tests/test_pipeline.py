@@ -223,6 +223,27 @@ def test_walt_sample_with_first_block_caching_says_and_records_how_many_passes_i
     assert all(e["cache_threshold"] == 1e9 and e["cache_stats"] == {"full": 1, "cached": 2} for e in index)
 
 
+def test_a_guidance_interval_guides_only_the_steps_inside_it(trained, tmp_path, capsys):
+    """(0, 1] holds every DDIM step: the same samples as guiding everywhere. An interval that holds none is
+    guidance 1, the conditional model. One that holds some is neither. walt sample records it."""
+    pipe = Pipeline.from_pretrained(trained["ckpt"])
+    kwargs = dict(labels=[0, 1], seeds=[5, 6], steps=4, output="latent", progress=False)
+    everywhere = pipe.generate(**kwargs, guidance=3.0)
+    assert torch.equal(pipe.generate(**kwargs, guidance=3.0, guidance_interval=(0.0, 1.0)), everywhere)
+    nowhere = pipe.generate(**kwargs, guidance=3.0, guidance_interval=(0.0, 0.1))  # steps at t = 1 .. 0.25
+    assert torch.equal(nowhere, pipe.generate(**kwargs, guidance=1.0))
+    first = pipe.generate(**kwargs, guidance=3.0, guidance_interval=(0.9, 1.0))  # the step at t = 1 only
+    assert not torch.equal(first, everywhere) and not torch.equal(
+        first, nowhere
+    )  # (a tiny model: small effects)
+    with pytest.raises(ValueError, match="0 <= lo < hi <= 1"):
+        pipe.generate(**kwargs, guidance=3.0, guidance_interval=(0.8, 0.3))
+    out = tmp_path / "interval"
+    assert main_exit(["sample", "--model", str(trained["ckpt"]), "--output", str(out), "--num-samples", "1",
+                      "--steps", "2", "--guidance", "2", "--guidance-interval", "0.3", "0.8", "--device", "cpu"]) == 0  # fmt: skip
+    assert json.loads((out / "samples.json").read_text())[0]["guidance_interval"] == [0.3, 0.8]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -233,6 +254,11 @@ def test_walt_sample_with_first_block_caching_says_and_records_how_many_passes_i
         (["--extend", "-1"], "argument --extend: must be >= 0, got -1"),
         (["--context", "missing.mp4"], "--context missing.mp4: no such file"),
         (["--cache-threshold", "-0.1"], "argument --cache-threshold: must be a finite number >= 0, got -0.1"),
+        (
+            ["--guidance", "2", "--guidance-interval", "0.8", "0.2"],
+            "--guidance-interval: a guidance interval needs",
+        ),
+        (["--guidance-interval", "0.2", "0.8"], "--guidance-interval without --guidance"),
     ],
 )
 def test_walt_sample_refuses_out_of_range_values_while_parsing(tmp_path, capsys, extra, message):

@@ -26,6 +26,11 @@ Stages (each resumable: a stage whose outputs exist is skipped unless --force):
              model: FVD, digit accuracy, seconds per video and the share of cached passes at every threshold of
              --cache-thresholds (default 0, 0.05, 0.1, 0.2; 0 = off), DDIM at --steps, guidance
              --cache-guidance (default 1): <out>/cache.json. Not part of `all`.
+  guidance   What guiding only inside an interval of diffusion times (Pipeline.generate(guidance_interval=...))
+             costs and saves on the trained base model: FVD, digit accuracy and seconds per video without
+             guidance, at --guidance-scale (default 2) at every step, and at that scale inside every interval of
+             --guidance-intervals (default 0.2:0.8, 0.4:0.9, 0.6:1), DDIM at --steps: <out>/guidance.json. Not
+             part of `all`.
   protocols  `walt evaluate fvd2048_16f` of the trained base model as a user runs it, next to this tool's own
              figure (same model, seeds, labels), with its wall time and peak GPU memory: <out>/protocols.json.
   prediction `walt evaluate fvd_k600_pred` with --k600-samples samples (default 10,000) of a frame-prediction
@@ -199,6 +204,7 @@ STAGES = (
     "distill-evaluate",
     "samplers",
     "cache",
+    "guidance",
     "protocols",
     "prediction",
     "personalize",
@@ -565,6 +571,7 @@ def measure(
     sampler: str = "ddim",
     guidance: float = 1.0,
     cache_threshold: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> tuple[dict, torch.Tensor]:
     """FVD through `walt evaluate` (:func:`walt.metrics.generated.evaluate_model`: fvd2048_16f against the test
     clips, --labels data, sample k with seed k), top-2 digit accuracy of the same samples, and the seconds per
@@ -582,7 +589,12 @@ def measure(
             passes[key] += count
 
     settings = GenerationSettings(
-        steps=steps, guidance=guidance, sampler=sampler, labels="data", cache_threshold=cache_threshold
+        steps=steps,
+        guidance=guidance,
+        sampler=sampler,
+        labels="data",
+        cache_threshold=cache_threshold,
+        guidance_interval=guidance_interval,
     )
     result = evaluate_model(
         "fvd2048_16f",
@@ -647,6 +659,36 @@ def compare_samplers(args: argparse.Namespace, configs: dict[str, Path]) -> dict
     return {
         "checkpoint": str(checkpoint),
         "guidance": 1.0,
+        "num_samples": len(ref.labels),
+        "seeds": SEEDS,
+        "rows": rows,
+    }
+
+
+def stage_guidance(args: argparse.Namespace, configs: dict[str, Path]) -> None:
+    run_stage(args, "guidance", args.out / "guidance.json", lambda: compare_guidance(args, configs))
+
+
+def compare_guidance(args: argparse.Namespace, configs: dict[str, Path]) -> dict:
+    """The trained base model without guidance, guided at --guidance-scale at every step, and guided only inside
+    each interval of --guidance-intervals, scored as evaluate scores it (same clips, labels, seeds, classifier)."""
+    ref, classifier, checkpoint, pipe = base_under_test(args, configs)
+    partial = args.out / "guidance.partial.json"
+    cases = [(1.0, None), (args.guidance_scale, None)] + [
+        (args.guidance_scale, i) for i in args.guidance_intervals
+    ]
+    rows = []
+    for scale, interval in cases:
+        name = f"guidance_{scale}" + ("" if interval is None else f"_{interval[0]}_{interval[1]}")
+        row, _ = measure(
+            pipe, ref, classifier, args, name, args.steps, "ddim", scale, guidance_interval=interval
+        )
+        rows.append({"guidance": scale, "guidance_interval": interval, **row})
+        save_json(partial, {"rows": rows})
+    return {
+        "checkpoint": str(checkpoint),
+        "steps": args.steps,
+        "sampler": "ddim",
         "num_samples": len(ref.labels),
         "seeds": SEEDS,
         "rows": rows,
@@ -938,6 +980,7 @@ def stage_report(args: argparse.Namespace) -> None:
         "distill_metrics",
         "samplers",
         "cache",
+        "guidance",
     )
     for name in names:
         if (out / f"{name}.json").exists():
@@ -1023,6 +1066,13 @@ def main() -> None:
     )
     p.add_argument(
         "--cache-guidance", type=float, default=1.0, help="guidance scale of the cache stage (1 = none)"
+    )
+    p.add_argument("--guidance-scale", type=float, default=2.0, help="guidance scale of the guidance stage")
+    p.add_argument(
+        "--guidance-intervals",
+        type=interval_list,
+        default=[(0.2, 0.8), (0.4, 0.9), (0.6, 1.0)],
+        help="diffusion-time intervals LO:HI of the guidance stage, comma-separated (guidance at LO < t <= HI)",
     )
     p.add_argument(
         "--k600-samples",
@@ -1147,6 +1197,8 @@ def main() -> None:
         stage_samplers(args, configs)
     if args.stage == "cache":
         stage_cache(args, configs)
+    if args.stage == "guidance":
+        stage_guidance(args, configs)
     if args.stage == "protocols":
         stage_protocols(args, configs)
     if args.stage == "prediction":
@@ -1159,6 +1211,24 @@ def main() -> None:
 
 def int_list(text: str) -> list[int]:
     return [int(k) for k in text.split(",")]
+
+
+def interval_list(text: str) -> list[tuple[float, float]]:
+    """'0.2:0.8,0.4:1' -> [(0.2, 0.8), (0.4, 1.0)], each checked as Pipeline.generate checks it."""
+    from walt.diffusion.guidance import check_interval
+
+    intervals = []
+    for part in text.split(","):
+        lo, _, hi = part.partition(":")
+        try:
+            interval = (float(lo), float(hi))
+            check_interval(interval)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} is not an interval LO:HI of diffusion times ({err})"
+            ) from None
+        intervals.append(interval)
+    return intervals
 
 
 def float_list(text: str) -> list[float]:

@@ -23,6 +23,7 @@ from walt.atomic import TEMP_SUFFIX, write_atomic
 from walt.checks import finite_float, int_at_least, nonnegative_float, positive_float
 from walt.data import VideoReadError, write_video
 from walt.diffusion import SAMPLERS
+from walt.diffusion.guidance import check_interval
 from walt.lightning import DiffusionModule
 from walt.pipeline import CascadePipeline, ModelFileError, Pipeline, read_checkpoint
 from walt.transformer.float8 import FLOAT8_RECIPES
@@ -142,6 +143,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--guidance", type=finite_float, default=1.0, help="classifier-free guidance scale (1 = none)"
     )
+    p.add_argument("--guidance-interval", nargs=2, type=finite_float, metavar=("LO", "HI"),
+                   help="guide only at diffusion times LO < t <= HI (t = 1 is noise); the other steps run the "
+                   "conditional pass alone (default: guide at every step)")  # fmt: skip
     p.add_argument(
         "--eta", type=finite_float, default=0.0, help="DDIM noise: 0 = deterministic, 1 = ancestral"
     )
@@ -173,10 +177,23 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.model = args.model or args.checkpoint
     if (args.cascade is None) == (args.model is None):
         p.error("give --model (a model folder or checkpoint) or --cascade (a cascade folder)")
-    if args.cascade is not None and (args.steps is not None or args.guidance != 1.0 or args.cache_threshold):
+    per_stage = (
+        args.steps is not None or args.guidance != 1.0 or args.cache_threshold or args.guidance_interval
+    )
+    if args.cascade is not None and per_stage:
         p.error(
-            "with --cascade, steps, guidance and cache_threshold are set per stage (the cascade YAML or cascade.json)"
+            "with --cascade, steps, guidance, guidance_interval and cache_threshold are set per stage (the cascade "
+            "YAML or cascade.json)"
         )
+    if args.guidance_interval is not None:
+        try:
+            check_interval(tuple(args.guidance_interval))
+        except ValueError as err:
+            p.error(f"--guidance-interval: {err}")
+        if args.guidance == 1.0:
+            p.error(
+                "--guidance-interval without --guidance: guidance 1 (the default) does not guide anywhere"
+            )
     if args.eta < 0:
         p.error(f"--eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM noise), got {args.eta}")
     if args.context is not None and not Path(args.context).is_file():
@@ -242,6 +259,7 @@ def sample_main(argv: Sequence[str]) -> int:
             eta=args.eta,
             sampler=args.sampler,
             cache_threshold=args.cache_threshold,
+            guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
         )
     try:
         videos = runner.generate(labels, prompts, seeds=seeds, batch_size=args.batch_size, **settings)

@@ -535,6 +535,13 @@ def _parser() -> argparse.ArgumentParser:
         help="first-block caching while sampling (0 = off; walt sample --help), to measure what it costs",
     )
     gen.add_argument(
+        "--guidance-interval",
+        nargs=2,
+        type=finite_float,
+        metavar=("LO", "HI"),
+        help="guide only at diffusion times LO < t <= HI (walt sample --help), to measure what it costs",
+    )
+    gen.add_argument(
         "--labels",
         default="data",
         choices=("data", "uniform"),
@@ -644,8 +651,16 @@ def _run(args: argparse.Namespace, device: str) -> dict:
         )
     from walt.metrics.generated import GenerationSettings, evaluate_model
 
+    interval = None if args.guidance_interval is None else tuple(args.guidance_interval)
     settings = GenerationSettings(
-        args.steps, args.guidance, args.sampler, args.eta, args.seed, args.labels, args.cache_threshold
+        args.steps,
+        args.guidance,
+        args.sampler,
+        args.eta,
+        args.seed,
+        args.labels,
+        args.cache_threshold,
+        interval,
     )
     output = args.output
     work_dir = args.work_dir or (None if output is None else output.with_name(output.name + ".parts"))

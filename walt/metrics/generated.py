@@ -70,6 +70,7 @@ class GenerationSettings:
     seed: int = 0  # sample k has seed ``seed + k``
     labels: str = "data"  # "data" or "uniform"
     cache_threshold: float = 0.0  # first-block caching (Pipeline.generate); 0 = off
+    guidance_interval: tuple[float, float] | None = None  # guide only at lo < t <= hi (Pipeline.generate)
 
 
 def load_generator(model: str | os.PathLike, device: str | torch.device = "cpu", dtype=None):
@@ -136,6 +137,11 @@ def evaluate_model(
     if hasattr(generator, "stages") and settings.cache_threshold:
         raise ValueError(
             "a cascade sets cache_threshold per stage (its stage settings), not for all: leave --cache-threshold at 0"
+        )
+    if hasattr(generator, "stages") and settings.guidance_interval is not None:
+        raise ValueError(
+            "a cascade sets guidance_interval per stage (its stage settings), not for all: leave out "
+            "--guidance-interval"
         )
     num = protocol.num_fake if num_fake is None else num_fake
     count = -(-num // protocol.samples_per_file)  # videos to generate
@@ -333,6 +339,7 @@ def _generate(
         sampler=settings.sampler,
         eta=settings.eta,
         cache_threshold=settings.cache_threshold,
+        guidance_interval=settings.guidance_interval,
     )
     if not hasattr(generator, "stages"):
         kwargs["num_frames"] = plan.num_frames
@@ -341,7 +348,7 @@ def _generate(
         kwargs["context"] = torch.stack(clips)[:, :, : plan.context_frames]
         kwargs["context_frames"] = plan.context_frames
     if hasattr(generator, "stages"):  # per-stage settings come from the cascade itself
-        for key in ("steps", "guidance", "sampler", "eta", "cache_threshold"):
+        for key in ("steps", "guidance", "sampler", "eta", "cache_threshold", "guidance_interval"):
             kwargs.pop(key)
     videos = timer(generator.generate, **kwargs).numpy()  # (b, T, H, W, 3) uint8
     for consume in consumers:

@@ -35,7 +35,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--no-ema", action="store_true", help="export the trained weights, not their EMA")
     p.add_argument("--stage-settings", nargs="*", default=None,
-                   help="per stage, a JSON object of sampler settings (steps, guidance, eta, sampler, aug_level, cache_threshold)")  # fmt: skip
+                   help="per stage, a JSON object of sampler settings (steps, guidance, eta, sampler, aug_level, cache_threshold, guidance_interval)")  # fmt: skip
     p.add_argument("--metrics", type=Path, help="a walt evaluate result (JSON) to record in the model card")
     p.add_argument("--merge-adapters", action="store_true",
                    help="a LoRA run's checkpoint: write its base and adapter merged, as one model folder")  # fmt: skip

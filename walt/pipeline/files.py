@@ -246,7 +246,7 @@ def save_cascade(cascade: CascadePipeline, path: str | Path) -> Path:
     return path
 
 
-STAGE_SETTINGS = ("steps", "guidance", "eta", "sampler", "aug_level", "cache_threshold")
+STAGE_SETTINGS = ("steps", "guidance", "eta", "sampler", "aug_level", "cache_threshold", "guidance_interval")
 
 
 def load_cascade(path: str | Path) -> CascadePipeline:

@@ -33,6 +33,7 @@ from walt.diffusion import (
     sample,
     self_conditioned,
 )
+from walt.diffusion.guidance import check_interval
 from walt.diffusion.schedule import NoiseSchedule
 from walt.tokenizer import CausalVAE
 from walt.transformer import WALT, FirstBlockCache
@@ -279,6 +280,7 @@ class Pipeline:
         aug_level: float | None = None,
         progress: bool = True,
         cache_threshold: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> Tensor:
         """Generates ``N`` videos; returns uint8 ``(N, T, H, W, 3)`` on the CPU (``output="float"``: float
         ``(N, 3, T, H, W)`` in [-1, 1]; ``"latent"``: normalized latents ``(N, C, T', h, w)``).
@@ -301,6 +303,9 @@ class Pipeline:
           first-block residual moved by less than this (relative change) since the last full step reuses the
           other blocks' residual from that step. 0 (default) is off and exact; 0.05 to 0.2 saves passes at a
           cost in fidelity to measure (README). ``cache_stats`` then counts full and cached passes.
+        - ``guidance_interval``: ``(lo, hi)`` guides only at diffusion times ``lo < t <= hi`` (t = 1 is pure
+          noise) and runs the conditional pass alone elsewhere (:func:`walt.diffusion.guided`); None (default)
+          guides at every step.
         """
         steps = self.sample_steps if steps is None else steps
         self._check_settings(steps, guidance, eta, sampler, batch_size, output, extend)
@@ -308,6 +313,12 @@ class Pipeline:
             raise ValueError(
                 f"cache_threshold must be a finite number >= 0 (0 = no caching), got {cache_threshold}"
             )
+        if guidance_interval is not None:
+            check_interval(guidance_interval)
+            if self.backbone.guidance_input:
+                raise ValueError(
+                    "guidance_interval needs two-pass guidance; this guidance-distilled model takes w as an input"
+                )
         self.cache_stats = {"full": 0, "cached": 0}
         n, seeds = self._count(labels, prompts, seeds, lowres, num_samples, context)
         label_tensor = self._labels(labels, n)
@@ -338,6 +349,7 @@ class Pipeline:
                     sampler=sampler,
                     on_step=bar.update,
                     cache_threshold=cache_threshold,
+                    guidance_interval=guidance_interval,
                 )
                 z = self._segment(shape, given, ctx, known, generators, settings)  # (b, C, T, h, w)
                 for _ in range(extend):
@@ -373,7 +385,7 @@ class Pipeline:
         noise = randn((b, *shape), generators, self.device)  # (b, C, T, h, w)
         net = self._denoiser(settings["cache_threshold"])
         z = sample(
-            self._model_fn(cond, settings["guidance"], net),
+            self._model_fn(cond, settings["guidance"], net, settings.get("guidance_interval")),
             noise,
             settings["steps"],
             sampler=settings["sampler"],
@@ -411,7 +423,11 @@ class Pipeline:
         return FirstBlockCache(self.backbone, cache_threshold, self._compiled, self._compile_mode)
 
     def _model_fn(
-        self, cond: Conditioning, guidance: float, net: WALT | FirstBlockCache
+        self,
+        cond: Conditioning,
+        guidance: float,
+        net: WALT | FirstBlockCache,
+        interval: tuple[float, float] | None = None,
     ) -> Callable[[Tensor, Tensor], Tensor]:
         """The sampler's ``model_fn(x_t, t) -> v`` of ``net`` (the backbone or a cache around it): guidance
         (two passes, or the input w of a distilled model), then self-conditioning around it, under autocast."""
@@ -420,7 +436,7 @@ class Pipeline:
             cond.guidance = torch.full((cond_size(cond),), float(guidance), device=self.device)
             model = net
         else:
-            model = guided(net, guidance) if guidance != 1.0 else net
+            model = guided(net, guidance, interval=interval) if guidance != 1.0 else net
 
         def autocast_model(x_t: Tensor, t: Tensor, c: Conditioning) -> Tensor:
             with self._autocast():
@@ -597,7 +613,7 @@ class CascadePipeline:
     """A base pipeline followed by super-resolution pipelines; labels, prompts, given frames (``context``) and
     seeds reach every stage that takes them. Stage i > 0 upsamples the previous stage's videos.
     ``stage_settings``: per stage, keyword arguments for its ``generate`` (steps, guidance, eta, sampler,
-    aug_level, cache_threshold)."""
+    aug_level, cache_threshold, guidance_interval)."""
 
     def __init__(self, stages: Sequence[Pipeline], stage_settings: Sequence[dict] | None = None) -> None:
         if not stages or stages[0].super_resolution is not None:

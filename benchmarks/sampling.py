@@ -39,7 +39,7 @@ from walt.pipeline import Pipeline
 from walt.tokenizer import CausalVAE, presets
 from walt.transformer import WALT
 from walt.transformer import presets as sizes
-from walt.transformer.float8 import FLOAT8_RECIPES
+from walt.transformer.float8 import FLOAT8_LAYERS, FLOAT8_RECIPES
 
 NUM_CLASSES = 101  # UCF-101
 
@@ -109,6 +109,7 @@ def run_case(pipe: Pipeline, args, device, guidance: float, cache_threshold: flo
         "mode": args.mode,
         "compile_decoder": args.compile and not args.eager_decoder,
         "float8": args.float8,
+        "float8_layers": list(args.float8_layers) if args.float8 else None,
         "guidance_interval": None if guidance == 1.0 else args.guidance_interval,
         "cache_threshold": cache_threshold,
         "cache_stats": dict(pipe.cache_stats),
@@ -142,6 +143,14 @@ def main() -> None:
         "--float8", choices=FLOAT8_RECIPES, help="FP8 matmuls in the blocks (Pipeline.quantize_float8)"
     )
     p.add_argument(
+        "--float8-layers",
+        nargs="+",
+        choices=FLOAT8_LAYERS,
+        default=list(FLOAT8_LAYERS),
+        help="which of each block's linears --float8 quantizes (default all four)",
+    )
+
+    p.add_argument(
         "--eager-decoder", action="store_true", help="with --compile, leave the tokenizer's decoder eager"
     )
     p.add_argument("--profile", action="store_true", help="add a kernel breakdown of one run (GPU)")
@@ -171,7 +180,7 @@ def main() -> None:
     else:
         pipe = build(args.smoke, device)
     if args.float8:
-        pipe.quantize_float8(args.float8)
+        pipe.quantize_float8(args.float8, args.float8_layers)
     if args.compile:
         pipe.compile(mode=args.mode, decoder=not args.eager_decoder)
     rows = []

@@ -41,7 +41,7 @@ from profiling import profile_steps, summary
 from walt.conditioning import Conditioning
 from walt.nn import fit_window
 from walt.transformer import WALT, WALT_WINDOWS
-from walt.transformer.float8 import FLOAT8_RECIPES, check_float8_device, convert_to_float8
+from walt.transformer.float8 import FLOAT8_LAYERS, FLOAT8_RECIPES, check_float8_device, convert_to_float8
 
 H100_BF16_DENSE_TFLOPS = 798.0  # measured bf16 matmul ceiling of the reference H100 (DESIGN.md §4)
 LATENT_CHANNELS = 8
@@ -173,7 +173,7 @@ def run_case(case: Case, args: argparse.Namespace, model_kwargs: dict, device: t
     if (
         args.float8 and case.preset != LATTE
     ):  # after counting: model FLOPs are the bf16 model's, the same math in FP8
-        convert_to_float8(model, args.float8)
+        convert_to_float8(model, args.float8, args.float8_layers)
     runnable = torch.compile(model, fullgraph=True, mode=args.mode) if args.compile else model
     step = make_step(runnable, optimizer, batch, device.type)
     if cuda:
@@ -246,6 +246,7 @@ def write_json(path: str, args: argparse.Namespace, device: torch.device, result
         "optimizer": args.optimizer,
         "checkpointing": args.checkpointing,
         "float8": args.float8,
+        "float8_layers": list(args.float8_layers) if args.float8 else None,
         "dtype": "bf16 autocast, fp32 parameters"
         + (f", FP8 {args.float8} matmuls in the blocks" if args.float8 else ""),
     }
@@ -269,6 +270,14 @@ def main() -> None:
     parser.add_argument(
         "--float8", choices=FLOAT8_RECIPES, help="FP8 matmuls in the blocks' linears (torchao; FP8 GPUs only)"
     )
+    parser.add_argument(
+        "--float8-layers",
+        nargs="+",
+        choices=FLOAT8_LAYERS,
+        default=list(FLOAT8_LAYERS),
+        help="which of each block's linears --float8 converts (default all four)",
+    )
+
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--profile", action="store_true", help="add a kernel breakdown of the step (GPU)")
     parser.add_argument(

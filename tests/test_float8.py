@@ -107,3 +107,19 @@ def test_walt_sample_float8_is_refused_in_one_line_on_a_cpu_and_for_a_cascade(tm
     with pytest.raises(SystemExit):
         sample_main(["--model", str(tmp_path), "--float8", "e4m3", "--output", str(tmp_path / "s")])
     assert "invalid choice: 'e4m3'" in capsys.readouterr().err
+
+
+def test_float8_layers_picks_which_linears_convert_and_refuses_other_names():
+    from torchao.float8.float8_linear import Float8Linear
+
+    module = DiffusionModule(
+        backbone(), float8="tensorwise", float8_layers=["mlp.fc1", "mlp.fc2"], ema_decay=None
+    )
+    converted = sorted(n for n, m in module.backbone.named_modules() if isinstance(m, Float8Linear))
+    assert converted == sorted(f"blocks.{i}.mlp.{fc}" for i in range(3) for fc in ("fc1", "fc2"))
+    assert module.float8_layers == ("mlp.fc1", "mlp.fc2")
+    for bad in (["mlp.fc3"], []):
+        with pytest.raises(
+            ValueError, match=r"float8 layers must be some of attn\.qkv, attn\.proj, mlp\.fc1, mlp\.fc2"
+        ):
+            DiffusionModule(backbone(), float8="tensorwise", float8_layers=bad)

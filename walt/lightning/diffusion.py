@@ -46,7 +46,7 @@ from walt.lightning.video_logging import add_video
 from walt.pipeline import Pipeline, describe_pipeline
 from walt.tokenizer import CausalVAE, load_vae_weights
 from walt.transformer import WALT
-from walt.transformer.float8 import check_float8_device, convert_to_float8
+from walt.transformer.float8 import FLOAT8_LAYERS, check_float8_device, check_float8_layers, convert_to_float8
 
 __all__ = ["DiffusionModule", "adamw_for_diffusion"]
 
@@ -90,6 +90,8 @@ class DiffusionModule(WaltModule):
         float8: FP8 matmuls for the blocks' attention and MLP linears (torchao float8 training, recipe
             "tensorwise" or "rowwise"; `walt.transformer.float8`), opt-in; needs torchao and a GPU with FP8
             tensor cores (refused before the first step elsewhere). Weights and checkpoints stay as they are.
+        float8_layers: which of each block's linears take FP8 (names inside a block, default all four:
+            attn.qkv, attn.proj, mlp.fc1, mlp.fc2); e.g. [mlp.fc1, mlp.fc2] for the MLP alone.
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class DiffusionModule(WaltModule):
         tokenizer_chunk_size: int | None = None,
         compile: bool = False,
         float8: str | None = None,
+        float8_layers: Sequence[str] = FLOAT8_LAYERS,
     ) -> None:
         super().__init__()
         # Out of range, these would train without a word (a negative warmup); `walt fit` shows the error first.
@@ -158,8 +161,9 @@ class DiffusionModule(WaltModule):
         if train_only_spatiotemporal:
             _freeze_spatial(backbone)
         self.float8 = float8
+        self.float8_layers = check_float8_layers(float8_layers)  # refused at construction, not at the step
         if float8 is not None:  # before the EMA copy and compilation, so that both see the FP8 linears
-            convert_to_float8(backbone, float8)
+            convert_to_float8(backbone, float8, self.float8_layers)
         self.ema = EMA(backbone, ema_decay) if ema_decay is not None else None
         self.compile_models = compile
         if compile:

@@ -182,11 +182,12 @@ class Pipeline:
         self._compile_mode = mode
         return self
 
-    def quantize_float8(self, recipe: str = "rowwise") -> Pipeline:
+    def quantize_float8(self, recipe: str = "rowwise", layers: Sequence[str] | None = None) -> Pipeline:
         """FP8 matmuls for sampling, in place: the blocks' attention and MLP weights are stored in FP8 (one scale
         per output row for "rowwise", per tensor for "tensorwise"; :func:`walt.transformer.quantize_float8_inference`)
         and each call casts its activations. Call it on the GPU, after placing the pipeline and before
-        :meth:`compile`. Needs torchao (``pip install 'walt[fp8]'``) and FP8 tensor cores (Ada, Hopper or newer);
+        :meth:`compile`. ``layers`` picks which of each block's linears (default all four; e.g.
+        ``["mlp.fc1", "mlp.fc2"]``, :data:`walt.transformer.float8.FLOAT8_LAYERS`). Needs torchao (``pip install 'walt[fp8]'``) and FP8 tensor cores (Ada, Hopper or newer);
         a quantized pipeline samples but is not saved (save the unquantized one)."""
         from walt.transformer.float8 import check_float8_device, quantize_float8_inference
 
@@ -197,7 +198,7 @@ class Pipeline:
             raise ValueError(
                 "this pipeline holds LoRA adapters: call merge_and_unload() before quantize_float8()"
             )
-        quantize_float8_inference(self.backbone, recipe)
+        quantize_float8_inference(self.backbone, recipe, *(() if layers is None else (layers,)))
         self._float8 = recipe
         return self
 

@@ -16,6 +16,7 @@ one per tensor) and casts only the activations per call, so the weight casts of 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -23,44 +24,60 @@ from torch import nn
 from walt.transformer.model import WALT
 
 __all__ = [
+    "FLOAT8_LAYERS",
     "FLOAT8_RECIPES",
     "check_float8_device",
+    "check_float8_layers",
     "convert_to_float8",
     "float8_linear_names",
     "quantize_float8_inference",
 ]
 
 FLOAT8_RECIPES = ("tensorwise", "rowwise")
+# The blocks' linears FP8 can take, by their name inside a block. The MLP's two hold two thirds of a block's
+# matmul FLOPs and the larger inner dimension, so they may gain where the attention's do not.
+FLOAT8_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 # Hopper (9.0), Ada (8.9) and later have FP8 tensor cores; torch's scaled matmul refuses anything older.
 FLOAT8_MIN_CAPABILITY = (8, 9)
 # The cast kernels and the FP8 matmul need both dimensions divisible by 16.
 FLOAT8_ALIGNMENT = 16
 
 
-def float8_linear_names(model: WALT) -> list[str]:
-    """The linears that FP8 training converts: each block's attention qkv and output and its MLP's two layers,
-    where both dimensions are multiples of 16."""
+def check_float8_layers(layers: Sequence[str]) -> tuple[str, ...]:
+    """``layers`` as a tuple; an empty list or a name outside :data:`FLOAT8_LAYERS` is refused."""
+    layers = tuple(layers)
+    unknown = sorted(set(layers) - set(FLOAT8_LAYERS))
+    if unknown or not layers:
+        raise ValueError(f"float8 layers must be some of {', '.join(FLOAT8_LAYERS)}, got {list(layers)}")
+    return layers
+
+
+def float8_linear_names(model: WALT, layers: Sequence[str] = FLOAT8_LAYERS) -> list[str]:
+    """The linears that FP8 converts: of each block's attention qkv and output and its MLP's two layers, those
+    in ``layers`` whose dimensions are both multiples of 16."""
+    layers = check_float8_layers(layers)
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not name.startswith("blocks."):
             continue
         leaf = name.split(".", 2)[2]
         aligned = module.in_features % FLOAT8_ALIGNMENT == 0 and module.out_features % FLOAT8_ALIGNMENT == 0
-        if leaf in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2") and aligned:
+        if leaf in layers and aligned:
             names.append(name)
     return names
 
 
-def convert_to_float8(model: WALT, recipe: str) -> WALT:
-    """Swaps :func:`float8_linear_names` for torchao's ``Float8Linear`` with ``recipe`` ("tensorwise": one
-    scale per tensor; "rowwise": one per row, more accurate, slower casts), in place. Needs torchao."""
+def convert_to_float8(model: WALT, recipe: str, layers: Sequence[str] = FLOAT8_LAYERS) -> WALT:
+    """Swaps :func:`float8_linear_names` (of ``layers``) for torchao's ``Float8Linear`` with ``recipe``
+    ("tensorwise": one scale per tensor; "rowwise": one per row, more accurate, slower casts), in place. Needs
+    torchao."""
     if recipe not in FLOAT8_RECIPES:
         raise ValueError(f"unknown float8 recipe {recipe!r}; choose one of {', '.join(FLOAT8_RECIPES)}")
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as err:
         raise ImportError(f"float8 training needs torchao: pip install 'walt[fp8]' ({err})") from None
-    chosen = set(float8_linear_names(model))
+    chosen = set(float8_linear_names(model, layers))
     # The weight gradient's inner dimension is the token count, which images, small grids or odd batches do not
     # make a multiple of 16 as the FP8 matmul needs: pad it (a copy only where it is not).
     config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), pad_inner_dim=True)
@@ -72,7 +89,7 @@ def convert_to_float8(model: WALT, recipe: str) -> WALT:
     return model
 
 
-def quantize_float8_inference(model: WALT, recipe: str) -> WALT:
+def quantize_float8_inference(model: WALT, recipe: str, layers: Sequence[str] = FLOAT8_LAYERS) -> WALT:
     """Stores :func:`float8_linear_names`' weights in FP8 for inference, in place: "rowwise" keeps one scale per
     output row (and per token for the activations), "tensorwise" one per tensor. Each call then casts only its
     activations. The model can no longer be trained or saved as a plain checkpoint. Needs torchao and a GPU with
@@ -88,7 +105,7 @@ def quantize_float8_inference(model: WALT, recipe: str) -> WALT:
         )
     except ImportError as err:
         raise ImportError(f"FP8 sampling needs torchao: pip install 'walt[fp8]' ({err})") from None
-    chosen = set(float8_linear_names(model))
+    chosen = set(float8_linear_names(model, layers))
     granularity = PerRow() if recipe == "rowwise" else PerTensor()
     quantize_(
         model,

@@ -111,4 +111,6 @@ class LatteXL2(nn.Module):
         shift, scale = self.final_adaln(c_space)[:, None].chunk(2, dim=-1)  # (B*T, 1, D) each
         x = self.unembed(modulate(self.final_norm(x), shift, scale))  # (B*T, N, p*p*2C)
         p = self.patch
-        return rearrange(x, "(b t) (h w) (p q c) -> b c t (h p) (w q)", b=B, h=H // p, p=p, q=p)
+        return rearrange(
+            x, "(b t) (h w) (p q c) -> b c t (h p) (w q)", b=B, h=H // p, p=p, q=p
+        )  # (B, 2C, T, H, W)

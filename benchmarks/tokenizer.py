@@ -141,7 +141,7 @@ def speed(args: argparse.Namespace, device: torch.device) -> list[dict]:
     return results
 
 
-def prepare(vae, channels_last: bool, compile: bool) -> None:
+def prepare(vae: CausalVAE | CogVideoXCodec, channels_last: bool, compile: bool) -> None:
     """Each model the same way: its 3D weights in NDHWC order (cuDNN's native layout for bf16 convolutions), and
     its encoder and decoder compiled in place, specialized to each input's shape."""
     if channels_last:

@@ -292,3 +292,20 @@ def test_a_guidance_interval_reaches_the_sampler_and_the_json_says_so(setup, cap
     result = _run(_args(setup, "--guidance", "2", "--guidance-interval", "0.25", "0.75"), capsys)
     assert result["generation"]["guidance_interval"] == [0.25, 0.75] and np.isfinite(result["value"])
     assert seen and all(s == (2.0, (0.25, 0.75)) for s in seen)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--guidance-interval", "0.2", "0.8"], "--guidance-interval without --guidance"),
+        (
+            ["--guidance", "2", "--guidance-interval", "0.8", "0.2"],
+            "--guidance-interval: a guidance interval needs",
+        ),
+    ],
+)
+def test_a_guidance_interval_that_cannot_act_is_refused_while_parsing(tmp_path, capsys, extra, message):
+    """Before any model or real clip is read (neither exists here)."""
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["fvd2048_16f", "--model", str(tmp_path / "m"), "--real", str(tmp_path / "r"), *extra])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from walt.lightning import DiffusionModule
+from walt.pipeline import Pipeline
+from walt.tokenizer import CausalVAE, presets
 from walt.transformer import WALT
 from walt.transformer.float8 import convert_to_float8, float8_linear_names
 
@@ -76,8 +78,6 @@ def test_a_cpu_run_is_refused_before_the_first_step(tmp_path):
 
 
 def test_fp8_sampling_refuses_a_cpu_an_unknown_recipe_and_a_missing_torchao_with_the_fix(monkeypatch):
-    from walt.pipeline import Pipeline
-    from walt.tokenizer import CausalVAE, presets
     from walt.transformer.float8 import quantize_float8_inference
 
     pipe = Pipeline(backbone(), CausalVAE(**presets["tiny"]))
@@ -98,15 +98,70 @@ def test_fp8_sampling_refuses_a_cpu_an_unknown_recipe_and_a_missing_torchao_with
         quantize_float8_inference(backbone(), "rowwise")
 
 
-def test_walt_sample_float8_is_refused_in_one_line_on_a_cpu_and_for_a_cascade(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--cascade", "c", "--float8", "rowwise", "--bf16"], "--float8 applies to one model"),
+        (["--model", "m", "--float8", "e4m3", "--bf16"], "invalid choice: 'e4m3'"),
+        (["--model", "m", "--float8", "rowwise"], "--float8 runs under bfloat16 autocast: add --bf16"),
+        (
+            ["--model", "m", "--float8", "rowwise", "--bf16", "--adapter", "a.safetensors"],
+            "merge the adapters",
+        ),
+    ],
+)
+def test_walt_sample_float8_refusals_are_one_line_while_parsing(tmp_path, capsys, extra, message):
     from walt.sample import sample_main
 
     with pytest.raises(SystemExit):
-        sample_main(["--cascade", str(tmp_path), "--float8", "rowwise", "--output", str(tmp_path / "s")])
-    assert "--float8 applies to one model" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        sample_main(["--model", str(tmp_path), "--float8", "e4m3", "--output", str(tmp_path / "s")])
-    assert "invalid choice: 'e4m3'" in capsys.readouterr().err
+        sample_main([*extra, "--output", str(tmp_path / "s")])
+    assert message in capsys.readouterr().err
+
+
+def test_walt_sample_float8_on_a_cpu_is_refused_in_one_line_before_sampling(tmp_path, capsys):
+    from walt.sample import sample_main
+
+    model = tmp_path / "model"
+    Pipeline(backbone(num_classes=3), CausalVAE(**presets["tiny"])).save_pretrained(model)
+    with pytest.raises(
+        SystemExit, match=r"walt sample: FP8 matmuls need .* this run is on cpu: sample without FP8"
+    ):
+        sample_main(["--model", str(model), "--float8", "rowwise", "--bf16", "--device", "cpu",
+                     "--output", str(tmp_path / "s")])  # fmt: skip
+    assert not (tmp_path / "s").exists()
+
+
+def test_quantized_linears_read_their_input_in_the_autocast_dtype():
+    """Under autocast the modulated LayerNorm hands the qkv projection float32; the FP8 weight's matmul would
+    return that dtype, so the hook casts the input first, and leaves it alone without autocast."""
+    from walt.transformer.float8 import _autocast_input
+
+    x = torch.randn(2, 8)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert _autocast_input(nn.Linear(8, 8), (x,))[0].dtype == torch.bfloat16
+    assert _autocast_input(nn.Linear(8, 8), (x,))[0] is x
+
+
+def test_a_quantized_pipeline_refuses_adapters_a_second_quantization_and_saving(monkeypatch, tmp_path):
+    """The state after quantize_float8 on an FP8 GPU (the device check and torchao's conversion, which need one,
+    are replaced here; the GPU test runs the real ones)."""
+    import walt.transformer.float8 as float8
+
+    monkeypatch.setattr(float8, "check_float8_device", lambda device, fix="": None)
+    monkeypatch.setattr(float8, "quantize_float8_inference", lambda model, recipe, layers: model)
+    pipe = Pipeline(backbone(num_classes=3), CausalVAE(**presets["tiny"]))
+    with pytest.raises(
+        ValueError, match=r"bfloat16 autocast: place the pipeline with to\(device, torch.bfloat16\)"
+    ):
+        pipe.quantize_float8("rowwise")
+    pipe.autocast_dtype = torch.bfloat16
+    pipe.quantize_float8("rowwise")
+    with pytest.raises(ValueError, match="already quantized to FP8"):
+        pipe.quantize_float8("tensorwise")
+    with pytest.raises(ValueError, match="load and merge adapters before quantizing"):
+        pipe.load_adapter(tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="save the pipeline before quantizing it"):
+        pipe.save_pretrained(tmp_path / "model")
 
 
 def test_float8_layers_picks_which_linears_convert_and_refuses_other_names():

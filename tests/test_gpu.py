@@ -121,9 +121,14 @@ def test_fp8_sampling_weights_predict_what_bf16_does_eager_and_compiled(recipe):
     assert len(names) == 4 * 4
     assert all(modules[n].weight.qdata.dtype == torch.float8_e4m3fn for n in names)  # torchao's Float8Tensor
     x, t, cond = batch(4)
+    dtypes = []
+    hook = modules["blocks.0.attn.qkv"].register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         expected = reference(x, t, cond).float()
         eager = quantized(x, t, cond).float()
+    assert dtypes == [torch.bfloat16]  # as the bf16 linear's: FP8 must not write float32 activations
+    hook.remove()
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         quantized.compile(fullgraph=True)
         compiled = quantized(x, t, cond).float()
     for got in (eager, compiled):

@@ -189,6 +189,9 @@ def test_a_guidance_interval_guides_inside_and_runs_the_conditional_pass_alone_o
     unconditional = guided(counting, 0.0)(x, t, cond)  # w = 0 is v_u: the unconditional pass alone
     torch.testing.assert_close(unconditional, v_u, rtol=0, atol=1e-12)
     assert counting.batches == [B]
+    # w = 0 inside the interval, w = 1 outside it: v_u for the first two samples, v_c for the third
+    zero_inside = guided(counting, 0.0, interval=(0.2, 0.9))(x, t, cond)
+    torch.testing.assert_close(zero_inside, torch.cat([v_u[:2], v_c[2:]]), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -198,6 +201,8 @@ def test_a_guidance_interval_guides_inside_and_runs_the_conditional_pass_alone_o
         ((-0.1, 0.5), "0 <= lo < hi <= 1"),
         ((0.2, 1.5), "0 <= lo < hi <= 1"),
         ((0.2,), "two diffusion times"),
+        (0.5, "two diffusion times"),
+        ((True, 0.5), "two diffusion times"),
     ],
 )
 def test_a_guidance_interval_outside_the_diffusion_times_is_refused(model, interval, message):

@@ -533,3 +533,30 @@ def test_a_cascade_caches_per_stage_and_walt_sample_counts_every_stage(tmp_path)
     assert _cache_stats(loaded) == {"full": 1, "cached": 1} and _cache_stats(base) is None
     with pytest.raises(ValueError, match="a cascade sets cache_threshold per stage"):
         evaluate_model("fvd2048_16f", loaded, "unused", settings=GenerationSettings(cache_threshold=0.1))
+
+
+def test_a_cascade_checks_each_stages_guidance_interval_before_any_stage_samples():
+    """A stage setting read from YAML or JSON is a list; a wrong one is refused when the cascade is built, naming
+    the stage, not after the base stage has sampled."""
+    from walt.pipeline import CascadePipeline
+
+    cascade = _tiny_cascade()
+    stages = cascade.stages
+    CascadePipeline(stages, [{"guidance": 2.0, "guidance_interval": [0.2, 0.8]}, {}])  # accepted
+    with pytest.raises(ValueError, match=r"stage 1: a guidance interval needs 0 <= lo < hi <= 1"):
+        CascadePipeline(stages, [{}, {"guidance": 2.0, "guidance_interval": [0.8, 0.2]}])
+    with pytest.raises(ValueError, match="stage 0: guidance_interval with guidance 1 guides nowhere"):
+        CascadePipeline(stages, [{"guidance_interval": [0.2, 0.8]}, {}])
+    with pytest.raises(ValueError, match="stage 1: a guidance interval is two diffusion times"):
+        CascadePipeline(stages, [{}, {"guidance": 2.0, "guidance_interval": 0.5}])
+
+
+def test_a_guidance_distilled_model_refuses_a_guidance_interval_with_the_fix():
+    from walt.tokenizer import CausalVAE, presets
+    from walt.transformer import WALT
+
+    backbone = WALT(in_channels=4, depth=2, hidden_size=32, num_heads=2, input_size=(2, 4, 4), num_classes=3,
+                    guidance_input=True)  # fmt: skip
+    pipe = Pipeline(backbone, CausalVAE(**presets["tiny"]))
+    with pytest.raises(ValueError, match=r"takes w as an input: leave out the interval"):
+        pipe.generate(labels=[0], guidance=2.0, guidance_interval=(0.2, 0.8), progress=False)

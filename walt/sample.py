@@ -200,6 +200,13 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error(f"--context {args.context}: no such file")
     if args.float8 and args.cascade is not None:
         p.error("--float8 applies to one model (--model), not to a cascade")
+    if args.float8 and not args.bf16:
+        p.error("--float8 runs under bfloat16 autocast: add --bf16")
+    if args.float8 and args.adapters:
+        p.error(
+            "--float8 quantizes the weights the adapters would sit on: merge the adapters into a model and save it "
+            "(Pipeline.merge_and_unload, save_pretrained), then sample that model with --float8"
+        )
     if args.adapters and args.cascade is not None:
         p.error("--adapter applies to one model (--model), not to a cascade")
     return args

@@ -122,8 +122,9 @@ def guided(
         inside = None if interval is None else _inside(t, interval)  # (B,) bool on the CPU
         if inside is not None and not inside.any():
             return _at_least_float32(model(x_t, t, cond))  # w = 1 for all: v_c
-        if not callable(scale) and not isinstance(scale, torch.Tensor) and scale == 0:
-            return _at_least_float32(model(x_t, t, null(cond)))  # w = 0: v_u
+        constant_zero = not callable(scale) and not isinstance(scale, torch.Tensor) and scale == 0
+        if constant_zero and (inside is None or inside.all()):
+            return _at_least_float32(model(x_t, t, null(cond)))  # w = 0 for all: v_u
         both = concat_conditioning(cond, null(cond))
         v = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both)  # (2B, C, T, H, W)
         # At least float32: w in bf16 would be rounded (2.37 -> 2.375), a bias a w-conditioned student learns.
@@ -138,7 +139,11 @@ def guided(
 
 def check_interval(interval: GuidanceInterval) -> None:
     """Refuses a guidance interval that is not ``0 <= lo < hi <= 1`` (diffusion times)."""
-    if len(interval) != 2 or not all(isinstance(v, (int, float)) for v in interval):
+    if (
+        not isinstance(interval, (tuple, list))
+        or len(interval) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)
+    ):
         raise ValueError(f"a guidance interval is two diffusion times (lo, hi), got {interval!r}")
     lo, hi = interval
     if not (0.0 <= lo < hi <= 1.0):

@@ -588,6 +588,17 @@ def evaluate_main(argv: Sequence[str]) -> int:
         parser.error("give --fake (generated samples: a folder or a .npz) or --model (generate them now)")
     if args.model is None and (args.save_samples or args.work_dir):
         parser.error("--save-samples and --work-dir belong to --model")
+    if args.guidance_interval is not None:
+        from walt.diffusion.guidance import check_interval
+
+        try:
+            check_interval(tuple(args.guidance_interval))
+        except ValueError as err:
+            parser.error(f"--guidance-interval: {err}")
+        if args.guidance == 1.0:
+            parser.error(
+                "--guidance-interval without --guidance: guidance 1 (the default) does not guide anywhere"
+            )
     joined = not dist.is_initialized()
     device = _init_distributed_from_env(args.device)
     joined = joined and dist.is_initialized()

@@ -143,6 +143,9 @@ def evaluate_model(
             "a cascade sets guidance_interval per stage (its stage settings), not for all: leave out "
             "--guidance-interval"
         )
+    check = getattr(generator, "check_guidance_interval", None)
+    if check is not None:  # before the real side's features: a refused setting costs nothing
+        check(settings.guidance_interval, settings.guidance)
     num = protocol.num_fake if num_fake is None else num_fake
     count = -(-num // protocol.samples_per_file)  # videos to generate
     plan = _plan(protocol, generator, real, count, settings)
@@ -156,7 +159,7 @@ def evaluate_model(
         "protocol": protocol.name,
         "model": model_identity(generator),
         "real": real_info["source"],
-        "generation": asdict(settings),
+        "generation": _identity_settings(settings),
         "num_fake": num,
         "batch_size": batch_size,
     }
@@ -200,6 +203,15 @@ def evaluate_model(
         if store is not None:
             store.remove()
     return _broadcast_from_first(result)
+
+
+def _identity_settings(settings: GenerationSettings) -> dict:
+    """The settings as the work dir's identity. A setting added later is left out while it has its default,
+    so that a run started before it existed still resumes."""
+    fields = asdict(settings)
+    if fields["guidance_interval"] is None:
+        del fields["guidance_interval"]
+    return fields
 
 
 def _check_arguments(settings: GenerationSettings, batch_size: int, save_samples: int, num_fake) -> None:

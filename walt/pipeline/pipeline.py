@@ -37,6 +37,7 @@ from walt.diffusion.guidance import check_interval
 from walt.diffusion.schedule import NoiseSchedule
 from walt.tokenizer import CausalVAE
 from walt.transformer import WALT, FirstBlockCache
+from walt.transformer.float8 import FLOAT8_LAYERS
 
 __all__ = ["CascadePipeline", "Pipeline", "SuperResolution"]
 
@@ -182,23 +183,33 @@ class Pipeline:
         self._compile_mode = mode
         return self
 
-    def quantize_float8(self, recipe: str = "rowwise", layers: Sequence[str] | None = None) -> Pipeline:
+    def quantize_float8(self, recipe: str = "rowwise", layers: Sequence[str] = FLOAT8_LAYERS) -> Pipeline:
         """FP8 matmuls for sampling, in place: the blocks' attention and MLP weights are stored in FP8 (one scale
-        per output row for "rowwise", per tensor for "tensorwise"; :func:`walt.transformer.quantize_float8_inference`)
-        and each call casts its activations. Call it on the GPU, after placing the pipeline and before
-        :meth:`compile`. ``layers`` picks which of each block's linears (default all four; e.g.
-        ``["mlp.fc1", "mlp.fc2"]``, :data:`walt.transformer.float8.FLOAT8_LAYERS`). Needs torchao (``pip install 'walt[fp8]'``) and FP8 tensor cores (Ada, Hopper or newer);
-        a quantized pipeline samples but is not saved (save the unquantized one)."""
+        per output row for "rowwise", per tensor for "tensorwise";
+        :func:`walt.transformer.float8.quantize_float8_inference`) and each call casts its activations.
+        ``layers`` picks which of each block's linears (default all four; e.g. ``["mlp.fc1", "mlp.fc2"]``).
+
+        Call it on the GPU after ``to(device, torch.bfloat16)`` and before :meth:`compile`. Needs torchao
+        (``pip install 'walt[fp8]'``) and FP8 tensor cores (Ada, Hopper or newer). A quantized pipeline samples
+        but is not saved and takes no adapters (merge them into a saved model first)."""
         from walt.transformer.float8 import check_float8_device, quantize_float8_inference
 
         check_float8_device(self.device, fix="sample without FP8 (no --float8, no quantize_float8())")
+        if self.autocast_dtype != torch.bfloat16:
+            raise ValueError(
+                "FP8 sampling runs under bfloat16 autocast: place the pipeline with to(device, torch.bfloat16) "
+                "first (walt sample --bf16)"
+            )
+        if self._float8:
+            raise ValueError(f"this pipeline is already quantized to FP8 ({self._float8})")
         if self._compiled:
-            raise RuntimeError("quantize_float8() after compile(): quantize first, then compile")
+            raise ValueError("quantize_float8() after compile(): quantize first, then compile")
         if self.adapters:
             raise ValueError(
-                "this pipeline holds LoRA adapters: call merge_and_unload() before quantize_float8()"
+                "this pipeline holds LoRA adapters: merge_and_unload() them (and save that model) before "
+                "quantize_float8()"
             )
-        quantize_float8_inference(self.backbone, recipe, *(() if layers is None else (layers,)))
+        quantize_float8_inference(self.backbone, recipe, layers)
         self._float8 = recipe
         return self
 
@@ -249,6 +260,11 @@ class Pipeline:
         return adapters.save(name, path)
 
     def _adapter_set(self):
+        if self._float8:
+            raise ValueError(
+                "this pipeline's weights are quantized to FP8 (quantize_float8): load and merge adapters before "
+                "quantizing"
+            )
         if self._adapters is None:
             from walt.lora import AdapterSet, require_peft
 
@@ -314,12 +330,7 @@ class Pipeline:
             raise ValueError(
                 f"cache_threshold must be a finite number >= 0 (0 = no caching), got {cache_threshold}"
             )
-        if guidance_interval is not None:
-            check_interval(guidance_interval)
-            if self.backbone.guidance_input:
-                raise ValueError(
-                    "guidance_interval needs two-pass guidance; this guidance-distilled model takes w as an input"
-                )
+        self.check_guidance_interval(guidance_interval, guidance)
         self.cache_stats = {"full": 0, "cached": 0}
         n, seeds = self._count(labels, prompts, seeds, lowres, num_samples, context)
         label_tensor = self._labels(labels, n)
@@ -467,6 +478,21 @@ class Pipeline:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled)
 
     # ---- arguments ---------------------------------------------------------------------------------------
+
+    def check_guidance_interval(self, interval: tuple[float, float] | None, guidance: float) -> None:
+        """Refuses a guidance interval that could not act as asked, naming what to do instead."""
+        if interval is None:
+            return
+        check_interval(interval)
+        if guidance == 1.0:
+            raise ValueError(
+                "guidance_interval with guidance 1 guides nowhere: set a guidance scale, or leave out the interval"
+            )
+        if self.backbone.guidance_input:
+            raise ValueError(
+                "guidance_interval needs two-pass guidance, and this guidance-distilled model takes w as an input: "
+                "leave out the interval (guidance_interval=None, no --guidance-interval)"
+            )
 
     @staticmethod
     def _check_settings(
@@ -625,6 +651,13 @@ class CascadePipeline:
         self.stage_settings = [dict(s) for s in (stage_settings or [{} for _ in stages])]
         if len(self.stage_settings) != len(self.stages):
             raise ValueError(f"{len(self.stage_settings)} stage settings for {len(self.stages)} stages")
+        for i, (stage, settings) in enumerate(zip(self.stages, self.stage_settings)):
+            try:  # before any stage samples: a bad setting of the last stage would waste the first's work
+                stage.check_guidance_interval(
+                    settings.get("guidance_interval"), settings.get("guidance", 1.0)
+                )
+            except ValueError as err:
+                raise ValueError(f"stage {i}: {err}") from None
 
     @classmethod
     def from_pretrained(

@@ -109,10 +109,25 @@ def quantize_float8_inference(model: WALT, recipe: str, layers: Sequence[str] = 
     granularity = PerRow() if recipe == "rowwise" else PerTensor()
     quantize_(
         model,
-        Float8DynamicActivationFloat8WeightConfig(granularity=granularity),
+        # torchao's global Inductor settings would change every later compilation, the bf16 ones included
+        Float8DynamicActivationFloat8WeightConfig(granularity=granularity, set_inductor_config=False),
         filter_fn=lambda module, name: name in chosen,
     )
+    for name, module in model.named_modules():
+        if name in chosen:
+            module.register_forward_pre_hook(_autocast_input)
     return model
+
+
+def _autocast_input(module: nn.Module, args: tuple) -> tuple:
+    """The quantized linear's input in the autocast dtype. An FP8 weight's matmul is dispatched before autocast
+    sees it and returns the input's dtype: under autocast the modulated LayerNorm hands it float32, which would
+    double the output's memory traffic, and FP8 matmuls with per-row scales may refuse a float32 output."""
+    x = args[0]
+    device = x.device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return args
+    return (x.to(torch.get_autocast_dtype(device)), *args[1:])
 
 
 def check_float8_device(

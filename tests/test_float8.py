@@ -19,6 +19,18 @@ from walt.transformer.float8 import convert_to_float8, float8_linear_names
 pytest.importorskip("torchao")
 
 
+def hide_torchao(monkeypatch) -> None:
+    """Imports of torchao fail from here on, as where it is not installed."""
+    real_import = builtins.__import__
+
+    def no_torchao(name, *args, **kwargs):
+        if name.startswith("torchao"):
+            raise ImportError("No module named 'torchao'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchao)
+
+
 def backbone(**kwargs) -> WALT:
     torch.manual_seed(0)
     return WALT(in_channels=4, depth=3, hidden_size=32, num_heads=2, input_size=(2, 4, 4), **kwargs)
@@ -54,14 +66,7 @@ def test_misaligned_linears_stay_in_high_precision():
 def test_an_unknown_recipe_and_a_missing_torchao_are_refused_with_the_fix(monkeypatch):
     with pytest.raises(ValueError, match="unknown float8 recipe 'e5m2'; choose one of tensorwise, rowwise"):
         DiffusionModule(backbone(), float8="e5m2")
-    real_import = builtins.__import__
-
-    def no_torchao(name, *args, **kwargs):
-        if name.startswith("torchao"):
-            raise ImportError("No module named 'torchao'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    hide_torchao(monkeypatch)
     with pytest.raises(ImportError, match=r"pip install 'walt\[fp8\]'"):
         convert_to_float8(backbone(), "tensorwise")
 
@@ -86,14 +91,7 @@ def test_fp8_sampling_refuses_a_cpu_an_unknown_recipe_and_a_missing_torchao_with
     assert pipe._float8 is None and type(pipe.backbone.blocks[0].attn.qkv) is nn.Linear  # nothing changed
     with pytest.raises(ValueError, match="unknown float8 recipe 'fp4'; choose one of tensorwise, rowwise"):
         quantize_float8_inference(backbone(), "fp4")
-    real_import = builtins.__import__
-
-    def no_torchao(name, *args, **kwargs):
-        if name.startswith("torchao"):
-            raise ImportError("No module named 'torchao'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    hide_torchao(monkeypatch)
     with pytest.raises(ImportError, match=r"FP8 sampling needs torchao: pip install 'walt\[fp8\]'"):
         quantize_float8_inference(backbone(), "rowwise")
 

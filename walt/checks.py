@@ -16,10 +16,27 @@ __all__ = [
     "check_int",
     "check_positive",
     "check_probability",
+    "guidance_interval_problem",
     "int_at_least",
     "nonnegative_float",
     "positive_float",
 ]
+
+
+def guidance_interval_problem(interval: list[float] | None, guidance: float) -> str | None:
+    """What is wrong with a command's ``--guidance-interval LO HI`` next to its ``--guidance`` (None: nothing), for
+    the parser to report before any work."""
+    from walt.diffusion.guidance import check_interval
+
+    if interval is None:
+        return None
+    try:
+        check_interval(tuple(interval))
+    except ValueError as err:
+        return f"--guidance-interval: {err}"
+    if guidance == 1.0:
+        return "--guidance-interval without --guidance: guidance 1 (the default) does not guide anywhere"
+    return None
 
 
 def check_int(name: str, value: object, minimum: int) -> None:

@@ -20,10 +20,15 @@ import yaml
 
 import walt
 from walt.atomic import TEMP_SUFFIX, write_atomic
-from walt.checks import finite_float, int_at_least, nonnegative_float, positive_float
+from walt.checks import (
+    finite_float,
+    guidance_interval_problem,
+    int_at_least,
+    nonnegative_float,
+    positive_float,
+)
 from walt.data import VideoReadError, write_video
 from walt.diffusion import SAMPLERS
-from walt.diffusion.guidance import check_interval
 from walt.lightning import DiffusionModule
 from walt.pipeline import CascadePipeline, ModelFileError, Pipeline, read_checkpoint
 from walt.transformer.float8 import FLOAT8_RECIPES
@@ -185,15 +190,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
             "with --cascade, steps, guidance, guidance_interval and cache_threshold are set per stage (the cascade "
             "YAML or cascade.json)"
         )
-    if args.guidance_interval is not None:
-        try:
-            check_interval(tuple(args.guidance_interval))
-        except ValueError as err:
-            p.error(f"--guidance-interval: {err}")
-        if args.guidance == 1.0:
-            p.error(
-                "--guidance-interval without --guidance: guidance 1 (the default) does not guide anywhere"
-            )
+    problem = guidance_interval_problem(args.guidance_interval, args.guidance)
+    if problem:
+        p.error(problem)
     if args.eta < 0:
         p.error(f"--eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM noise), got {args.eta}")
     if args.context is not None and not Path(args.context).is_file():

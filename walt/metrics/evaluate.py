@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from walt.atomic import write_atomic
-from walt.checks import finite_float, int_at_least, nonnegative_float
+from walt.checks import finite_float, guidance_interval_problem, int_at_least, nonnegative_float
 from walt.data import to_uint8
 from walt.metrics.assets import resolve_asset
 from walt.metrics.protocols import PROTOCOLS, Protocol, get_protocol, real_stats_key
@@ -588,17 +588,9 @@ def evaluate_main(argv: Sequence[str]) -> int:
         parser.error("give --fake (generated samples: a folder or a .npz) or --model (generate them now)")
     if args.model is None and (args.save_samples or args.work_dir):
         parser.error("--save-samples and --work-dir belong to --model")
-    if args.guidance_interval is not None:
-        from walt.diffusion.guidance import check_interval
-
-        try:
-            check_interval(tuple(args.guidance_interval))
-        except ValueError as err:
-            parser.error(f"--guidance-interval: {err}")
-        if args.guidance == 1.0:
-            parser.error(
-                "--guidance-interval without --guidance: guidance 1 (the default) does not guide anywhere"
-            )
+    problem = guidance_interval_problem(args.guidance_interval, args.guidance)
+    if problem:
+        parser.error(problem)
     joined = not dist.is_initialized()
     device = _init_distributed_from_env(args.device)
     joined = joined and dist.is_initialized()

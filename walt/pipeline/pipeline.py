@@ -652,6 +652,8 @@ class CascadePipeline:
         if len(self.stage_settings) != len(self.stages):
             raise ValueError(f"{len(self.stage_settings)} stage settings for {len(self.stages)} stages")
         for i, (stage, settings) in enumerate(zip(self.stages, self.stage_settings)):
+            if "guidance_interval" not in settings:
+                continue
             try:  # before any stage samples: a bad setting of the last stage would waste the first's work
                 stage.check_guidance_interval(
                     settings.get("guidance_interval"), settings.get("guidance", 1.0)

@@ -15,14 +15,11 @@ from torch import Tensor, nn
 from walt.nn import LANCZOS_LOBES, CausalCache, CausalConv3d, kaiser_kernels, lanczos_kernels, upsample2x
 
 
-def frame_group_norm(
-    x: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-6
-) -> Tensor:
-    """GroupNorm statistics over (channels of a group, H, W) of each frame separately, then the per-channel
-    affine ``weight``, ``bias`` when given (inside the norm's kernel: no extra passes over the activations)."""
+def frame_group_norm(x: Tensor, num_groups: int, eps: float = 1e-6) -> Tensor:
+    """GroupNorm statistics over (channels of a group, H, W) of each frame separately."""
     b, t = x.shape[0], x.shape[2]
     frames = rearrange(x, "b c t h w -> (b t) c h w")  # (B*T, C, H, W)
-    frames = F.group_norm(frames, num_groups, weight, bias, eps=eps)  # (B*T, C, H, W)
+    frames = F.group_norm(frames, num_groups, eps=eps)  # (B*T, C, H, W)
     return rearrange(frames, "(b t) c h w -> b c t h w", b=b, t=t)  # (B, C, T, H, W)
 
 
@@ -42,7 +39,8 @@ class FrameGroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        return frame_group_norm(x, self.num_groups, self.weight, self.bias)  # (B, C, T, H, W)
+        x = frame_group_norm(x, self.num_groups)  # (B, C, T, H, W)
+        return x * self.weight[:, None, None, None] + self.bias[:, None, None, None]  # (B, C, T, H, W)
 
 
 RESIZE_MODES = ("bilinear", "nearest", "lanczos", "kaiser")

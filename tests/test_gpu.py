@@ -48,19 +48,35 @@ def batch(B: int = 2) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
     return x, t, Conditioning(labels=labels, self_cond=torch.zeros_like(x))
 
 
+def forward_and_gradients(net: WALT, runnable, x, t, cond) -> tuple[torch.Tensor, torch.Tensor]:
+    """`runnable` (net or a compiled net) in bf16: its float32 output and the flat gradient of net's
+    parameters for the output's mean square."""
+    net.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", torch.bfloat16):
+        out = runnable(x, t, cond)
+    out.float().square().mean().backward()
+    return out.float(), torch.cat([p.grad.flatten() for p in net.parameters()])
+
+
 def test_compiled_forward_and_gradients_match_eager_in_bf16():
     net = model().train()
     x, t, cond = batch()
-    grads = []
-    for runnable in (net, torch.compile(net, fullgraph=True)):
-        net.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", torch.bfloat16):
-            out = runnable(x, t, cond)
-        out.float().square().mean().backward()
-        grads.append((out.float(), torch.cat([p.grad.flatten() for p in net.parameters()])))
-    (eager, g_eager), (compiled, g_compiled) = grads
+    eager, g_eager = forward_and_gradients(net, net, x, t, cond)
+    compiled, g_compiled = forward_and_gradients(net, torch.compile(net, fullgraph=True), x, t, cond)
     assert (compiled - eager).norm() / eager.norm() < 2e-2
     assert (g_compiled - g_eager).norm() / g_eager.norm() < 5e-2
+
+
+def test_compiled_fused_norm_model_matches_the_unfused_eager_one_in_bf16():
+    """The Triton modulated-LayerNorm kernels inside a fullgraph compile (torch.library.triton_op), forward and
+    backward, against the eager composition of PyTorch ops: as close as compiling alone makes it."""
+    net = model().train()
+    x, t, cond = batch()
+    eager, g_eager = forward_and_gradients(net, net, x, t, cond)
+    net.fuse_norms()
+    fused, g_fused = forward_and_gradients(net, torch.compile(net, fullgraph=True), x, t, cond)
+    assert (fused - eager).norm() / eager.norm() < 2e-2
+    assert (g_fused - g_eager).norm() / g_eager.norm() < 5e-2
 
 
 def test_unmasked_window_attention_runs_on_fused_kernels_only():
@@ -75,13 +91,22 @@ def test_unmasked_window_attention_runs_on_fused_kernels_only():
     torch.testing.assert_close(fused, reference)
 
 
-@pytest.mark.parametrize("float8", [None, "tensorwise", "rowwise"])
-def test_compiled_module_training_lowers_the_loss(float8):
-    """Also with FP8 matmuls (needs compute capability 8.9+: an H100/H200 has it)."""
+@pytest.mark.parametrize(
+    ("float8", "fused_norm"),
+    [(None, False), ("tensorwise", False), ("rowwise", False), (None, True), ("rowwise", True)],
+)
+def test_compiled_module_training_lowers_the_loss(float8, fused_norm):
+    """Also with FP8 matmuls (needs compute capability 8.9+: an H100/H200 has it) and the fused norms."""
     if float8 and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no FP8 tensor cores")
     module = DiffusionModule(
-        model(), ema_decay=0.99, warmup_steps=1, num_log_samples=0, compile=True, float8=float8
+        model(),
+        ema_decay=0.99,
+        warmup_steps=1,
+        num_log_samples=0,
+        compile=True,
+        float8=float8,
+        fused_norm=fused_norm,
     ).cuda()
     optimizer = torch.optim.AdamW(module.backbone.parameters(), lr=1e-3)
     gen = torch.Generator(device="cuda").manual_seed(0)

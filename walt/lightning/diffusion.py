@@ -43,6 +43,7 @@ from walt.lightning.distillation import Teacher, load_teacher_weights
 from walt.lightning.ema import EMA
 from walt.lightning.module import OptimizerFactory, WaltModule
 from walt.lightning.video_logging import add_video
+from walt.nn.fused_norm import check_fused_norm
 from walt.pipeline import Pipeline, describe_pipeline
 from walt.tokenizer import CausalVAE, load_vae_weights
 from walt.transformer import WALT
@@ -92,6 +93,9 @@ class DiffusionModule(WaltModule):
             tensor cores (refused before the first step elsewhere). Weights and checkpoints stay as they are.
         float8_layers: which of each block's linears take FP8 (names inside a block, default all four:
             attn.qkv, attn.proj, mlp.fc1, mlp.fc2); e.g. [mlp.fc1, mlp.fc2] for the MLP alone.
+        fused_norm: run the blocks' modulated LayerNorms (with the gated residual adds) as Triton kernels,
+            forward and backward (`WALT.fuse_norms`); the same function. Needs a CUDA GPU (refused before the
+            first step elsewhere); checkpoints do not record it.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class DiffusionModule(WaltModule):
         compile: bool = False,
         float8: str | None = None,
         float8_layers: Sequence[str] = FLOAT8_LAYERS,
+        fused_norm: bool = False,
     ) -> None:
         super().__init__()
         # Out of range, these would train without a word (a negative warmup); `walt fit` shows the error first.
@@ -164,6 +169,9 @@ class DiffusionModule(WaltModule):
         self.float8_layers = check_float8_layers(float8_layers)  # refused at construction, not at the step
         if float8 is not None:  # before the EMA copy and compilation, so that both see the FP8 linears
             convert_to_float8(backbone, float8, self.float8_layers)
+        self.fused_norm = fused_norm
+        if fused_norm:  # before the EMA copy, so that it samples the validation videos with the same kernels
+            backbone.fuse_norms()
         self.ema = EMA(backbone, ema_decay) if ema_decay is not None else None
         self.compile_models = compile
         if compile:
@@ -211,6 +219,8 @@ class DiffusionModule(WaltModule):
             check_compile(self.trainer.strategy)
         if self.float8 is not None:
             check_float8_device(self.trainer.strategy.root_device)
+        if self.fused_norm:
+            check_fused_norm(self.trainer.strategy.root_device)
         # Before Lightning restores a checkpoint (resuming), which then overwrites the student as it should.
         if stage == "fit" and self.teacher is not None and self.teacher.init_student:
             if not bool(self.student_initialized):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from walt.nn import AdaLNLoRA, Attention, Mlp, PatchUnembed3D, modulate
+from walt.nn import AdaLNLoRA, Attention, Mlp, PatchUnembed3D
+from walt.nn.fused_norm import gated_residual_norm, modulated_norm
 from walt.nn.window import Window, pad_to_windows, window_merge, window_partition
 
 
@@ -32,7 +33,8 @@ class WindowBlock(nn.Module):
     The same block serves spatial windows (1 x H x W: each frame) and spatiotemporal windows (t x h x w);
     the window is chosen by the model per layer. Self-attention and the MLP are modulated by AdaLN-LoRA and
     gated (adaLN-Zero). With `cross_attention`, a cross-attention layer after self-attention lets each window
-    attend to concat[window tokens, text tokens].
+    attend to concat[window tokens, text tokens]. `fused_norm` (set by `WALT.fuse_norms`) runs each modulated
+    LayerNorm, with the gated residual add before it, as one Triton kernel (`walt.nn.fused_norm`).
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class WindowBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaln = AdaLNLoRA(dim, adaln_rank, num_chunks=6)
+        self.fused_norm = False
 
     def forward(
         self,
@@ -67,12 +70,18 @@ class WindowBlock(nn.Module):
         with T' in {1, T}; window: the fitted window; mask: `window_attention_mask` for it;
         text (B, L, D) and text_mask (B, L) when the block has cross-attention."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(shared, c_act)  # (B, T', 1, 1, D) each
-        h = modulate(self.norm1(x), shift1, scale1)  # (B, T, H, W, D)
-        x = x + gate1 * window_attention(self.attn, h, window, mask)  # (B, T, H, W, D)
-        if self.cross_attn is not None:
+        fused = self.fused_norm
+        h = modulated_norm(x, shift1, scale1, self.norm1.eps, fused)  # (B, T, H, W, D)
+        y = window_attention(self.attn, h, window, mask)  # (B, T, H, W, D)
+        if self.cross_attn is None:
+            x, h = gated_residual_norm(
+                x, y, gate1, shift2, scale2, self.norm2.eps, fused
+            )  # (B, T, H, W, D) each
+        else:
+            x = x + gate1 * y  # (B, T, H, W, D)
             h = self.cross_norm(x)  # (B, T, H, W, D)
             x = x + window_attention(self.cross_attn, h, window, mask, text, text_mask)  # (B, T, H, W, D)
-        h = modulate(self.norm2(x), shift2, scale2)  # (B, T, H, W, D)
+            h = modulated_norm(x, shift2, scale2, self.norm2.eps, fused)  # (B, T, H, W, D)
         return x + gate2 * self.mlp(h)  # (B, T, H, W, D)
 
 
@@ -88,5 +97,5 @@ class FinalLayer(nn.Module):
     def forward(self, x: Tensor, c_act: Tensor) -> Tensor:
         """x (B, T, H', W', D); c_act (B, T', 1, 1, D) -> (B, C, T, H, W)."""
         shift, scale = self.adaln(c_act).chunk(2, dim=-1)  # (B, T', 1, 1, D) each
-        x = modulate(self.norm(x), shift, scale)  # (B, T, H', W', D)
+        x = modulated_norm(x, shift, scale, self.norm.eps)  # (B, T, H', W', D)
         return self.unembed(x)  # (B, C, T, H, W)

@@ -22,6 +22,7 @@ from walt.nn import (
     fit_window,
     window_attention_mask,
 )
+from walt.nn.fused_norm import check_fused_norm
 from walt.nn.window import Window
 from walt.transformer.block import FinalLayer, WindowBlock
 from walt.transformer.presets import presets
@@ -157,6 +158,18 @@ class WALT(nn.Module):
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
         return cls(**{**presets[name], **kwargs})
+
+    def fuse_norms(self, enabled: bool = True) -> WALT:
+        """Runs every block's modulated LayerNorms, with the gated residual add before the second, as Triton
+        kernels (`walt.nn.fused_norm`), forward and backward; the same function as the unfused ops.
+
+        An execution setting, not part of the model: checkpoints do not record it. Needs Triton, and the forward
+        a CUDA GPU. Call it before `torch.compile`. Returns the model."""
+        if enabled:
+            check_fused_norm()
+        for block in self.blocks:
+            block.fused_norm = enabled
+        return self
 
     def initialize_weights(self) -> None:
         """DiT-style init; zeros on every path that should start as identity (adaLN-Zero)."""

@@ -106,6 +106,11 @@ def quantize_float8_inference(model: WALT, recipe: str, layers: Sequence[str] = 
     except ImportError as err:
         raise ImportError(f"FP8 sampling needs torchao: pip install 'walt[fp8]' ({err})") from None
     chosen = set(float8_linear_names(model, layers))
+    modules = dict(model.named_modules())
+    for name in chosen:
+        # FP8 sampling runs under bf16 autocast: torchao quantizes per-row scales only from bf16 weights, and
+        # its scaled matmul takes the bias in the output's dtype
+        modules[name].to(torch.bfloat16)
     granularity = PerRow() if recipe == "rowwise" else PerTensor()
     quantize_(
         model,
@@ -125,7 +130,8 @@ def _autocast_input(module: nn.Module, args: tuple) -> tuple:
     double the output's memory traffic, and FP8 matmuls with per-row scales may refuse a float32 output."""
     x = args[0]
     device = x.device.type
-    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+    # torch.amp.is_autocast_available is not traceable by torch.compile; these two devices are all FP8 runs on
+    if device not in ("cuda", "cpu") or not torch.is_autocast_enabled(device):
         return args
     return (x.to(torch.get_autocast_dtype(device)), *args[1:])
 

@@ -26,7 +26,9 @@ from walt.nn import modulate
 
 def sincos(positions: Tensor, dim: int) -> Tensor:
     """(N,) positions -> (N, dim) fixed sin-cos embedding (half sines, half cosines)."""
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(dim // 2, dtype=torch.float64, device=positions.device) / (dim // 2)
+    )
     angles = positions.double()[:, None] * freqs[None]  # (N, dim / 2)
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()  # (N, dim)
 
@@ -44,7 +46,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequencies, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(sincos(t * 1000, self.frequencies).to(t.device))  # (B, D)
+        return self.mlp(sincos(t * 1000, self.frequencies))  # (B, D)
 
 
 class LatteBlock(nn.Module):

@@ -35,6 +35,7 @@ from profiling import profile_steps, summary
 
 from walt.checks import nonnegative_float
 from walt.diffusion import SAMPLERS
+from walt.nn.fused_norm import fused_norm_problem
 from walt.pipeline import Pipeline
 from walt.tokenizer import CausalVAE, presets
 from walt.transformer import WALT
@@ -110,6 +111,7 @@ def run_case(pipe: Pipeline, args, device, guidance: float, cache_threshold: flo
         "compile_decoder": args.compile and not args.eager_decoder,
         "float8": args.float8,
         "float8_layers": list(args.float8_layers) if args.float8 else None,
+        "fused_norm": args.fused_norm,
         "guidance_interval": None if guidance == 1.0 else args.guidance_interval,
         "cache_threshold": cache_threshold,
         "cache_stats": dict(pipe.cache_stats),
@@ -151,6 +153,11 @@ def main() -> None:
     )
 
     p.add_argument(
+        "--fused-norm",
+        action="store_true",
+        help="the backbone's modulated LayerNorms as Triton kernels (WALT.fuse_norms; CUDA)",
+    )
+    p.add_argument(
         "--eager-decoder", action="store_true", help="with --compile, leave the tokenizer's decoder eager"
     )
     p.add_argument("--profile", action="store_true", help="add a kernel breakdown of one run (GPU)")
@@ -179,6 +186,11 @@ def main() -> None:
         args.steps = args.steps if args.steps_given else pipe.sample_steps
     else:
         pipe = build(args.smoke, device)
+    if args.fused_norm:
+        problem = fused_norm_problem(device)
+        if problem:
+            p.error(problem)
+        pipe.backbone.fuse_norms()
     if args.float8:
         pipe.quantize_float8(args.float8, args.float8_layers)
     if args.compile:

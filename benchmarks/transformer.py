@@ -13,6 +13,8 @@ paper's 5 x 16 x 16 grid, each with the three attention patterns:
     python benchmarks/transformer.py --out results.json [--compile] [--optimizer]
     python benchmarks/transformer.py --compile --optimizer --models XL --attention window --latte
         # and the Latte-XL/2 anchor (benchmarks/latte.py), timed first and last in the same run
+    python benchmarks/transformer.py --compile --optimizer --models XL --attention window --latte --fused-norm both
+        # walt's blocks with the unfused and the fused (Triton) modulated LayerNorms, in the same run
     python benchmarks/transformer.py --smoke            # tiny configuration on CPU
 """
 
@@ -40,6 +42,7 @@ from profiling import profile_steps, summary
 
 from walt.conditioning import Conditioning
 from walt.nn import fit_window
+from walt.nn.fused_norm import fused_norm_problem
 from walt.transformer import WALT, WALT_WINDOWS
 from walt.transformer.float8 import FLOAT8_LAYERS, FLOAT8_RECIPES, check_float8_device, convert_to_float8
 
@@ -67,12 +70,14 @@ class Case:
     batch: int
     grid: tuple[int, int, int]  # latent (T, H, W); patch size 1, so also the token grid
     attention: str
+    fused_norm: bool = False
 
 
 @dataclass
 class Result:
     preset: str
     attention: str
+    fused_norm: bool
     windows: str
     batch: int
     grid: str
@@ -99,7 +104,7 @@ def build_model(case: Case, model_kwargs: dict, device: torch.device) -> torch.n
         num_classes=NUM_CLASSES,
         self_conditioning=True,
     )
-    return model.to(device).train()
+    return model.fuse_norms(case.fused_norm).to(device).train()
 
 
 def make_batch(case: Case, device: torch.device) -> tuple[tuple, torch.Tensor]:
@@ -193,6 +198,7 @@ def run_case(case: Case, args: argparse.Namespace, model_kwargs: dict, device: t
     return Result(
         preset=case.preset,
         attention=case.attention,
+        fused_norm=case.fused_norm,
         windows=" / ".join("x".join(map(str, w)) for w in fitted),
         batch=case.batch,
         grid="x".join(map(str, case.grid)),
@@ -209,14 +215,15 @@ def run_case(case: Case, args: argparse.Namespace, model_kwargs: dict, device: t
 
 def markdown(results: list[Result]) -> str:
     lines = [
-        "| model | attention | windows (fitted) | batch | grid | params | GFLOP/step | attn FLOP | step ms"
-        " | TFLOP/s | of 798 | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | attention | windows (fitted) | norms | batch | grid | params | GFLOP/step | attn FLOP"
+        " | step ms | TFLOP/s | of 798 | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         peak = f"{r.peak_mem_gib:.1f}" if r.peak_mem_gib is not None else "-"
+        norms = "-" if r.preset == LATTE else "fused" if r.fused_norm else "unfused"
         lines.append(
-            f"| {r.preset} | {r.attention} | {r.windows} | {r.batch} | {r.grid} | {r.params_m:.1f}M"
+            f"| {r.preset} | {r.attention} | {r.windows} | {norms} | {r.batch} | {r.grid} | {r.params_m:.1f}M"
             f" | {r.gflop_per_step:,.0f} | {100 * r.attention_flop_share:.0f}% | {r.step_ms:.1f}"
             f" | {r.tflops:.0f} | {100 * r.fraction_of_peak:.0f}% | {peak} |"
         )
@@ -224,12 +231,13 @@ def markdown(results: list[Result]) -> str:
 
 
 def cases(args: argparse.Namespace) -> list[Case]:
+    fused = {"off": [False], "on": [True], "both": [False, True]}[args.fused_norm]
     if args.smoke:
-        return [Case("S", 1, (4, 16, 16), a) for a in args.attention] + (
+        return [Case("S", 1, (4, 16, 16), a, f) for a in args.attention for f in fused] + (
             [Case(LATTE, 1, (4, 8, 8), "factorized")] if args.latte else []
         )
     setups = {"XL": (args.batch_xl, (16, 16, 16)), "L": (args.batch_l, (5, 16, 16))}
-    walt = [Case(name, *setups[name], a) for name in args.models for a in args.attention]
+    walt = [Case(name, *setups[name], a, f) for name in args.models for a in args.attention for f in fused]
     if not args.latte:
         return walt
     # first and last: the GPU's clocks drift over a run, so the anchor brackets the cases it is compared with
@@ -245,6 +253,7 @@ def write_json(path: str, args: argparse.Namespace, device: torch.device, result
         "compile_mode": args.mode,
         "optimizer": args.optimizer,
         "checkpointing": args.checkpointing,
+        "fused_norm": args.fused_norm,
         "float8": args.float8,
         "float8_layers": list(args.float8_layers) if args.float8 else None,
         "dtype": "bf16 autocast, fp32 parameters"
@@ -277,7 +286,13 @@ def main() -> None:
         default=list(FLOAT8_LAYERS),
         help="which of each block's linears --float8 converts (default all four)",
     )
-
+    parser.add_argument(
+        "--fused-norm",
+        choices=["off", "on", "both"],
+        default="off",
+        help="walt's blocks with the Triton modulated-LayerNorm kernels (walt.nn.fused_norm); "
+        "both: each walt case unfused, then fused",
+    )
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--profile", action="store_true", help="add a kernel breakdown of the step (GPU)")
     parser.add_argument(
@@ -304,6 +319,10 @@ def main() -> None:
             check_float8_device(device)
         except ValueError as err:
             parser.error(str(err))
+    if args.fused_norm != "off":
+        problem = fused_norm_problem(device)
+        if problem:
+            parser.error(problem)
     model_kwargs = {"gradient_checkpointing": args.checkpointing}
     if args.smoke:
         model_kwargs["depth"] = 2

@@ -120,9 +120,7 @@ class AdaptiveFrameGroupNorm(nn.Module):
         scale, shift = self.to_scale_shift(self.resize_latent(z, x.shape[-2:])).chunk(
             2, dim=1
         )  # (B, C, T, H, W) each
-        normed = frame_group_norm(x, self.num_groups)  # (B, C, T, H, W)
-        # normed * (1 + scale) + shift in two passes over the activations instead of three (eager decoding)
-        return torch.addcmul(shift, normed, scale).add_(normed)  # (B, C, T, H, W)
+        return frame_group_norm(x, self.num_groups) * (1 + scale) + shift  # (B, C, T, H, W)
 
     def resize_latent(self, z: Tensor, size: tuple[int, int]) -> Tensor:
         """(B, C_z, T, h, w) -> (B, C_z, T, H, W), frame by frame; ``z`` itself when it already has the size."""

@@ -82,13 +82,15 @@ def test_kernels_in_bf16_are_as_close_to_float64_as_the_unfused_ops(residual):
     args = inputs(2, 2, 8, 8, 96, True, dtype=torch.bfloat16, seed=1)
     exact = [a.detach().double().requires_grad_() for a in args]
     ref_outs, ref_grads = run(False, residual, *exact)
-    for fused in (False, True):
+
+    def relative_errors(fused: bool):
         outs, grads = run(fused, residual, *args)
         errors = [
             (a.double() - r).abs().max() / r.abs().max() for a, r in zip(outs + grads, ref_outs + ref_grads)
         ]
-        if not fused:
-            unfused = errors
+        return errors, grads
+
+    (unfused, _), (errors, grads) = relative_errors(False), relative_errors(True)
     assert all(e <= max(2 * u, 2**-7) for e, u in zip(errors, unfused, strict=True)), (errors, unfused)
     assert all(g.dtype == torch.bfloat16 for g in grads)
 
